@@ -1,0 +1,5 @@
+import sys
+
+from boneai.cli import main
+
+sys.exit(main())

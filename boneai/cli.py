@@ -1,0 +1,101 @@
+"""Command line: ``python -m boneai train|evaluate|predict ...``.
+
+Errors are printed as one line (``error: ...``) with a non-zero exit status, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from boneai.errors import BoneAIError
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a fracture classifier or bone-age regressor")
+    p.add_argument("--task", choices=["fracture", "boneage", "anomaly"], default="fracture")
+    p.add_argument("--data", required=True, help="FracAtlas, image-folder or bone-age folder")
+    p.add_argument("--model", default=None, help="registered architecture (see `python -m boneai models`)")
+    p.add_argument("--out", required=True, help="output folder, e.g. weights/NAME")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adamw")
+    p.add_argument("--scheduler", choices=["onecycle", "cosine", "plateau", "none"], default="onecycle")
+    p.add_argument("--loss", choices=["bce", "weighted_bce", "focal", "l1", "smooth_l1", "masked_mse"], default=None)
+    p.add_argument("--augment", choices=["none", "basic", "strong"], default="strong")
+    p.add_argument("--no-crop", action="store_true", help="skip the Otsu crop to the image content")
+    p.add_argument("--clahe", action="store_true", help="CLAHE (clip 2.0, 8x8) in the input pipeline")
+    p.add_argument("--weighted-sampler", action="store_true", help="inverse-frequency class sampling")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--limit", type=int, default=None, help="use only N images (quick runs)")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--no-resume", action="store_true", help="ignore checkpoint_last.pt in --out")
+    p.add_argument("--no-tta", action="store_true", help="no mirror test-time augmentation at validation")
+    p.add_argument("--fp32", action="store_true", help="save float32 weights instead of float16")
+    p.add_argument("--from-scratch", action="store_true", help="do not load ImageNet weights")
+    p.add_argument("--freeze-blocks", type=int, default=0, help="EfficientNet: freeze stem + first N blocks")
+    p.add_argument("--region", default=None, help="anomaly task: only this body region (e.g. hand)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m boneai", description="BoneAI Review command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    sub.add_parser("models", help="list registered architectures")
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from boneai.train import TrainConfig, command_line, train
+
+    if args.task == "anomaly":
+        from boneai.anomaly import train_autoencoder
+
+        card = train_autoencoder(args, command=command_line())
+    else:
+        default_model = "efficientnet_lite0" if args.task == "fracture" else "boneage_lite0"
+        cfg = TrainConfig(
+            task=args.task, data=args.data, model=args.model or default_model, out=args.out, epochs=args.epochs,
+            image_size=args.image_size, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+            optimizer=args.optimizer, scheduler=args.scheduler, loss=args.loss, augment=args.augment,
+            crop=not args.no_crop, clahe=args.clahe, weighted_sampler=args.weighted_sampler,
+            val_fraction=args.val_fraction, seed=args.seed, patience=args.patience, limit=args.limit,
+            workers=args.workers, device=args.device, resume=not args.no_resume, tta=not args.no_tta,
+            fp16_weights=not args.fp32, pretrained=not args.from_scratch,
+            freeze_blocks=args.freeze_blocks, command=command_line(),
+        )
+        card = train(cfg)
+    if card:
+        print(json.dumps({"event": "done", "out": args.out, "validation": card.get("validation")}, default=str))
+    return 0
+
+
+def _cmd_models(_: argparse.Namespace) -> int:
+    from boneai.models import REGISTRY
+
+    for name, spec in REGISTRY.items():
+        print(f"{name:20s} {spec.task:9s} {spec.input_size:4d}px  init: {spec.pretrained}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"train": _cmd_train, "models": _cmd_models}
+    try:
+        return handlers[args.command](args)
+    except BoneAIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,218 @@
+"""Dataset readers and deterministic splits.
+
+Every reader returns a :class:`pandas.DataFrame` with one row per image (or per study for MURA)
+and at least the columns ``path`` and ``label`` (``boneage_months`` for bone age).
+
+Example:
+    >>> from boneai.data import read_fracatlas, split_train_val
+    >>> df = read_fracatlas("../shared/data/fracatlas")        # doctest: +SKIP
+    >>> train, val = split_train_val(df, val_fraction=0.2)      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from boneai.errors import DatasetError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "REGIONS",
+    "read_fracatlas",
+    "read_image_folder",
+    "read_boneage",
+    "read_mura",
+    "read_classification_dir",
+    "fracture_boxes",
+    "split_train_val",
+]
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff"}
+REGIONS = ("hand", "leg", "hip", "shoulder", "mixed")
+
+#: Class-folder names understood by :func:`read_image_folder`, lower-cased, with their label.
+_FOLDER_LABELS = {
+    "fractured": 1, "fracture": 1, "positive": 1, "abnormal": 1, "1": 1, "yes": 1,
+    "not_fractured": 0, "non_fractured": 0, "nonfractured": 0, "not fractured": 0, "no_fracture": 0,
+    "negative": 0, "normal": 0, "0": 0, "no": 0,
+}
+
+
+def _require_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise DatasetError(f"Data folder does not exist: {p}.")
+    return p
+
+
+def read_fracatlas(root: str | Path) -> pd.DataFrame:
+    """Read the FracAtlas layout: ``dataset.csv`` + ``images/Fractured|Non_fractured/*.jpg``.
+
+    The folder is the label of record (the csv's ``fractured`` column disagrees for a few images).
+    Columns: path, image_id, label, region, hardware, multiscan, view, group.
+    """
+    root = _require_dir(root)
+    csv = root / "dataset.csv"
+    if not csv.is_file():
+        raise DatasetError(f"FracAtlas folder has no dataset.csv: {root}.")
+    meta = pd.read_csv(csv)
+    folders = {"Fractured": 1, "Non_fractured": 0}
+    rows = []
+    for folder, label in folders.items():
+        for p in sorted((root / "images" / folder).glob("*")):
+            if p.suffix.lower() in IMAGE_SUFFIXES:
+                rows.append({"path": str(p), "image_id": p.name, "label": label})
+    if not rows:
+        raise DatasetError(f"FracAtlas folder has no images under images/Fractured or images/Non_fractured: {root}.")
+    df = pd.DataFrame(rows).merge(meta, on="image_id", how="left")
+    region_cols = [c for c in REGIONS if c in df.columns]
+    if region_cols:
+        onehot = df[region_cols].fillna(0).to_numpy()
+        df["region"] = np.where(onehot.sum(axis=1) > 0, np.array(region_cols)[onehot.argmax(axis=1)], "unknown")
+    else:
+        df["region"] = "unknown"
+    views = []
+    for _, r in df.iterrows():
+        names = [v for v in ("frontal", "lateral", "oblique") if r.get(v, 0) == 1]
+        views.append("+".join(names) if names else "unknown")
+    df["view"] = views
+    for col in ("hardware", "multiscan"):
+        df[col] = df[col].fillna(0).astype(int) if col in df.columns else 0
+    # FracAtlas has no patient ids; each image is its own group.
+    df["group"] = df["image_id"]
+    keep = ["path", "image_id", "label", "region", "view", "hardware", "multiscan", "group"]
+    return df[keep].reset_index(drop=True)
+
+
+def fracture_boxes(root: str | Path) -> dict[str, list[list[float]]]:
+    """Fracture boxes ``[x, y, w, h]`` in original pixels, keyed by file name, from the COCO json."""
+    path = Path(root) / "fracture_masks_coco.json"
+    if not path.is_file():
+        return {}
+    coco = json.loads(path.read_text())
+    names = {img["id"]: img["file_name"] for img in coco.get("images", [])}
+    boxes: dict[str, list[list[float]]] = {}
+    for ann in coco.get("annotations", []):
+        name = names.get(ann.get("image_id"))
+        if name and ann.get("bbox"):
+            boxes.setdefault(name, []).append([float(v) for v in ann["bbox"]])
+    return boxes
+
+
+def read_image_folder(root: str | Path) -> pd.DataFrame:
+    """Read ``root/<class>/**/*`` with class folders such as fractured/not_fractured, positive/negative.
+
+    Columns: path, image_id, label, region ("unknown"), group (the file's relative path).
+    """
+    root = _require_dir(root)
+    rows = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        key = sub.name.lower().replace("-", "_")
+        if key not in _FOLDER_LABELS:
+            continue
+        for p in sorted(sub.rglob("*")):
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+                rows.append({"path": str(p), "image_id": p.name, "label": _FOLDER_LABELS[key],
+                             "region": "unknown", "group": str(p.relative_to(root))})
+    if not rows:
+        known = "fractured/not_fractured, Fractured/Non_fractured, positive/negative, abnormal/normal"
+        raise DatasetError(f"No class subfolders with images found in {root} (expected e.g. {known}).")
+    return pd.DataFrame(rows)
+
+
+def read_boneage(root: str | Path) -> pd.DataFrame:
+    """Read the RSNA bone-age layout: ``boneage.csv`` (id, boneage, male) + ``images/<id>.png``.
+
+    Columns: path, id, boneage_months, male (bool), group.
+    """
+    root = _require_dir(root)
+    csv = root / "boneage.csv"
+    if not csv.is_file():
+        raise DatasetError(f"Bone-age folder has no boneage.csv: {root}.")
+    meta = pd.read_csv(csv)
+    missing = {"id", "boneage", "male"} - set(meta.columns)
+    if missing:
+        raise DatasetError(f"boneage.csv lacks the columns {sorted(missing)}: {csv}.")
+    meta["path"] = [str(root / "images" / f"{i}.png") for i in meta["id"]]
+    meta = meta[[Path(p).is_file() for p in meta["path"]]]
+    if meta.empty:
+        raise DatasetError(f"None of the images listed in boneage.csv exist under {root / 'images'}.")
+    male = meta["male"].astype(str).str.lower().isin(["true", "1", "m", "male"])
+    return pd.DataFrame({
+        "path": meta["path"].to_numpy(),
+        "id": meta["id"].to_numpy(),
+        "boneage_months": meta["boneage"].astype(float).to_numpy(),
+        "male": male.to_numpy(),
+        "group": meta["id"].astype(str).to_numpy(),
+    })
+
+
+_MURA_STUDY = re.compile(r"^(study\d+)_(positive|negative)$", re.IGNORECASE)
+
+
+def read_mura(root: str | Path) -> pd.DataFrame:
+    """Read the MURA study layout ``[XR_REGION/]patientXXXXX/studyN_positive|negative/image*.png``.
+
+    One row per study: study (relative folder), patient, region, label, views (list of paths), group.
+    """
+    root = _require_dir(root)
+    rows = []
+    for study_dir in sorted(p for p in root.rglob("*") if p.is_dir() and _MURA_STUDY.match(p.name)):
+        views = sorted(str(p) for p in study_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not views:
+            continue
+        patient = study_dir.parent.name
+        region_dir = study_dir.parent.parent.name
+        region = region_dir[3:].lower() if region_dir.upper().startswith("XR_") else "unknown"
+        label = 1 if _MURA_STUDY.match(study_dir.name).group(2).lower() == "positive" else 0
+        rows.append({"study": str(study_dir.relative_to(root)), "patient": patient, "region": region,
+                     "label": label, "views": views, "group": patient})
+    if not rows:
+        raise DatasetError(f"No MURA-style studies (patient*/studyN_positive|negative/) found in {root}.")
+    return pd.DataFrame(rows)
+
+
+def read_classification_dir(root: str | Path) -> pd.DataFrame:
+    """FracAtlas layout when ``dataset.csv`` is present, otherwise a class-folder layout."""
+    root = _require_dir(root)
+    if (root / "dataset.csv").is_file() and (root / "images").is_dir():
+        return read_fracatlas(root)
+    return read_image_folder(root)
+
+
+def split_train_val(
+    df: pd.DataFrame,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    stratify: str | None = "label",
+    group: str | None = "group",
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Deterministic stratified split, grouped so one patient/study never spans both sides.
+
+    Stratification uses ``stratify`` (for regression, pass a binned column). Groups are assigned
+    whole: within each stratum, groups are shuffled with ``seed`` and taken until the stratum's
+    validation share is reached.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError("val_fraction must be between 0 and 1")
+    rng = np.random.default_rng(seed)
+    groups = df[group] if group and group in df.columns else pd.Series(np.arange(len(df)), index=df.index)
+    strata = df[stratify] if stratify and stratify in df.columns else pd.Series(0, index=df.index)
+    # A group's stratum is its most common one, so mixed groups stay whole.
+    group_stratum = strata.groupby(groups).agg(lambda s: s.value_counts().index[0])
+    val_groups: set[Any] = set()
+    for _, members in group_stratum.groupby(group_stratum):
+        names = members.index.to_numpy()
+        names = names[rng.permutation(len(names))]
+        sizes = groups.value_counts().reindex(names).to_numpy()
+        target = val_fraction * sizes.sum()
+        taken = np.cumsum(sizes) <= max(target, sizes[0])
+        val_groups.update(names[taken].tolist())
+    is_val = groups.isin(val_groups).to_numpy()
+    return df[~is_val].reset_index(drop=True), df[is_val].reset_index(drop=True)

@@ -1,0 +1,304 @@
+"""Named, pure preprocessing steps and pipelines built from them.
+
+Every step has the signature ``step(image, **params) -> StepResult`` and never modifies its input.
+A pipeline is data: a list of ``{"step": name, "params": {...}}`` dicts, so a model card can record
+it and the app can render each stage.
+
+Example:
+    >>> import numpy as np
+    >>> from boneai.preprocess import run_pipeline
+    >>> img = (np.random.default_rng(0).random((300, 200)) * 255).astype("uint8")
+    >>> stages = run_pipeline(img, [{"step": "clahe"}, {"step": "resize_pad", "params": {"size": 224}}])
+    >>> stages[-1].result.image.shape
+    (224, 224)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "StepResult",
+    "Stage",
+    "STEPS",
+    "standardise",
+    "clahe",
+    "equalize_hist",
+    "otsu_crop",
+    "segment_foreground",
+    "remove_background",
+    "laplacian_sharpen",
+    "low_contrast",
+    "resize_pad",
+    "squash_resize",
+    "to_three_channels",
+    "run_pipeline",
+    "apply_pipeline",
+    "validate_pipeline",
+    "DEFAULT_FRACTURE_PIPELINE",
+    "step_defaults",
+]
+
+
+@dataclass
+class StepResult:
+    """The output of one step: the image and whatever the step wants to show (masks, boxes...)."""
+
+    image: np.ndarray
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Stage:
+    """One executed pipeline stage, for display."""
+
+    step: str
+    params: dict[str, Any]
+    result: StepResult
+
+
+def standardise(image: np.ndarray, low_percentile: float = 0.0, high_percentile: float = 100.0) -> StepResult:
+    """Grey-level uint8 image from any decoded array (grey/RGB/RGBA, 8/16-bit, float).
+
+    Colour is converted with luminance weights; alpha is dropped. Non-uint8 data is stretched
+    from the given percentiles to 0..255 (0 and 100 = full min-max range).
+    """
+    img = np.asarray(image)
+    if img.ndim == 3:
+        if img.shape[2] == 4:
+            img = img[:, :, :3]
+        if img.shape[2] == 3:
+            if img.dtype != np.uint8:
+                img = img.astype(np.float32)
+            img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+        else:
+            img = img[:, :, 0]
+    if img.ndim != 2:
+        raise ValueError(f"expected a 2-D or 3-D image, got shape {image.shape}")
+    extras: dict[str, Any] = {"input_dtype": str(np.asarray(image).dtype)}
+    if img.dtype == np.uint8 and low_percentile <= 0 and high_percentile >= 100:
+        return StepResult(img.copy(), extras)
+    values = img.astype(np.float32)
+    lo, hi = np.percentile(values, [low_percentile, high_percentile])
+    extras["window"] = (float(lo), float(hi))
+    if hi <= lo:
+        return StepResult(np.zeros(img.shape, np.uint8), extras)
+    out = (np.clip(values, lo, hi) - lo) * (255.0 / (hi - lo))
+    return StepResult(out.round().astype(np.uint8), extras)
+
+
+def clahe(image: np.ndarray, clip_limit: float = 2.0, tile_grid: int = 8) -> StepResult:
+    """Contrast Limited Adaptive Histogram Equalisation (OpenCV), clip 2.0 and 8x8 tiles by default."""
+    op = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(int(tile_grid), int(tile_grid)))
+    return StepResult(op.apply(_gray_u8(image)))
+
+
+def equalize_hist(image: np.ndarray) -> StepResult:
+    """Global histogram equalisation."""
+    return StepResult(cv2.equalizeHist(_gray_u8(image)))
+
+
+def otsu_crop(
+    image: np.ndarray,
+    margin: float = 0.02,
+    min_area_fraction: float = 0.15,
+    max_skew_degrees: float = 20.0,
+) -> StepResult:
+    """Crop to the image carrier (the exposed film area) found with Otsu's threshold.
+
+    The largest bright contour's minimum-area rotated rectangle is deskewed and cut out. When
+    that fails (no clear carrier, a carrier leaving the frame, a tilt above ``max_skew_degrees``)
+    the image comes back uncropped and ``extras["fallback"]`` says why.
+    """
+    img = _gray_u8(image)
+    h, w = img.shape
+    blur = cv2.GaussianBlur(img, (5, 5), 0)
+    _, binary = cv2.threshold(blur, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    binary = cv2.morphologyEx(binary, cv2.MORPH_CLOSE, np.ones((15, 15), np.uint8))
+    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return StepResult(img.copy(), {"fallback": "no foreground found", "box": None})
+    largest = max(contours, key=cv2.contourArea)
+    if cv2.contourArea(largest) < min_area_fraction * h * w:
+        return StepResult(img.copy(), {"fallback": "no carrier large enough", "box": None})
+    (cx, cy), (rw, rh), angle = cv2.minAreaRect(largest)
+    # OpenCV reports angles in (0, 90]; fold to the smallest rotation that makes the box upright.
+    if angle > 45:
+        angle -= 90
+        rw, rh = rh, rw
+    if abs(angle) > max_skew_degrees:
+        return StepResult(img.copy(), {"fallback": f"carrier tilted {angle:.0f} degrees", "box": None})
+    rw, rh = rw * (1 + 2 * margin), rh * (1 + 2 * margin)
+    rot = cv2.getRotationMatrix2D((cx, cy), angle, 1.0)
+    rotated = cv2.warpAffine(img, rot, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) if abs(angle) > 0.5 else img
+    x0, y0 = int(max(0, round(cx - rw / 2))), int(max(0, round(cy - rh / 2)))
+    x1, y1 = int(min(w, round(cx + rw / 2))), int(min(h, round(cy + rh / 2)))
+    if x1 - x0 < 32 or y1 - y0 < 32:
+        return StepResult(img.copy(), {"fallback": "crop would be too small", "box": None})
+    box = cv2.boxPoints(((cx, cy), (rw, rh), angle)).astype(int).tolist()
+    return StepResult(rotated[y0:y1, x0:x1].copy(), {"box": box, "angle": float(angle), "crop": (x0, y0, x1, y1)})
+
+
+def segment_foreground(
+    image: np.ndarray,
+    keep_largest: int = 1,
+    open_kernel: int = 5,
+    dilate_kernel: int = 15,
+    dilate_iterations: int = 1,
+) -> StepResult:
+    """Bone/hand mask: Otsu threshold, morphological opening, the largest contours filled, dilation.
+
+    ``extras`` holds ``mask`` (uint8 0/255), ``overlay`` (RGB, mask tinted green) and
+    ``coverage`` (fraction of pixels inside the mask). The image itself is returned unchanged.
+    """
+    img = _gray_u8(image)
+    blur = cv2.GaussianBlur(img, (5, 5), 0)
+    _, binary = cv2.threshold(blur, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    if open_kernel > 1:
+        binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, np.ones((open_kernel, open_kernel), np.uint8))
+    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    mask = np.zeros_like(img)
+    if contours:
+        keep = sorted(contours, key=cv2.contourArea, reverse=True)[: max(1, int(keep_largest))]
+        # Filling the outer contours closes the dark holes inside bone (marrow, joint spaces).
+        cv2.drawContours(mask, keep, -1, 255, thickness=cv2.FILLED)
+    if dilate_kernel > 1 and dilate_iterations > 0:
+        mask = cv2.dilate(mask, np.ones((dilate_kernel, dilate_kernel), np.uint8), iterations=int(dilate_iterations))
+    overlay = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    tint = overlay.copy()
+    tint[mask > 0] = (0, 200, 0)
+    overlay = cv2.addWeighted(overlay, 0.65, tint, 0.35, 0)
+    return StepResult(img.copy(), {"mask": mask, "overlay": overlay, "coverage": float((mask > 0).mean())})
+
+
+def remove_background(image: np.ndarray, **segment_params: Any) -> StepResult:
+    """Zero every pixel outside the foreground mask of :func:`segment_foreground`."""
+    seg = segment_foreground(image, **segment_params)
+    mask = seg.extras["mask"]
+    out = seg.image.copy()
+    out[mask == 0] = 0
+    return StepResult(out, {"mask": mask, "coverage": seg.extras["coverage"]})
+
+
+def laplacian_sharpen(image: np.ndarray, strength: float = 1.0, ksize: int = 3) -> StepResult:
+    """Edge enhancement: ``image - strength * Laplacian(image)``, clipped to uint8."""
+    img = _gray_u8(image).astype(np.float32)
+    lap = cv2.Laplacian(img, cv2.CV_32F, ksize=int(ksize))
+    return StepResult(np.clip(img - float(strength) * lap, 0, 255).astype(np.uint8))
+
+
+def low_contrast(image: np.ndarray, threshold: float = 0.05, low: float = 1.0, high: float = 99.0) -> StepResult:
+    """Flag a washed-out image: (p99 - p1) / 255 below ``threshold``. The image is unchanged."""
+    img = _gray_u8(image)
+    lo, hi = np.percentile(img, [low, high])
+    contrast = float(hi - lo) / 255.0
+    return StepResult(img.copy(), {"low_contrast": contrast < threshold, "contrast": contrast})
+
+
+def resize_pad(image: np.ndarray, size: int = 224, pad_value: int = 0) -> StepResult:
+    """Aspect-preserving resize (Lanczos when shrinking or enlarging) and centred pad to a square.
+
+    ``extras`` records ``scale`` and the ``offset`` (x, y) of the image inside the square so a
+    heatmap can be mapped back onto the original.
+    """
+    img = np.asarray(image)
+    h, w = img.shape[:2]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LANCZOS4 if scale > 0.5 else cv2.INTER_AREA)
+    out = np.full((size, size) + img.shape[2:], pad_value, dtype=img.dtype)
+    y0, x0 = (size - nh) // 2, (size - nw) // 2
+    out[y0:y0 + nh, x0:x0 + nw] = resized
+    return StepResult(out, {"scale": scale, "offset": (x0, y0), "content_size": (nw, nh)})
+
+
+def squash_resize(image: np.ndarray, size: int = 100) -> StepResult:
+    """Resize to ``size`` x ``size`` ignoring the aspect ratio (how the RSNA bone-age copy was made)."""
+    img = np.asarray(image)
+    h, w = img.shape[:2]
+    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_LANCZOS4
+    return StepResult(cv2.resize(img, (size, size), interpolation=interp))
+
+
+def to_three_channels(image: np.ndarray) -> StepResult:
+    """Duplicate a grey image into three identical channels (H, W, 3) for ImageNet-style models."""
+    img = _gray_u8(image)
+    return StepResult(np.repeat(img[:, :, None], 3, axis=2))
+
+
+STEPS: dict[str, Callable[..., StepResult]] = {
+    "standardise": standardise,
+    "clahe": clahe,
+    "equalize_hist": equalize_hist,
+    "otsu_crop": otsu_crop,
+    "segment_foreground": segment_foreground,
+    "remove_background": remove_background,
+    "laplacian_sharpen": laplacian_sharpen,
+    "low_contrast": low_contrast,
+    "resize_pad": resize_pad,
+    "squash_resize": squash_resize,
+    "to_three_channels": to_three_channels,
+}
+
+#: The fracture models' pipeline unless a model card says otherwise.
+DEFAULT_FRACTURE_PIPELINE: list[dict[str, Any]] = [
+    {"step": "standardise", "params": {}},
+    {"step": "otsu_crop", "params": {}},
+    {"step": "resize_pad", "params": {"size": 224}},
+]
+
+
+def step_defaults(name: str) -> dict[str, Any]:
+    """Default parameters of a step, read from its signature (for forms in the app)."""
+    import inspect
+
+    fn = STEPS[name]
+    return {
+        p.name: p.default
+        for p in list(inspect.signature(fn).parameters.values())[1:]
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def validate_pipeline(pipeline: list[dict[str, Any]]) -> None:
+    """Raise ``ValueError`` naming the first unknown step or parameter."""
+    for i, spec in enumerate(pipeline):
+        name = spec.get("step")
+        if name not in STEPS:
+            raise ValueError(f"pipeline step {i}: unknown step {name!r}; known: {sorted(STEPS)}")
+        allowed = step_defaults(name)
+        for key in spec.get("params", {}) or {}:
+            if key not in allowed and name != "remove_background":
+                raise ValueError(f"pipeline step {i} ({name}): unknown parameter {key!r}")
+
+
+def run_pipeline(image: np.ndarray, pipeline: list[dict[str, Any]]) -> list[Stage]:
+    """Run each step in turn and return every stage (for display)."""
+    validate_pipeline(pipeline)
+    stages: list[Stage] = []
+    current = image
+    for spec in pipeline:
+        params = dict(spec.get("params", {}) or {})
+        result = STEPS[spec["step"]](current, **params)
+        stages.append(Stage(spec["step"], params, result))
+        current = result.image
+    return stages
+
+
+def apply_pipeline(image: np.ndarray, pipeline: list[dict[str, Any]]) -> np.ndarray:
+    """Run a pipeline and return only the final image."""
+    current = image
+    for spec in pipeline:
+        current = STEPS[spec["step"]](current, **(spec.get("params", {}) or {})).image
+    return current
+
+
+def _gray_u8(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image)
+    if img.dtype == np.uint8 and img.ndim == 2:
+        return img
+    return standardise(img).image

@@ -1,0 +1,468 @@
+"""Training loop for the fracture classifiers and the bone-age regressor.
+
+One entry point, :func:`train`, driven by a :class:`TrainConfig`. Features: Adam/AdamW/SGD with
+momentum; one-cycle, cosine or ReduceLROnPlateau; early stopping; best checkpoint by validation AUC
+(MAE for regression); mixed precision on CUDA; augmentation; optional inverse-frequency sampling;
+seeded; resumable after a kill from ``checkpoint_last.pt``; one JSON line of metrics per epoch in
+``metrics.jsonl`` (and on stdout); a progress bar on stderr; DistributedDataParallel under
+``torchrun`` (NCCL on GPUs, gloo on CPU).
+
+Outputs in ``out``: ``model.safetensors`` (fp16 unless ``--fp32``), ``card.json`` (model card),
+``val_predictions.csv``, ``metrics.jsonl``, ``checkpoint_last.pt`` (resume state, not shipped).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data.distributed import DistributedSampler
+
+from boneai import evaluate as ev
+from boneai.data import read_boneage, read_classification_dir, split_train_val
+from boneai.io import read_radiograph
+from boneai.losses import build_loss
+from boneai.models import build_model, get_spec
+from boneai.preprocess import apply_pipeline
+from boneai.transforms import Augment, to_tensor
+
+__all__ = ["TrainConfig", "train", "pipeline_for", "RadiographDataset"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; recorded verbatim in the model card."""
+
+    task: str = "fracture"
+    data: str = ""
+    model: str = "efficientnet_lite0"
+    out: str = "runs/model"
+    epochs: int = 30
+    image_size: int | None = None
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"  # adam | adamw | sgd
+    scheduler: str = "onecycle"  # onecycle | cosine | plateau | none
+    loss: str | None = None  # default: bce (fracture), l1 (boneage)
+    augment: str = "strong"  # none | basic | strong
+    crop: bool = True  # Otsu crop to the image content before resizing
+    clahe: bool = False  # CLAHE in the deterministic pipeline
+    weighted_sampler: bool = False
+    val_fraction: float = 0.2
+    seed: int = 0
+    patience: int = 10
+    limit: int | None = None  # use only this many images (quick runs, tests)
+    workers: int = 0
+    device: str = "auto"
+    resume: bool = True
+    tta: bool = True  # average the logits of the image and its mirror at validation
+    fp16_weights: bool = True
+    pretrained: bool = True
+    freeze_blocks: int = 0  # EfficientNet: keep the stem and the first N blocks fixed (about 2x faster on CPU)
+    command: str = field(default="")
+
+
+def pipeline_for(task: str, size: int, crop: bool = True, use_clahe: bool = False) -> list[dict[str, Any]]:
+    """The deterministic preprocessing a model of ``task`` sees; recorded in its card."""
+    if task == "boneage":
+        # The RSNA copy was squashed to 100x100; uploads are squashed the same way, then enlarged.
+        steps: list[dict[str, Any]] = [{"step": "standardise", "params": {}},
+                                       {"step": "squash_resize", "params": {"size": 100}}]
+        if use_clahe:
+            steps.append({"step": "clahe", "params": {"clip_limit": 2.0, "tile_grid": 8}})
+        steps.append({"step": "resize_pad", "params": {"size": size}})
+        return steps
+    steps = [{"step": "standardise", "params": {}}]
+    if crop:
+        steps.append({"step": "otsu_crop", "params": {}})
+    if use_clahe:
+        steps.append({"step": "clahe", "params": {"clip_limit": 2.0, "tile_grid": 8}})
+    steps.append({"step": "resize_pad", "params": {"size": size}})
+    return steps
+
+
+def _load_pre_resize(path: str, pipeline: list[dict[str, Any]], max_side: int) -> np.ndarray:
+    """Apply the pipeline up to (not including) the final resize, then cap the size to save memory."""
+    import cv2
+
+    img = read_radiograph(path).pixels
+    img = apply_pipeline(img, pipeline[:-1])
+    h, w = img.shape[:2]
+    if max(h, w) > max_side:
+        s = max_side / max(h, w)
+        img = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+    return img
+
+
+class RadiographDataset(Dataset):
+    """Images decoded once and cached in memory as uint8 (FracAtlas at 224 px: about 200 MB).
+
+    In training mode an :class:`Augment` produces the square input; in evaluation mode the exact
+    card pipeline runs on the original file, as at prediction time.
+    """
+
+    def __init__(self, paths: list[str], targets: np.ndarray, pipeline: list[dict[str, Any]], spec_mean, spec_std,
+                 augment: Augment | None, aux: np.ndarray | None = None, seed: int = 0, threads: int = 2) -> None:
+        self.paths, self.targets = list(paths), np.asarray(targets, dtype=np.float32)
+        self.aux = None if aux is None else np.asarray(aux, dtype=np.float32)
+        self.pipeline, self.mean, self.std, self.augment = pipeline, spec_mean, spec_std, augment
+        self.seed, self.epoch = seed, 0
+        size = pipeline[-1]["params"]["size"]
+        if augment is None:
+            load = lambda p: apply_pipeline(read_radiograph(p).pixels, pipeline)  # noqa: E731
+        else:
+            load = lambda p: _load_pre_resize(p, pipeline, int(size * 1.3))  # noqa: E731
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # truncated FracAtlas JPEGs: read with a warning, counted below
+            with ThreadPoolExecutor(max(1, threads)) as pool:
+                self.images = list(pool.map(load, self.paths))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        img = self.images[i]
+        if self.augment is not None:
+            rng = np.random.default_rng((self.seed, self.epoch, i))
+            img = self.augment(img, rng)
+        x = to_tensor(img, self.mean, self.std)
+        aux = torch.tensor(self.aux[i]) if self.aux is not None else torch.tensor(0.0)
+        return x, torch.tensor(self.targets[i]), aux
+
+
+def _freeze_early_blocks(model: nn.Module, n: int) -> None:
+    """Freeze the stem and the first ``n`` blocks of a timm EfficientNet (or a wrapper exposing ``.backbone``)."""
+    net = getattr(model, "backbone", model)
+    if not hasattr(net, "blocks") or not hasattr(net, "conv_stem"):
+        raise ValueError("--freeze-blocks applies to EfficientNet models only")
+    for module in [net.conv_stem, net.bn1, *list(net.blocks)[:n]]:
+        for p in module.parameters():
+            p.requires_grad = False
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _forward(model: nn.Module, task: str, x: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    return (model(x, aux) if task == "boneage" else model(x)).reshape(-1)
+
+
+def _predict_loader(model: nn.Module, task: str, loader: DataLoader, device: torch.device, tta: bool) -> np.ndarray:
+    was_training = model.training
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for x, _, aux in loader:
+            x, aux = x.to(device, memory_format=torch.channels_last), aux.to(device)
+            out = _forward(model, task, x, aux)
+            if tta:
+                out = (out + _forward(model, task, torch.flip(x, dims=[3]), aux)) / 2
+            outs.append(out.float().cpu())
+    model.train(was_training)
+    return torch.cat(outs).numpy() if outs else np.zeros(0, np.float32)
+
+
+def _read_task_data(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame, str, str | None]:
+    if cfg.task == "fracture":
+        df = read_classification_dir(cfg.data)
+        target, stratify = "label", "label"
+    elif cfg.task == "boneage":
+        df = read_boneage(cfg.data)
+        df["age_bin"] = pd.cut(df["boneage_months"], bins=[-1, 60, 120, 150, 180, 1000], labels=False)
+        target, stratify = "boneage_months", "age_bin"
+    else:
+        raise ValueError(f"train supports tasks 'fracture' and 'boneage', not {cfg.task!r} (see train_autoencoder)")
+    if cfg.limit:
+        # Keep the class balance of the full data in small runs.
+        df, _ = split_train_val(df, val_fraction=max(1e-6, 1 - cfg.limit / len(df)), seed=cfg.seed, stratify=stratify) \
+            if cfg.limit < len(df) else (df, None)
+    train_df, val_df = split_train_val(df, cfg.val_fraction, seed=cfg.seed, stratify=stratify)
+    return train_df, val_df, target, stratify
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run training; returns the model card written to ``cfg.out/card.json``."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = _device(cfg.device)
+    if distributed:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        if cfg.weighted_sampler:
+            raise ValueError("--weighted-sampler cannot be combined with distributed training")
+    else:
+        rank, world = 0, 1
+    is_main = rank == 0
+    _seed_everything(cfg.seed)
+    spec = get_spec(cfg.model)
+    if spec.task != cfg.task:
+        raise ValueError(f"model {cfg.model!r} is a {spec.task} model, not {cfg.task}")
+    size = cfg.image_size or spec.input_size
+    loss_name = cfg.loss or ("l1" if cfg.task == "boneage" else "bce")
+    out = Path(cfg.out)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    t_data = time.time()
+    train_df, val_df, target, _ = _read_task_data(cfg)
+    pipeline = pipeline_for(cfg.task, size, cfg.crop, cfg.clahe)
+    aux_col = "male" if cfg.task == "boneage" else None
+    aug = Augment(size=size, level=cfg.augment) if cfg.augment != "none" else Augment(size=size, level="none")
+    if cfg.task == "boneage":
+        aug.crop_scale, aug.zoom_out = (0.8, 1.0), (0.9, 1.0)
+    train_ds = RadiographDataset(train_df["path"].tolist(), train_df[target].to_numpy(), pipeline, spec.mean, spec.std,
+                                 aug, None if aux_col is None else train_df[aux_col].to_numpy(), seed=cfg.seed)
+    val_ds = RadiographDataset(val_df["path"].tolist(), val_df[target].to_numpy(), pipeline, spec.mean, spec.std,
+                               None, None if aux_col is None else val_df[aux_col].to_numpy(), seed=cfg.seed)
+    data_seconds = time.time() - t_data
+
+    if distributed:
+        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    elif cfg.weighted_sampler and cfg.task == "fracture":
+        y = train_df[target].to_numpy().astype(int)
+        counts = np.bincount(y, minlength=2)
+        weights = 1.0 / counts[y]
+        sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(y),
+                                        generator=torch.Generator().manual_seed(cfg.seed))
+    else:
+        sampler = None
+    g = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                              num_workers=cfg.workers, drop_last=len(train_ds) > cfg.batch_size, generator=g)
+    val_loader = DataLoader(val_ds, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=cfg.workers)
+
+    model = build_model(cfg.model, pretrained=cfg.pretrained).to(device)
+    if cfg.freeze_blocks:
+        _freeze_early_blocks(model, cfg.freeze_blocks)
+    # channels_last doubles CPU throughput of the depthwise convolutions in EfficientNet.
+    model = model.to(memory_format=torch.channels_last)
+    if cfg.task == "boneage":
+        mean_age = float(train_df[target].mean())
+        model.set_output_offset(mean_age)
+    if distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    core = model.module if distributed else model
+
+    n_pos = int(train_df[target].sum()) if cfg.task == "fracture" else 0
+    criterion = build_loss(loss_name, n_positive=n_pos, n_negative=len(train_df) - n_pos).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+    elif cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use adam, adamw or sgd")
+    steps_per_epoch = max(1, len(train_loader))
+    if cfg.scheduler == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, epochs=cfg.epochs,
+                                                        steps_per_epoch=steps_per_epoch, pct_start=0.15)
+    elif cfg.scheduler == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
+    elif cfg.scheduler == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max" if cfg.task == "fracture" else "min",
+                                                               factor=0.3, patience=2)
+    elif cfg.scheduler == "none":
+        scheduler = None
+    else:
+        raise ValueError(f"unknown scheduler {cfg.scheduler!r}")
+    per_step = cfg.scheduler in ("onecycle", "cosine")
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    higher_better = cfg.task == "fracture"
+    best = -math.inf if higher_better else math.inf
+    start_epoch, history, bad_epochs, train_seconds = 0, [], 0, 0.0
+    ckpt_path = out / "checkpoint_last.pt"
+    if cfg.resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if state.get("config", {}).get("model") == cfg.model:
+            core.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state.get("scheduler"):
+                scheduler.load_state_dict(state["scheduler"])
+            start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
+            bad_epochs, train_seconds = state["bad_epochs"], state.get("train_seconds", 0.0)
+            torch.set_rng_state(state["torch_rng"])
+            if is_main:
+                print(json.dumps({"event": "resumed", "from_epoch": state["epoch"] + 1}), flush=True)
+
+    from tqdm import tqdm
+
+    metrics_file = out / "metrics.jsonl"
+    for epoch in range(start_epoch, cfg.epochs):
+        if bad_epochs >= cfg.patience:
+            break
+        t0 = time.time()
+        train_ds.set_epoch(epoch)
+        if distributed:
+            sampler.set_epoch(epoch)
+        model.train()
+        running, seen = 0.0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main, file=sys.stderr,
+                   leave=False, mininterval=5)
+        for x, y, aux in bar:
+            x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+            y, aux = y.to(device), aux.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                loss = criterion(_forward(model, cfg.task, x, aux), y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if per_step and scheduler is not None:
+                scheduler.step()
+            running += float(loss.detach()) * len(x)
+            seen += len(x)
+            bar.set_postfix(loss=f"{running / max(seen, 1):.4f}")
+        train_loss = running / max(seen, 1)
+        val_out = _predict_loader(core, cfg.task, val_loader, device, tta=False)
+        y_val = val_ds.targets
+        with torch.no_grad():
+            val_loss = float(criterion(torch.as_tensor(val_out), torch.as_tensor(y_val)))
+        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5),
+                                  "lr": optimizer.param_groups[0]["lr"]}
+        if cfg.task == "fracture":
+            score = float(ev.skm.roc_auc_score(y_val, val_out)) if 0 < y_val.sum() < len(y_val) else float("nan")
+            record["val_auc"] = round(score, 5)
+        else:
+            score = float(np.abs(val_out - y_val).mean())
+            record["val_mae"] = round(score, 3)
+        if scheduler is not None and not per_step:
+            scheduler.step(score) if cfg.scheduler == "plateau" else scheduler.step()
+        improved = (score > best) if higher_better else (score < best)
+        if improved or (math.isnan(score) and epoch == start_epoch):
+            best, bad_epochs = score if not math.isnan(score) else best, 0
+            if is_main:
+                torch.save(core.state_dict(), out / "best_model.pt")
+        else:
+            bad_epochs += 1
+        train_seconds += time.time() - t0
+        record.update({"best": round(best, 5), "seconds": round(time.time() - t0, 1), "device": device.type})
+        history.append(record)
+        if is_main:
+            print(json.dumps(record), flush=True)
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                        "epoch": epoch, "best": best, "history": history, "bad_epochs": bad_epochs,
+                        "train_seconds": train_seconds, "torch_rng": torch.get_rng_state(),
+                        "config": asdict(cfg)}, ckpt_path)
+    if distributed:
+        dist.barrier()
+    card: dict[str, Any] = {}
+    if is_main:
+        card = _finish(cfg, core, spec, pipeline, size, loss_name, val_df, val_ds, val_loader, device, history,
+                       train_seconds, data_seconds, len(train_df))
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return card
+
+
+def _finish(cfg, model, spec, pipeline, size, loss_name, val_df, val_ds, val_loader, device, history,
+            train_seconds, data_seconds, n_train) -> dict[str, Any]:
+    """Reload the best weights, calibrate, choose operating points, write weights, predictions and card."""
+    from safetensors.torch import save_file
+
+    out = Path(cfg.out)
+    best_path = out / "best_model.pt"
+    if best_path.is_file():
+        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
+    raw = _predict_loader(model, cfg.task, val_loader, device, tta=cfg.tta)
+    state = {k: (v.half() if cfg.fp16_weights and v.is_floating_point() else v).contiguous().cpu()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    data_root = Path(cfg.data)
+    rel = [os.path.relpath(p, data_root) for p in val_df["path"]]
+    card: dict[str, Any] = {
+        "name": out.name, "task": cfg.task, "architecture": cfg.model, "description": spec.description,
+        "initial_weights": spec.pretrained if cfg.pretrained else "none (trained from scratch)",
+        "input_size": size, "mean": list(spec.mean), "std": list(spec.std), "pipeline": pipeline,
+        "tta_hflip": cfg.tta, "weights_file": "model.safetensors",
+        "weights_dtype": "float16" if cfg.fp16_weights else "float32",
+        "training": {
+            "command": cfg.command, "config": asdict(cfg), "loss": loss_name, "device": str(device),
+            "torch": torch.__version__, "epochs_run": len(history), "train_seconds": round(train_seconds, 1),
+            "data_load_seconds": round(data_seconds, 1), "n_train": n_train, "n_val": len(val_df),
+            "history": history,
+        },
+        "data": {"root": str(cfg.data), "validation_split": f"{cfg.val_fraction:.0%} stratified, seed {cfg.seed}"},
+    }
+    if cfg.task == "fracture":
+        y = val_ds.targets.astype(int)
+        temperature = ev.fit_temperature(y, raw)
+        prob = ev.apply_temperature(raw, temperature)
+        points = ev.operating_points(y, prob)
+        metrics = ev.binary_metrics(y, prob, threshold=points["balanced"]["threshold"])
+        preds = pd.DataFrame({"image": rel, "label": y, "region": val_df.get("region", "unknown"),
+                              "logit": raw, "probability": prob})
+        if "hardware" in val_df:
+            preds["hardware"] = val_df["hardware"].to_numpy()
+        card.update({
+            "temperature": temperature,
+            "operating_points": {k: {"threshold": v["threshold"], "sensitivity": v["sensitivity"],
+                                     "specificity": v["specificity"], "ppv": v["ppv"], "npv": v["npv"]}
+                                 for k, v in points.items()},
+            "default_operating_point": "balanced",
+            "validation": {k: metrics[k] for k in ("n", "n_positive", "auc", "auc_ci95", "ap", "ece")},
+        })
+        if "region" in val_df:
+            card["validation"]["per_region"] = ev.per_group_metrics(
+                preds, "region", points["balanced"]["threshold"]).to_dict(orient="records")
+    else:
+        y = val_ds.targets
+        preds = pd.DataFrame({"image": rel, "boneage_months": y, "male": val_df["male"].to_numpy(),
+                              "predicted_months": raw})
+        card["validation"] = ev.regression_metrics(y, raw)
+    preds.to_csv(out / "val_predictions.csv", index=False)
+    (out / "card.json").write_text(json.dumps(card, indent=2, default=_json_default))
+    return card
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def command_line() -> str:
+    """The command that started this process, for the model card."""
+    return "python -m boneai " + " ".join(shlex.quote(a) for a in sys.argv[1:])
