@@ -51,7 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m boneai", description="BoneAI Review command line")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
-    sub.add_parser("models", help="list registered architectures")
+    sub.add_parser("models", help="list registered architectures and the models in weights/")
+
+    e = sub.add_parser("evaluate", help="evaluate a model on a labelled folder and write a JSON report")
+    e.add_argument("--task", choices=["fracture", "boneage", "anomaly"], default="fracture")
+    e.add_argument("--data", required=True, help="FracAtlas or image-folder layout (fracture, anomaly); boneage.csv + images/ (boneage)")
+    e.add_argument("--model", default=None, help="model name in weights/ or a model folder (default: the shipped one)")
+    e.add_argument("--out", required=True, help="JSON file to write")
+    e.add_argument("--predictions", default=None, help="also write per-image predictions to this CSV")
+    e.add_argument("--region", default=None, help="only images of this body region (when the data knows regions)")
+    e.add_argument("--batch-size", type=int, default=32)
+
+    pr = sub.add_parser("predict", help="predict on image files (PNG, JPEG, DICOM)")
+    pr.add_argument("files", nargs="+")
+    pr.add_argument("--task", choices=["fracture", "boneage", "anomaly"], default="fracture")
+    pr.add_argument("--model", default=None)
+    pr.add_argument("--operating-point", default=None, help="sensitive, balanced or a number (fracture)")
+    pr.add_argument("--sex", choices=["M", "F"], default=None, help="bone age: patient's sex")
+    pr.add_argument("--heatmap-dir", default=None, help="write one PNG heatmap overlay per file here")
+    pr.add_argument("--cam-method", default=None, help="Grad-CAM method for --heatmap-dir (fracture)")
+    pr.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
     return parser
 
 
@@ -81,16 +100,65 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(_: argparse.Namespace) -> int:
+    from boneai.inference import available_models
     from boneai.models import REGISTRY
 
+    print("Architectures:")
     for name, spec in REGISTRY.items():
-        print(f"{name:20s} {spec.task:9s} {spec.input_size:4d}px  init: {spec.pretrained}")
+        print(f"  {name:20s} {spec.task:9s} {spec.input_size:4d}px  init: {spec.pretrained}")
+    print("Models in weights/:")
+    for card in available_models():
+        print(f"  {card['name']:20s} {card['task']:9s} {card.get('architecture', '')}")
     return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from boneai.batch import evaluate_folder
+
+    report = evaluate_folder(args.task, args.data, args.model, region=args.region, batch_size=args.batch_size,
+                             predictions_csv=args.predictions)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2, default=_json_default))
+    keys = ("n", "auc", "auc_ci95", "ap", "sensitivity", "specificity", "threshold", "mae_months")
+    print(json.dumps({k: report[k] for k in keys if k in report}, default=_json_default))
+    return 0
+
+
+def _json_default(o: object) -> object:
+    import numpy as np
+
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return str(o)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from boneai.batch import predict_files
+
+    results = predict_files(args.files, task=args.task, model=args.model, operating_point=args.operating_point,
+                            sex=args.sex, heatmap_dir=args.heatmap_dir, cam_method=args.cam_method)
+    if args.json:
+        print(json.dumps(results, default=_json_default))
+    else:
+        for r in results:
+            print(_result_line(r))
+    return 1 if any(not r["ok"] for r in results) else 0
+
+
+def _result_line(r: dict) -> str:
+    if not r["ok"]:
+        return f"{r['file']}: error: {r['error']}"
+    if r.get("boneage_months") is not None:
+        return f"{r['file']}: bone age {r['boneage_months']:.1f} months ({r['boneage_months'] / 12:.1f} years)"
+    if r.get("anomaly_score") is not None:
+        return f"{r['file']}: anomaly score {r['anomaly_score']:.4f} -> {r['decision']}"
+    return (f"{r['file']}: probability {r['probability']:.3f} -> {r['decision']} "
+            f"(threshold {r['threshold']:.3f}, {r['operating_point']})")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"train": _cmd_train, "models": _cmd_models}
+    handlers = {"train": _cmd_train, "models": _cmd_models, "evaluate": _cmd_evaluate, "predict": _cmd_predict}
     try:
         return handlers[args.command](args)
     except BoneAIError as exc:

@@ -91,18 +91,47 @@ def read_fracatlas(root: str | Path) -> pd.DataFrame:
 
 
 def fracture_boxes(root: str | Path) -> dict[str, list[list[float]]]:
-    """Fracture boxes ``[x, y, w, h]`` in original pixels, keyed by file name, from the COCO json."""
-    path = Path(root) / "fracture_masks_coco.json"
+    """Fracture boxes ``[x, y, w, h]`` keyed by file name, from the COCO json.
+
+    Boxes are in the pixels of the image file as stored under ``root/images/*/``. The COCO file
+    gives them in the original resolution; the large originals in our copy were reduced (2304x2880
+    to 819x1024), so their boxes are scaled by the ratio of the file's size to the COCO size.
+    When the file is not found the COCO coordinates are returned unchanged.
+    """
+    root = Path(root)
+    path = root / "fracture_masks_coco.json"
     if not path.is_file():
         return {}
     coco = json.loads(path.read_text())
-    names = {img["id"]: img["file_name"] for img in coco.get("images", [])}
+    images = {img["id"]: img for img in coco.get("images", [])}
+    scales: dict[Any, tuple[float, float]] = {}
     boxes: dict[str, list[list[float]]] = {}
     for ann in coco.get("annotations", []):
-        name = names.get(ann.get("image_id"))
-        if name and ann.get("bbox"):
-            boxes.setdefault(name, []).append([float(v) for v in ann["bbox"]])
+        img = images.get(ann.get("image_id"))
+        if not img or not img.get("file_name") or not ann.get("bbox"):
+            continue
+        if img["id"] not in scales:
+            scales[img["id"]] = _coco_scale(root, img)
+        sx, sy = scales[img["id"]]
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        boxes.setdefault(img["file_name"], []).append([x * sx, y * sy, w * sx, h * sy])
     return boxes
+
+
+def _coco_scale(root: Path, img: dict[str, Any]) -> tuple[float, float]:
+    """(x, y) factors from a COCO image entry's width/height to the stored file's size."""
+    from PIL import Image
+
+    width, height = img.get("width"), img.get("height")
+    if not width or not height:
+        return 1.0, 1.0
+    for candidate in sorted((root / "images").glob(f"*/{img['file_name']}")):
+        try:
+            with Image.open(candidate) as im:  # reads the header only
+                return im.width / float(width), im.height / float(height)
+        except OSError:
+            continue
+    return 1.0, 1.0
 
 
 def read_image_folder(root: str | Path) -> pd.DataFrame:

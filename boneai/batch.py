@@ -1,0 +1,157 @@
+"""Batch evaluation of a model on a labelled folder, and prediction over a list of files.
+
+These are what ``python -m boneai evaluate`` and ``predict`` run; hospital scripts can call them too.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from boneai import evaluate as ev
+from boneai.data import read_boneage, read_classification_dir
+from boneai.errors import BoneAIError
+from boneai.inference import Predictor, load_model
+from boneai.io import read_radiograph
+
+__all__ = ["evaluate_folder", "predict_files", "predict_dataframe"]
+
+
+def _read_all(paths: Sequence[str]) -> tuple[list[Any], list[dict[str, str]]]:
+    images, errors = [], []
+    for p in paths:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                images.append(read_radiograph(p))
+        except BoneAIError as exc:
+            images.append(None)
+            errors.append({"file": Path(p).name, "error": str(exc)})
+    return images, errors
+
+
+def predict_dataframe(predictor: Predictor, df: pd.DataFrame, batch_size: int = 32,
+                      male_column: str | None = None) -> tuple[np.ndarray, list[dict[str, str]]]:
+    """Raw outputs (logits, months or anomaly scores) for every row's ``path``; NaN where unreadable."""
+    out = np.full(len(df), np.nan)
+    errors: list[dict[str, str]] = []
+    paths = df["path"].tolist()
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        images, errs = _read_all(chunk)
+        errors.extend(errs)
+        idx = [i for i, im in enumerate(images) if im is not None]
+        if not idx:
+            continue
+        male = None
+        if male_column:
+            male = [bool(v) for v in df[male_column].iloc[[start + i for i in idx]]]
+        preds = predictor.predict_many([images[i] for i in idx], male=male)
+        for i, p in zip(idx, preds):
+            out[start + i] = p.boneage_months if p.boneage_months is not None else (
+                p.anomaly_score if p.anomaly_score is not None else p.logit)
+    return out, errors
+
+
+def evaluate_folder(task: str, data: str | Path, model: str | None = None, region: str | None = None,
+                    batch_size: int = 32, predictions_csv: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate a model on a labelled folder; the dict is the ``evaluate`` JSON report."""
+    predictor = load_model(model or task)
+    if predictor.task != task:
+        raise BoneAIError(f"Model {predictor.name!r} is a {predictor.task} model, not a {task} model.")
+    report: dict[str, Any] = {"task": task, "model": predictor.name, "data": str(data)}
+    if task == "boneage":
+        df = read_boneage(data)
+        months, errors = predict_dataframe(predictor, df, batch_size, male_column="male")
+        ok = ~np.isnan(months)
+        m = ev.regression_metrics(df["boneage_months"].to_numpy()[ok], months[ok])
+        report.update({"n": m["n"], "mae_months": m["mae"], "rmse_months": m["rmse"], "bias_months": m["bias"],
+                       "pearson_r": m["pearson_r"], "skipped": errors})
+        df["predicted_months"] = months
+    else:
+        df = read_classification_dir(data)
+        if region:
+            if "region" not in df or not (df["region"] == region).any():
+                raise BoneAIError(f"No images of region {region!r} in {data}.")
+            df = df[df["region"] == region].reset_index(drop=True)
+            report["region"] = region
+        raw, errors = predict_dataframe(predictor, df, batch_size)
+        ok = ~np.isnan(raw)
+        y = df["label"].to_numpy()[ok].astype(int)
+        if task == "anomaly":
+            score = raw[ok]
+            df["anomaly_score"] = raw
+            m = ev.binary_metrics(y, score, threshold=predictor.threshold(None))
+            report.update(m)
+            report["score"] = predictor.card.get("score", "mean reconstruction error under the mask")
+        else:
+            prob = predictor.calibrate(raw[ok])
+            df["logit"], df["probability"] = raw, np.where(ok, predictor.calibrate(np.nan_to_num(raw)), np.nan)
+            thr = predictor.threshold(None)
+            report.update(ev.binary_metrics(y, prob, threshold=thr))
+            report["operating_point"] = predictor.card.get("default_operating_point", "balanced")
+            report["operating_points"] = {name: ev.threshold_metrics(y, prob, t)
+                                          for name, t in predictor.operating_points.items()}
+            part = df[ok].copy()
+            if "region" in part and (part["region"] != "unknown").any():
+                report["per_region"] = ev.per_group_metrics(part, "region", thr).to_dict(orient="records")
+        report["skipped"] = errors
+    if predictions_csv:
+        cols = [c for c in df.columns if c != "path"]
+        df.assign(file=[Path(p).name for p in df["path"]])[["file"] + cols].to_csv(predictions_csv, index=False)
+    return report
+
+
+def predict_files(files: Sequence[str], task: str = "fracture", model: str | None = None,
+                  operating_point: str | None = None, sex: str | None = None, heatmap_dir: str | None = None,
+                  cam_method: str | None = None) -> list[dict[str, Any]]:
+    """One result dict per file: ``{file, ok, probability, decision, error, ...}``; errors never raise."""
+    predictor = load_model(model or task)
+    op: str | float | None = operating_point
+    if operating_point is not None:
+        try:
+            op = float(operating_point)
+        except ValueError:
+            predictor.threshold(operating_point)  # unknown names fail once, before any file
+    if predictor.task == "boneage" and sex is None:
+        raise BoneAIError("Bone-age prediction needs --sex M or --sex F.")
+    male = None if sex is None else sex == "M"
+    results = []
+    for f in files:
+        name = Path(f).name
+        row: dict[str, Any] = {"file": name, "ok": False, "probability": None, "decision": None, "error": None}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rg = read_radiograph(f)
+            pred = predictor.predict(rg, operating_point=op, male=male)
+            row["ok"] = True
+            if pred.task == "boneage":
+                row["boneage_months"] = round(pred.boneage_months, 2)
+                row["decision"] = None
+            elif pred.task == "anomaly":
+                row.update({"anomaly_score": pred.anomaly_score, "threshold": pred.threshold,
+                            "decision": "abnormal" if pred.decision else "normal",
+                            "probability": pred.probability})
+            else:
+                row.update({"probability": round(pred.probability, 4), "threshold": round(pred.threshold, 4),
+                            "operating_point": pred.operating_point,
+                            "decision": "fracture" if pred.decision else "no fracture"})
+            if heatmap_dir:
+                from boneai.explain import heatmap_png
+
+                out_dir = Path(heatmap_dir)
+                out_dir.mkdir(parents=True, exist_ok=True)
+                out = out_dir / f"{Path(name).stem}_heatmap.png"
+                out.write_bytes(heatmap_png(predictor, rg, method=cam_method, male=male))
+                row["heatmap"] = str(out)
+        except BoneAIError as exc:
+            row["error"] = str(exc)
+        except Exception as exc:  # one bad file must not stop the others; no traceback for the user
+            row["error"] = f"could not process this file ({type(exc).__name__})"
+        results.append(row)
+    return results

@@ -1,0 +1,251 @@
+"""Loading shipped or registered models and predicting on radiographs.
+
+A model lives in a folder ``weights/<name>/`` with ``card.json`` (the model card: architecture,
+pipeline, normalisation, temperature, operating points, validation figures) and
+``model.safetensors``. Everything a prediction needs is read from the card; nothing is hard-coded.
+
+Example:
+    >>> from boneai.inference import load_model
+    >>> from boneai.io import read_radiograph
+    >>> predictor = load_model("fracture")                            # doctest: +SKIP
+    >>> p = predictor.predict(read_radiograph("samples/fracatlas/IMG0000019.jpg"))  # doctest: +SKIP
+    >>> p.probability, p.decision                                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from boneai.errors import BoneAIError, ModelNotFoundError
+from boneai.io import Radiograph
+from boneai.models import build_model, get_spec
+from boneai.preprocess import apply_pipeline
+from boneai.transforms import to_tensor
+
+__all__ = [
+    "WEIGHTS_DIR",
+    "Prediction",
+    "Predictor",
+    "available_models",
+    "default_model_name",
+    "load_model",
+    "register_run",
+    "model_dir",
+]
+
+#: Folder of shipped and registered models; ``BONEAI_WEIGHTS_DIR`` overrides it.
+WEIGHTS_DIR = Path(os.environ.get("BONEAI_WEIGHTS_DIR", Path(__file__).resolve().parents[1] / "weights"))
+_DEFAULTS_FILE = "defaults.json"
+
+
+@dataclass
+class Prediction:
+    """The result of one view. Only the fields of the model's task are set."""
+
+    task: str
+    model: str
+    probability: float | None = None  # calibrated fracture/abnormality probability
+    logit: float | None = None
+    threshold: float | None = None
+    operating_point: str | None = None
+    decision: bool | None = None  # probability >= threshold
+    boneage_months: float | None = None
+    anomaly_score: float | None = None
+    input_image: np.ndarray | None = field(default=None, repr=False)  # what the model saw (uint8)
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def _weights_dir(weights_dir: str | Path | None) -> Path:
+    return Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+
+
+def available_models(task: str | None = None, weights_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Cards of the models in the weights folder (each with an added ``dir``), optionally of one task."""
+    root = _weights_dir(weights_dir)
+    cards = []
+    for card_path in sorted(root.glob("*/card.json")):
+        try:
+            card = json.loads(card_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if task is None or card.get("task") == task:
+            card["dir"] = str(card_path.parent)
+            card.setdefault("name", card_path.parent.name)
+            cards.append(card)
+    return cards
+
+
+def default_model_name(task: str, weights_dir: str | Path | None = None) -> str:
+    """The default model of a task from ``weights/defaults.json``, else the first one found."""
+    root = _weights_dir(weights_dir)
+    defaults_path = root / _DEFAULTS_FILE
+    if defaults_path.is_file():
+        name = json.loads(defaults_path.read_text()).get(task)
+        if name and (root / name / "card.json").is_file():
+            return name
+    found = available_models(task, root)
+    if not found:
+        raise ModelNotFoundError(f"No {task} model found in {root}; train one with `python -m boneai train`.")
+    return found[0]["name"]
+
+
+def model_dir(name_or_path: str | Path, weights_dir: str | Path | None = None) -> Path:
+    """Resolve a model name (``weights/<name>``), a task name (its default) or a folder path."""
+    p = Path(name_or_path)
+    if (p / "card.json").is_file():
+        return p
+    root = _weights_dir(weights_dir)
+    if (root / str(name_or_path) / "card.json").is_file():
+        return root / str(name_or_path)
+    if str(name_or_path) in ("fracture", "boneage", "anomaly"):
+        return root / default_model_name(str(name_or_path), root)
+    known = ", ".join(c["name"] for c in available_models(None, root)) or "none"
+    raise ModelNotFoundError(f"Model {name_or_path!r} not found (no card.json); available models: {known}.")
+
+
+class Predictor:
+    """A loaded model with its card: preprocessing, forward pass, calibration and decisions."""
+
+    def __init__(self, card: dict[str, Any], model: nn.Module, directory: Path) -> None:
+        self.card, self.model, self.directory = card, model, directory
+        self.name = card.get("name", directory.name)
+        self.task = card["task"]
+        self.pipeline = card["pipeline"]
+        self.mean, self.std = card["mean"], card["std"]
+        self.model.eval()
+
+    # -- preprocessing ---------------------------------------------------------------------------
+    def input_image(self, image: Radiograph | np.ndarray) -> np.ndarray:
+        """The exact uint8 square the model sees, from a radiograph or raw pixels."""
+        pixels = image.pixels if isinstance(image, Radiograph) else image
+        return apply_pipeline(pixels, self.pipeline)
+
+    def input_tensor(self, image: Radiograph | np.ndarray) -> torch.Tensor:
+        """(1, 3, S, S) normalised tensor."""
+        return to_tensor(self.input_image(image), self.mean, self.std).unsqueeze(0)
+
+    # -- decisions -------------------------------------------------------------------------------
+    @property
+    def operating_points(self) -> dict[str, float]:
+        return {k: float(v["threshold"]) for k, v in self.card.get("operating_points", {}).items()}
+
+    def threshold(self, operating_point: str | float | None = None) -> float:
+        """Threshold of a named operating point from the card, or a custom number."""
+        if operating_point is None:
+            operating_point = self.card.get("default_operating_point", "balanced")
+        if isinstance(operating_point, (int, float)):
+            return float(operating_point)
+        points = self.operating_points
+        if operating_point not in points:
+            raise BoneAIError(f"Operating point {operating_point!r} is not in the model card; "
+                              f"available: {', '.join(points) or 'none'}.")
+        return points[operating_point]
+
+    def calibrate(self, logits: np.ndarray) -> np.ndarray:
+        temperature = float(self.card.get("temperature", 1.0))
+        return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / temperature))
+
+    # -- prediction ------------------------------------------------------------------------------
+    def raw_outputs(self, batch: torch.Tensor, male: torch.Tensor | None = None) -> np.ndarray:
+        """Model outputs (logits or months) for a batch, with the card's mirror averaging."""
+        with torch.inference_mode():
+            x = batch.to(memory_format=torch.channels_last)
+            if self.task == "boneage":
+                if male is None:
+                    raise BoneAIError("Bone-age prediction needs the patient's sex (M or F).")
+                out = self.model(x, male)
+                if self.card.get("tta_hflip"):
+                    out = (out + self.model(torch.flip(x, dims=[3]), male)) / 2
+            else:
+                out = self.model(x).reshape(-1)
+                if self.card.get("tta_hflip"):
+                    out = (out + self.model(torch.flip(x, dims=[3])).reshape(-1)) / 2
+        return out.float().numpy()
+
+    def predict_many(self, images: Sequence[Radiograph | np.ndarray], operating_point: str | float | None = None,
+                     male: bool | Sequence[bool] | None = None) -> list[Prediction]:
+        """Predict several views in one batch (a study)."""
+        inputs = [self.input_image(im) for im in images]
+        if not inputs:
+            return []
+        batch = torch.stack([to_tensor(im, self.mean, self.std) for im in inputs])
+        sex = None
+        if self.task == "boneage" and male is not None:
+            flags = [bool(male)] * len(inputs) if isinstance(male, (bool, np.bool_)) else [bool(m) for m in male]
+            sex = torch.tensor(flags, dtype=torch.float32)
+        raw = self.raw_outputs(batch, sex)
+        results = []
+        for value, inp in zip(raw, inputs):
+            if self.task == "boneage":
+                results.append(Prediction(task="boneage", model=self.name, boneage_months=float(value), input_image=inp))
+            else:
+                prob = float(self.calibrate(np.array([value]))[0])
+                thr = self.threshold(operating_point)
+                name = operating_point if isinstance(operating_point, str) else (
+                    "custom" if operating_point is not None else self.card.get("default_operating_point", "balanced"))
+                results.append(Prediction(task=self.task, model=self.name, probability=prob, logit=float(value),
+                                          threshold=thr, operating_point=name, decision=prob >= thr, input_image=inp))
+        return results
+
+    def predict(self, image: Radiograph | np.ndarray, operating_point: str | float | None = None,
+                male: bool | None = None) -> Prediction:
+        """Predict one view."""
+        return self.predict_many([image], operating_point, male)[0]
+
+
+def load_model(name_or_path: str | Path = "fracture", weights_dir: str | Path | None = None) -> Predictor:
+    """Load a model folder (card + safetensors weights) into a :class:`Predictor` on the CPU."""
+    from safetensors.torch import load_file
+
+    directory = model_dir(name_or_path, weights_dir)
+    card = json.loads((directory / "card.json").read_text())
+    card.setdefault("name", directory.name)
+    if card.get("task") == "anomaly":
+        from boneai.anomaly import load_anomaly_model
+
+        return load_anomaly_model(card, directory)
+    weights = directory / card.get("weights_file", "model.safetensors")
+    if not weights.is_file():
+        raise ModelNotFoundError(f"Model {card['name']!r} has a card but no weights file ({weights.name}).")
+    get_spec(card["architecture"])  # clear error for an unknown architecture
+    model = build_model(card["architecture"], pretrained=False)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+    model.load_state_dict(state)
+    model = model.to(memory_format=torch.channels_last).eval()
+    return Predictor(card, model, directory)
+
+
+def register_run(run_dir: str | Path, name: str, weights_dir: str | Path | None = None,
+                 make_default: bool = False) -> Path:
+    """Copy a finished training run (card, weights, validation predictions, metrics) into the weights folder."""
+    src = Path(run_dir)
+    if not (src / "card.json").is_file() or not (src / "model.safetensors").is_file():
+        raise ModelNotFoundError(f"Training run {src} has not finished (no card.json/model.safetensors).")
+    if not name or any(c in name for c in "/\\.") or name.startswith("-"):
+        raise BoneAIError(f"Model name {name!r} is not a valid folder name (letters, digits, - and _).")
+    root = _weights_dir(weights_dir)
+    dest = root / name
+    if dest.exists():
+        raise BoneAIError(f"A model named {name!r} already exists; choose another name.")
+    dest.mkdir(parents=True)
+    for fname in ("model.safetensors", "card.json", "val_predictions.csv", "metrics.jsonl"):
+        if (src / fname).is_file():
+            shutil.copy2(src / fname, dest / fname)
+    card = json.loads((dest / "card.json").read_text())
+    card["name"] = name
+    (dest / "card.json").write_text(json.dumps(card, indent=2))
+    if make_default:
+        defaults_path = root / _DEFAULTS_FILE
+        defaults = json.loads(defaults_path.read_text()) if defaults_path.is_file() else {}
+        defaults[card["task"]] = name
+        defaults_path.write_text(json.dumps(defaults, indent=2))
+    return dest
