@@ -324,6 +324,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     metrics_file = out / "metrics.jsonl"
+    if start_epoch == 0 and not history:
+        # Epoch 0: the untrained model on the validation split, the baseline every later epoch is compared to.
+        base_out = _predict_loader(core, cfg.task, val_loader, device, tta=False)
+        y0 = val_ds.targets
+        with torch.no_grad():
+            base_loss = float(criterion(torch.as_tensor(base_out, device=device), torch.as_tensor(y0, device=device)))
+        record0: dict[str, Any] = {"epoch": 0, "val_loss": round(base_loss, 5)}
+        if cfg.task == "fracture" and 0 < y0.sum() < len(y0):
+            record0["val_auc"] = round(float(ev.skm.roc_auc_score(y0, base_out)), 5)
+        elif cfg.task == "boneage":
+            record0["val_mae"] = round(float(np.abs(base_out - y0).mean()), 3)
+        history.append(record0)
+        if is_main:
+            print(json.dumps(record0), flush=True)
+            metrics_file.write_text(json.dumps(record0) + "\n")
     for epoch in range(start_epoch, cfg.epochs):
         if bad_epochs >= cfg.patience:
             break
@@ -353,7 +368,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         val_out = _predict_loader(core, cfg.task, val_loader, device, tta=False)
         y_val = val_ds.targets
         with torch.no_grad():
-            val_loss = float(criterion(torch.as_tensor(val_out), torch.as_tensor(y_val)))
+            val_loss = float(criterion(torch.as_tensor(val_out, device=device), torch.as_tensor(y_val, device=device)))
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5),
                                   "lr": optimizer.param_groups[0]["lr"]}
         if cfg.task == "fracture":
@@ -418,7 +433,7 @@ def _finish(cfg, model, spec, pipeline, size, loss_name, val_df, val_ds, val_loa
         "weights_dtype": "float16" if cfg.fp16_weights else "float32",
         "training": {
             "command": cfg.command, "config": asdict(cfg), "loss": loss_name, "device": str(device),
-            "torch": torch.__version__, "epochs_run": len(history), "train_seconds": round(train_seconds, 1),
+            "torch": torch.__version__, "epochs_run": sum(1 for h in history if h.get("epoch", 0) > 0), "train_seconds": round(train_seconds, 1),
             "data_load_seconds": round(data_seconds, 1), "n_train": n_train, "n_val": len(val_df),
             "history": history,
         },

@@ -62,6 +62,10 @@ def _efficientnet_lite(variant: int, pretrained: bool = True, drop_rate: float =
     import timm
 
     model = timm.create_model(f"tf_efficientnet_lite{variant}", num_classes=1, drop_rate=drop_rate)
+    # timm's TF-style init draws a 1-output head from U(-1, 1): logits of +-40 at the start, whose
+    # gradients scramble the pretrained features. Start the head near zero instead.
+    nn.init.normal_(model.classifier.weight, std=0.01)
+    nn.init.zeros_(model.classifier.bias)
     if pretrained:
         load_lite_imagenet(model, variant)
     return model
