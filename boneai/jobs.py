@@ -1,0 +1,468 @@
+"""Background training jobs: start, follow, cancel. One job at a time per machine.
+
+A job is ``python -m boneai train ...`` run by a small supervisor process (``python -m boneai.jobs
+supervise JOB_DIR``) that is detached from whoever started it. The supervisor writes the exit status
+and releases the machine-wide lock when training ends, so a job outlives the web page, the Streamlit
+session and even the Streamlit server. Everything about a job lives on disk::
+
+    jobs/
+      lock                 id and pid of the running job (absent when the machine is free)
+      <job id>/
+        job.json           what was asked: task, arguments, command, output folder, pids, times
+        stdout.log         one JSON line per epoch (from the train command), then {"event": "done"}
+        stderr.log         progress bars, warnings, and ``error: ...`` on failure
+        result.json        written at the end: state (succeeded/failed/cancelled), return code, time
+        run/               the training output (card.json, model.safetensors, val_predictions.csv...)
+
+``BONEAI_JOBS_DIR`` moves the ``jobs/`` folder. This module never imports Streamlit.
+
+Example:
+    >>> from boneai.jobs import JobRunner, TrainRequest
+    >>> runner = JobRunner("/tmp/boneai-jobs")                                     # doctest: +SKIP
+    >>> job = runner.start(TrainRequest(task="fracture", data="data/fracatlas", epochs=1, limit=40))  # doctest: +SKIP
+    >>> runner.status(job.id).epochs_done                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from boneai.errors import BoneAIError
+
+__all__ = [
+    "JobBusyError",
+    "JobNotFoundError",
+    "TrainRequest",
+    "JobStatus",
+    "JobRunner",
+    "default_jobs_dir",
+]
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+_TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class JobBusyError(BoneAIError):
+    """Another training job holds this machine."""
+
+
+class JobNotFoundError(BoneAIError):
+    """No job with that id in the jobs folder."""
+
+
+def default_jobs_dir() -> Path:
+    """``BONEAI_JOBS_DIR`` if set, else ``jobs/`` in the repository root."""
+    env = os.environ.get("BONEAI_JOBS_DIR")
+    return Path(env) if env else _REPO_ROOT / "jobs"
+
+
+@dataclass
+class TrainRequest:
+    """The train command's options the app exposes; ``None`` leaves the command's default."""
+
+    task: str = "fracture"
+    data: str = ""
+    model: str | None = None
+    epochs: int = 10
+    image_size: int | None = None
+    batch_size: int = 32
+    lr: float = 1e-3
+    loss: str | None = None
+    limit: int | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    def argv(self, out: str | Path) -> list[str]:
+        """Arguments after ``python``: ``-m boneai train ... --out OUT``."""
+        if self.task not in ("fracture", "boneage", "anomaly"):
+            raise BoneAIError(f"Unknown task {self.task!r}; choose fracture, boneage or anomaly.")
+        if not self.data or not Path(self.data).is_dir():
+            raise BoneAIError(f"Data folder not found: {self.data or '(empty)'}.")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise BoneAIError("Epochs and batch size must be at least 1 and the learning rate positive.")
+        args = ["-m", "boneai", "train", "--task", self.task, "--data", str(self.data), "--out", str(out),
+                "--epochs", str(int(self.epochs)), "--batch-size", str(int(self.batch_size)), "--lr", repr(float(self.lr))]
+        if self.model:
+            args += ["--model", self.model]
+        if self.image_size:
+            args += ["--image-size", str(int(self.image_size))]
+        if self.loss:
+            args += ["--loss", self.loss]
+        if self.limit:
+            args += ["--limit", str(int(self.limit))]
+        return args + list(self.extra_args)
+
+
+@dataclass
+class JobStatus:
+    """A job as read from disk at one moment."""
+
+    id: str
+    state: str  # running | succeeded | failed | cancelled
+    task: str
+    command: list[str]
+    run_dir: Path
+    started_at: str
+    finished_at: str | None = None
+    returncode: int | None = None
+    epochs_total: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
+    error: str | None = None  # the command's ``error: ...`` line, or why it stopped
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.history)
+
+    @property
+    def progress(self) -> float:
+        """Fraction of epochs finished (0..1); 1 once the job succeeded, even after early stopping."""
+        if self.state == "succeeded":
+            return 1.0
+        if not self.epochs_total:
+            return 0.0
+        return min(1.0, self.epochs_done / self.epochs_total)
+
+    @property
+    def last(self) -> dict[str, Any]:
+        """The latest epoch record (empty before the first epoch ends)."""
+        return self.history[-1] if self.history else {}
+
+    @property
+    def finished(self) -> bool:
+        return self.state in _TERMINAL
+
+
+class JobRunner:
+    """Starts and follows jobs in one jobs folder (default ``jobs/`` in the repository)."""
+
+    def __init__(self, jobs_dir: str | Path | None = None, python: str | None = None) -> None:
+        self.root = Path(jobs_dir) if jobs_dir is not None else default_jobs_dir()
+        self.python = python or sys.executable
+
+    # -- lock ------------------------------------------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        return self.root / "lock"
+
+    def _read_lock(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.lock_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def running_job_id(self) -> str | None:
+        """The id of the job holding the machine, clearing a lock whose supervisor has died."""
+        lock = self._read_lock()
+        if lock is None:
+            if self.lock_path.exists():  # written half-way or unreadable: only a crash leaves that
+                self._release_stale_lock()
+            return None
+        if _pid_alive(int(lock.get("pid", 0))):
+            return str(lock["id"])
+        self._release_stale_lock()
+        return None
+
+    def _release_stale_lock(self) -> None:
+        try:
+            self.lock_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    # -- start -----------------------------------------------------------------------------------
+    def start(self, request: TrainRequest) -> JobStatus:
+        """Start a training job; raises :class:`JobBusyError` while another one runs."""
+        return self.start_command(request.argv(out="{run_dir}"), task=request.task,
+                                  epochs_total=request.epochs, request=asdict(request))
+
+    def start_command(self, argv: list[str], task: str = "fracture", epochs_total: int | None = None,
+                      request: dict[str, Any] | None = None) -> JobStatus:
+        """Start ``python ARGV`` as a job (``{run_dir}`` in ARGV becomes the job's output folder)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        job_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{os.urandom(2).hex()}"
+        job_dir = self.root / job_id
+        self._acquire_lock(job_id)
+        try:
+            job_dir.mkdir()
+            run_dir = job_dir / "run"
+            command = [self.python] + [a.replace("{run_dir}", str(run_dir)) for a in argv]
+            meta = {"id": job_id, "task": task, "command": command, "run_dir": str(run_dir),
+                    "epochs_total": epochs_total, "request": request or {},
+                    "started_at": _now(), "supervisor_pid": None, "train_pid": None}
+            _write_json(job_dir / "job.json", meta)
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH", "")]))
+            # A new session: the supervisor (and training under it) outlive the app's process and a
+            # Ctrl-C in the terminal running Streamlit does not reach them.
+            with open(job_dir / "supervisor.log", "wb") as sup_log:
+                proc = subprocess.Popen([self.python, "-m", "boneai.jobs", "supervise", str(job_dir),
+                                         str(self.lock_path)], cwd=str(_REPO_ROOT), env=env,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sup_log,
+                                        start_new_session=True)
+            _CHILDREN[job_id] = proc
+            meta["supervisor_pid"] = proc.pid
+            _write_json(job_dir / "job.json", meta)
+            _write_json(self.lock_path, {"id": job_id, "pid": proc.pid})
+        except BaseException:
+            self._release_stale_lock()
+            raise
+        return self.status(job_id)
+
+    def _acquire_lock(self, job_id: str) -> None:
+        holder = self.running_job_id()
+        if holder is not None:
+            raise JobBusyError(
+                f"A training job ({holder}) is already running on this machine; only one runs at a time. "
+                "Wait for it to finish or cancel it, then start again."
+            )
+        try:
+            # O_EXCL: of two sessions pressing Start at the same moment exactly one gets the lock.
+            fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            raise JobBusyError("Another training job was started a moment ago on this machine; "
+                               "only one runs at a time.") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump({"id": job_id, "pid": os.getpid()}, f)
+
+    # -- follow ----------------------------------------------------------------------------------
+    def job_dir(self, job_id: str) -> Path:
+        d = self.root / job_id
+        if not job_id or "/" in job_id or job_id.startswith(".") or not (d / "job.json").is_file():
+            raise JobNotFoundError(f"No training job {job_id!r} in {self.root}.")
+        return d
+
+    def status(self, job_id: str) -> JobStatus:
+        """Read a job's state, progress and epoch history from its folder."""
+        _reap()
+        d = self.job_dir(job_id)
+        meta = json.loads((d / "job.json").read_text())
+        result = _read_json(d / "result.json")
+        history, done_event = _parse_stdout(d / "stdout.log")
+        error = None
+        if result is not None:
+            state, rc, finished = result["state"], result.get("returncode"), result.get("finished_at")
+            if state == "failed":
+                error = result.get("error") or _error_line(d / "stderr.log") or f"training exited with status {rc}"
+        else:
+            rc, finished = None, None
+            state = "running"
+            if not _pid_alive(int(meta.get("supervisor_pid") or 0)):
+                # The supervisor died without writing a result (machine reboot, kill -9).
+                state, error = "failed", "the job stopped unexpectedly (its supervisor is gone)"
+        return JobStatus(id=meta["id"], state=state, task=meta["task"], command=meta["command"],
+                         run_dir=Path(meta["run_dir"]), started_at=meta["started_at"], finished_at=finished,
+                         returncode=rc, epochs_total=meta.get("epochs_total"), history=history, error=error)
+
+    def list_jobs(self) -> list[str]:
+        """Job ids, newest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted((p.name for p in self.root.iterdir() if (p / "job.json").is_file()), reverse=True)
+
+    def current(self) -> JobStatus | None:
+        """The running job, else the newest one (what a page shows after a reload), else None."""
+        running = self.running_job_id()
+        if running:
+            return self.status(running)
+        ids = self.list_jobs()
+        return self.status(ids[0]) if ids else None
+
+    def log_tail(self, job_id: str, lines: int = 30) -> str:
+        """The last lines of the job's output (epoch records and progress/errors), for display."""
+        d = self.job_dir(job_id)
+        out = []
+        for name in ("stdout.log", "stderr.log"):
+            text = _tail_text(d / name)
+            # Progress bars redraw with carriage returns; keep only each line's final state.
+            out.extend(seg.split("\r")[-1] for seg in text.splitlines() if seg.strip())
+        return "\n".join(out[-lines:])
+
+    # -- cancel ----------------------------------------------------------------------------------
+    def cancel(self, job_id: str) -> bool:
+        """Ask a running job to stop; returns False when it had already finished."""
+        d = self.job_dir(job_id)
+        if (d / "result.json").is_file():
+            return False
+        meta = json.loads((d / "job.json").read_text())
+        sup = int(meta.get("supervisor_pid") or 0)
+        if _pid_alive(sup):
+            os.kill(sup, signal.SIGTERM)  # the supervisor stops training, writes the result, frees the lock
+            return True
+        # No supervisor: stop training directly and clean up on its behalf.
+        _terminate_group(int(meta.get("train_pid") or 0))
+        _write_result(d, "cancelled", None, "cancelled (supervisor was gone)")
+        if (self._read_lock() or {}).get("id") == job_id:
+            self._release_stale_lock()
+        return True
+
+    def wait(self, job_id: str, timeout: float = 600.0, poll: float = 0.5) -> JobStatus:
+        """Block until the job finishes (for scripts and tests)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status(job_id)
+            if st.finished or time.monotonic() > deadline:
+                return st
+            time.sleep(poll)
+
+
+# -- supervisor (runs in its own process) ----------------------------------------------------------
+def _supervise(job_dir: Path, lock_path: Path) -> int:
+    meta = json.loads((job_dir / "job.json").read_text())
+    cancelled = {"flag": False}
+    with open(job_dir / "stdout.log", "ab") as out, open(job_dir / "stderr.log", "ab") as err:
+        proc = subprocess.Popen(meta["command"], cwd=str(_REPO_ROOT), stdout=out, stderr=err,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        meta["train_pid"] = proc.pid
+        _write_json(job_dir / "job.json", meta)
+
+        def on_term(signum: int, frame: Any) -> None:
+            cancelled["flag"] = True
+            _terminate_group(proc.pid)
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        rc = proc.wait()
+    if cancelled["flag"]:
+        _write_result(job_dir, "cancelled", rc, None)
+    elif rc == 0:
+        _write_result(job_dir, "succeeded", rc, None)
+    else:
+        _write_result(job_dir, "failed", rc, _error_line(job_dir / "stderr.log"))
+    lock = _read_json(lock_path)
+    if lock is not None and lock.get("id") == meta["id"]:
+        try:
+            lock_path.unlink()
+        except FileNotFoundError:
+            pass
+    return 0
+
+
+def _terminate_group(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM the process group of ``pid`` (training and its data workers), SIGKILL after ``grace`` s."""
+    if pid <= 0 or not _pid_alive(pid):
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _pid_alive(pid):
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+_CHILDREN: dict[str, subprocess.Popen] = {}
+
+
+def _reap() -> None:
+    """Collect exited supervisors started by this process so they do not linger as zombies."""
+    for job_id, proc in list(_CHILDREN.items()):
+        if proc.poll() is not None:
+            del _CHILDREN[job_id]
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    for proc in _CHILDREN.values():  # our own children: poll() also reaps them
+        if proc.pid == pid:
+            return proc.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie answers kill(0); on Linux /proc tells the difference.
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)  # readers never see half a file
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_result(job_dir: Path, state: str, rc: int | None, error: str | None) -> None:
+    _write_json(job_dir / "result.json", {"state": state, "returncode": rc, "error": error, "finished_at": _now()})
+
+
+def _parse_stdout(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    history, done = [], False
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return history, done
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line being written right now
+        if "epoch" in rec and "train_loss" in rec:
+            history.append(rec)
+        elif rec.get("event") == "done":
+            done = True
+    return history, done
+
+
+def _tail_text(path: Path, max_bytes: int = 64_000) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _error_line(stderr_path: Path) -> str | None:
+    lines = [seg.split("\r")[-1].strip() for seg in _tail_text(stderr_path).splitlines()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    if errors:
+        return errors[-1][len("error:"):].strip()
+    tail = [ln for ln in lines if ln]
+    return tail[-1] if tail else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) == 3 and args[0] == "supervise":
+        return _supervise(Path(args[1]), Path(args[2]))
+    print("usage: python -m boneai.jobs supervise JOB_DIR LOCK_FILE", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""What several pages share: cached model loading, the sidebar's model choice, samples, safe text.
+
+Not a page itself (``app.py`` registers pages explicitly). UI glue only: every computation is a
+``boneai`` call; this module adds Streamlit caching around them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from boneai import inference
+from boneai.errors import BoneAIError
+from boneai.io import Radiograph, read_radiograph
+from boneai.store import ReviewStore, model_version
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLES_DIR = REPO_ROOT / "samples"
+TASKS = ("fracture", "boneage", "anomaly")
+TASK_LABELS = {"fracture": "Fracture", "boneage": "Bone age (hand)", "anomaly": "Anomaly (autoencoder)"}
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
+
+
+def plain(text: Any) -> str:
+    """Escape Markdown so a file name or a DICOM string shows as typed, never as formatting or a link.
+
+    For ``st.error``/``st.warning``/``st.info``, which render Markdown. Prefer ``st.text`` where the
+    message stands alone.
+    """
+    return _MD_SPECIAL.sub(r"\\\1", str(text))
+
+
+# -- models ------------------------------------------------------------------------------------------
+def model_cards(task: str | None = None) -> list[dict[str, Any]]:
+    """Cards of the models in the weights folder (read fresh: a registered model shows at once)."""
+    return inference.available_models(task)
+
+
+def card_by_name(name: str) -> dict[str, Any] | None:
+    return next((c for c in model_cards() if c["name"] == name), None)
+
+
+def selected_card(task: str) -> dict[str, Any] | None:
+    """The card of the model chosen in the sidebar for ``task`` (the default one if none chosen)."""
+    cards = model_cards(task)
+    if not cards:
+        return None
+    chosen = st.session_state.get(f"model_{task}")
+    for card in cards:
+        if card["name"] == chosen:
+            return card
+    try:
+        default = inference.default_model_name(task)
+    except BoneAIError:
+        return cards[0]
+    return next((c for c in cards if c["name"] == default), cards[0])
+
+
+@st.cache_resource(show_spinner="Loading model...")
+def get_predictor(model_dir: str, _mtime: float = 0.0) -> inference.Predictor:
+    """One :class:`~boneai.inference.Predictor` per model folder per process, shared by all sessions."""
+    return inference.load_model(model_dir)
+
+
+def predictor_for(card: dict[str, Any]) -> inference.Predictor:
+    weights = Path(card["dir"]) / card.get("weights_file", "model.safetensors")
+    # The weights' mtime in the key: a model folder replaced on disk is loaded afresh.
+    return get_predictor(card["dir"], weights.stat().st_mtime if weights.is_file() else 0.0)
+
+
+@st.cache_resource
+def model_lock(model_dir: str) -> threading.Lock:
+    """Serialises heatmap passes on a shared model: CAM hooks are per model, sessions are threads."""
+    return threading.Lock()
+
+
+@st.cache_data(show_spinner=False)
+def cached_model_version(model_dir: str, _mtime: float = 0.0) -> str:
+    card = next((c for c in model_cards() if c["dir"] == model_dir), {"dir": model_dir})
+    return model_version(card)
+
+
+def version_of(card: dict[str, Any]) -> str:
+    weights = Path(card["dir"]) / card.get("weights_file", "model.safetensors")
+    return cached_model_version(card["dir"], weights.stat().st_mtime if weights.is_file() else 0.0)
+
+
+def card_link(card: dict[str, Any]) -> str:
+    """Where the model card is, relative to the repository when it lives inside it."""
+    path = Path(card["dir"]) / "card.json"
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+# -- reading files -----------------------------------------------------------------------------------
+@dataclass
+class View:
+    """One file of a study: its name, content digest and decoded radiograph."""
+
+    name: str
+    digest: str
+    radiograph: Radiograph
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _read(data: bytes, name: str) -> Radiograph:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Radiograph's own warnings list is shown instead
+        return read_radiograph(data, name)
+
+
+def read_views(files: list[tuple[str, bytes]]) -> list[View]:
+    """Decode every file; a bad one gets ``st.error`` with boneai's message and the others go on."""
+    views = []
+    for name, data in files:
+        try:
+            views.append(View(name, digest(data), _read(data, name)))
+        except BoneAIError as exc:
+            st.error(plain(exc), icon=":material/error:")
+        except Exception as exc:  # a decoder bug must not take the page down with a traceback
+            st.error(plain(f"Could not read {name}: unexpected {type(exc).__name__}."), icon=":material/error:")
+    return views
+
+
+# -- samples -----------------------------------------------------------------------------------------
+@st.cache_data(show_spinner=False)
+def sample_table() -> pd.DataFrame:
+    """``samples/samples.csv`` (file relative to samples/, dataset, label, region, boneage, male)."""
+    path = SAMPLES_DIR / "samples.csv"
+    if not path.is_file():
+        return pd.DataFrame(columns=["file", "dataset", "label", "region", "boneage_months", "male"])
+    df = pd.read_csv(path)
+    return df[[(SAMPLES_DIR / f).is_file() for f in df["file"]]].reset_index(drop=True)
+
+
+def sample_studies(task: str) -> dict[str, list[Path]]:
+    """Bundled studies a user can open at once: label -> files.
+
+    Multi-view studies from ``samples/studies/*``, then single views from ``samples.csv`` that fit
+    the task (hand radiographs for bone age, the fracture samples otherwise).
+    """
+    studies: dict[str, list[Path]] = {}
+    table = sample_table()
+    if task != "boneage":
+        root = SAMPLES_DIR / "studies"
+        for folder in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
+            files = sorted(f for f in folder.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm"))
+            if files:
+                studies[f"Study {folder.name} ({len(files)} views)"] = files
+        rows = table[table["dataset"].astype(str).str.contains("frac", case=False)]
+    else:
+        rows = table[table["dataset"].astype(str).str.contains("bone", case=False)]
+    for _, row in rows.iterrows():
+        region = row.get("region")
+        extra = f", {region}" if isinstance(region, str) and region else ""
+        studies[f"Single view {Path(row['file']).name}{extra}"] = [SAMPLES_DIR / row["file"]]
+    return studies
+
+
+def sample_info(path: Path) -> dict[str, Any]:
+    """The samples.csv row of a bundled file (label, region, bone age, sex), or {}."""
+    table = sample_table()
+    try:
+        rel = str(path.resolve().relative_to(SAMPLES_DIR.resolve()))
+    except ValueError:
+        return {}
+    rows = table[table["file"] == rel]
+    return {} if rows.empty else {k: v for k, v in rows.iloc[0].to_dict().items() if not _isnan(v)}
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and np.isnan(v)
+
+
+# -- review log --------------------------------------------------------------------------------------
+def review_store() -> ReviewStore:
+    """The review log (``BONEAI_REVIEW_DB`` or reviews.sqlite); cheap to create, one connection per call."""
+    return ReviewStore()
+
+
+def intended_use_note() -> None:
+    st.caption("Research and education, not a medical device. A qualified clinician reads every image.")

@@ -1,0 +1,57 @@
+"""Review log: the decisions reviewers recorded, filterable and exportable as CSV."""
+
+from __future__ import annotations
+
+from datetime import datetime, time, timedelta, timezone
+
+import streamlit as st
+
+from boneai.store import REVIEWER_DECISIONS, to_csv_bytes
+from pages.common import intended_use_note, review_store
+
+st.title("Review log")
+intended_use_note()
+
+store = review_store()
+st.caption(f"Stored in {store.path} (set BONEAI_REVIEW_DB to move it). No patient identifiers are kept.")
+if store.count() == 0:
+    st.info("No reviews yet. Record one on the Study review page.")
+    st.stop()
+
+f1, f2, f3, f4 = st.columns([2, 2, 2, 3])
+with f1:
+    study = st.text_input("Study label contains", key="log_study")
+with f2:
+    models = st.multiselect("Model", store.model_names(), key="log_models", placeholder="all models")
+with f3:
+    decisions = st.multiselect("Reviewer decision", list(REVIEWER_DECISIONS), default=list(REVIEWER_DECISIONS),
+                               key="log_decisions")
+with f4:
+    today = datetime.now(timezone.utc).date()
+    period = st.date_input("Recorded between (UTC)", value=(today - timedelta(days=365), today), key="log_period")
+
+since = until = None
+if isinstance(period, (tuple, list)) and len(period) == 2:
+    since = datetime.combine(period[0], time.min, tzinfo=timezone.utc)
+    until = datetime.combine(period[1], time.max, tzinfo=timezone.utc)
+
+df = store.query(study_contains=study or None, model_name=models or None, reviewer_decision=decisions,
+                 since=since, until=until)
+m1, m2, m3 = st.columns(3)
+m1.metric("Reviews shown", len(df))
+if len(df):
+    m2.metric("Agreement", f"{(df['reviewer_decision'] == 'agree').mean():.0%}")
+    m3.metric("Studies", df["study_id"].nunique())
+
+table = df.assign(views=df["views"].map(", ".join),
+                  view_probabilities=df["view_probabilities"].map(
+                      lambda v: ", ".join("-" if x is None else f"{x:.3f}" for x in v)))
+# st.dataframe renders every cell as text: names and notes never become markup.
+st.dataframe(table, hide_index=True, key="log_table", column_config={
+    "created_at": st.column_config.TextColumn("recorded (UTC)"),
+    "threshold": st.column_config.NumberColumn(format="%.3f"),
+    "study_probability": st.column_config.NumberColumn(format="%.3f"),
+    "boneage_months": st.column_config.NumberColumn(format="%.1f"),
+})
+st.download_button("Export CSV", data=to_csv_bytes(df), file_name="review_log.csv", mime="text/csv",
+                   key="log_export", disabled=df.empty, on_click="ignore")

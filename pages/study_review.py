@@ -1,0 +1,322 @@
+"""Study review: the views of one study, the model's finding per view and for the study, heatmaps,
+the reviewer's decision (saved to the review log) and a downloadable report."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import streamlit as st
+
+from boneai.errors import BoneAIError
+from boneai.evaluate import aggregate_study
+from boneai.inference import Prediction, Predictor
+from boneai.preprocess import standardise
+from boneai.report import StudyReport, ViewReport, to_html, to_pdf
+from boneai.store import REVIEWER_DECISIONS, new_study_id
+from pages.common import (
+    TASK_LABELS,
+    TASKS,
+    View,
+    card_link,
+    intended_use_note,
+    model_cards,
+    model_lock,
+    plain,
+    predictor_for,
+    read_views,
+    review_store,
+    sample_info,
+    sample_studies,
+    selected_card,
+    version_of,
+)
+
+try:  # written alongside this page; without it the page still predicts, only heatmaps are off
+    from boneai import explain as _explain
+except ImportError:  # pragma: no cover - depends on the checkout
+    _explain = None
+
+FINDINGS = {"fracture": ("fracture suspected", "no fracture seen"), "anomaly": ("abnormal", "normal")}
+DECISION_LABELS = {"agree": "Agree", "disagree": "Disagree", "uncertain": "Uncertain"}
+
+
+# -- cached computations -----------------------------------------------------------------------------
+@st.cache_data(show_spinner="Running the model...", max_entries=64)
+def predict_views(model_dir: str, digests: tuple[str, ...], operating_point: str | float | None,
+                  male: bool | None, _predictor: Predictor, _views: list[View]) -> list[Prediction]:
+    """The predictor's output for the views; keyed by model, file contents, operating point and sex."""
+    return _predictor.predict_many([v.radiograph for v in _views], operating_point=operating_point, male=male)
+
+
+@st.cache_data(show_spinner="Computing heatmap...", max_entries=128)
+def heatmap_for(model_dir: str, digest: str, method: str | None, male: bool | None,
+                _predictor: Predictor, _view: View) -> np.ndarray:
+    """The explanation map (float, HxW in [0, 1], framed like the radiograph)."""
+    with model_lock(model_dir):
+        return _explain.explain(_predictor, _view.radiograph, method=method, male=male).map
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def display_gray(digest: str, _view: View) -> np.ndarray:
+    """The radiograph as the grey uint8 image shown on screen."""
+    return standardise(_view.radiograph.pixels).image
+
+
+def finding_text(task: str, decision: bool | None) -> str | None:
+    if decision is None or task not in FINDINGS:
+        return None
+    return FINDINGS[task][0] if decision else FINDINGS[task][1]
+
+
+# -- inputs ------------------------------------------------------------------------------------------
+def choose_task() -> str | None:
+    tasks = [t for t in TASKS if model_cards(t)]
+    if not tasks:
+        st.warning("No model is installed in weights/. Train one on the Training page, then register it.")
+        return None
+    return st.radio("Analysis", tasks, format_func=TASK_LABELS.get, horizontal=True, key="review_task")
+
+
+def choose_files(task: str) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
+    """(name, bytes) of the study's files and what samples.csv knows about a bundled study."""
+    source = st.radio("Study source", ["Sample study", "Upload files"], horizontal=True, key="review_source")
+    if source == "Upload files":
+        uploads = st.file_uploader(
+            "Radiographs of one study (PNG, JPEG or DICOM; several views allowed)",
+            accept_multiple_files=True, key="review_upload",
+            help="Files are read in memory and not kept. Patient identifiers in DICOM headers are dropped.")
+        return [(u.name, u.getvalue()) for u in uploads or []], {}
+    studies = sample_studies(task)
+    if not studies:
+        st.info("No bundled sample fits this analysis; upload files instead.")
+        return [], {}
+    label = st.selectbox("Sample study", list(studies), key=f"review_sample_{task}")
+    paths = studies[label]
+    return [(p.name, p.read_bytes()) for p in paths], sample_info(paths[0]) if len(paths) == 1 else {}
+
+
+def choose_operating_point(predictor: Predictor) -> str | float:
+    points = predictor.operating_points
+    options = list(points) + ["custom"]
+    default = predictor.card.get("default_operating_point", "balanced")
+    op = st.radio("Operating point", options, index=options.index(default) if default in options else 0,
+                  horizontal=True, key=f"review_op_{predictor.task}",
+                  format_func=lambda o: o if o == "custom" else f"{o} ({points[o]:.3f})",
+                  help="From the model card: 'sensitive' misses fewer findings, 'balanced' maximises "
+                       "sensitivity + specificity. 'custom' sets your own threshold.")
+    if op != "custom":
+        return op
+    start = float(points.get(default, next(iter(points.values()), 0.5)))
+    high = 1.0 if predictor.task == "fracture" else max(1.0, 3 * max(points.values(), default=1.0))
+    return float(st.slider("Custom threshold", 0.0, high, value=min(start, high), step=0.001 if high <= 1 else high / 1000,
+                           key=f"review_threshold_{predictor.task}", format="%.3f"))
+
+
+# -- page --------------------------------------------------------------------------------------------
+st.title("Study review")
+intended_use_note()
+
+task = choose_task()
+if task is None:
+    st.stop()
+card = selected_card(task)
+try:
+    predictor = predictor_for(card)
+except BoneAIError as exc:
+    st.error(plain(exc))
+    st.stop()
+
+files, known = choose_files(task)
+if not files:
+    st.info("Choose a sample study or upload the views of one study to start.")
+    st.stop()
+
+views = read_views(files)
+for view in views:
+    for note in view.radiograph.warnings:
+        st.warning(plain(f"{view.name}: {note}"), icon=":material/warning:")
+if not views:
+    st.stop()
+
+controls = st.columns([3, 2, 2])
+male: bool | None = None
+operating_point: str | float | None = None
+with controls[0]:
+    if task == "boneage":
+        known_sex = known.get("male")
+        index = None if known_sex is None else (0 if str(known_sex).lower() in ("true", "1") else 1)
+        sex = st.radio("Patient's sex", ["male", "female"], index=index, horizontal=True, key="review_sex",
+                       help="The bone-age model needs it: skeletal maturation differs by sex.")
+        if sex is None:
+            st.info("Choose the patient's sex to estimate bone age.")
+            st.stop()
+        male = sex == "male"
+    else:
+        operating_point = choose_operating_point(predictor)
+with controls[1]:
+    aggregation = "mean"
+    if task != "boneage" and len(views) > 1:
+        aggregation = st.radio("Study probability", ["mean", "max"], horizontal=True, key="review_aggregation",
+                               help="Mean of the views (as in MURA) or the most suspicious view.")
+with controls[2]:
+    show_heatmaps = st.toggle("Heatmaps", value=True, key="review_heatmaps", disabled=_explain is None,
+                              help="Where the model looked. Not a localisation of the finding.")
+    method = None
+    if _explain is not None and show_heatmaps:
+        if task == "anomaly":
+            st.caption("Reconstruction error map")
+        else:
+            methods = list(_explain.CAM_METHODS)
+            method = st.selectbox("Heatmap method", methods, index=methods.index(_explain.DEFAULT_CAM_METHOD),
+                                  key="review_cam_method")
+        opacity = st.slider("Heatmap opacity", 0.0, 1.0, 0.4, 0.05, key="review_opacity")
+
+digests = tuple(v.digest for v in views)
+try:
+    predictions = predict_views(card["dir"], digests, operating_point, male, predictor, views)
+except BoneAIError as exc:
+    st.error(plain(exc))
+    st.stop()
+
+# -- per view ----------------------------------------------------------------------------------------
+st.subheader("Views")
+heatmaps: dict[int, np.ndarray] = {}
+per_row = 2 if len(views) <= 4 else 3
+for start in range(0, len(views), per_row):
+    cols = st.columns(per_row)
+    for i, (view, pred) in enumerate(zip(views[start:start + per_row], predictions[start:start + per_row]), start):
+        with cols[i - start].container(border=True):
+            st.text(f"View {i + 1}: {view.name}")
+            gray = display_gray(view.digest, view)
+            shown = gray
+            if show_heatmaps and _explain is not None:
+                try:
+                    hmap = heatmap_for(card["dir"], view.digest, method, male, predictor, view)
+                    shown = _explain.overlay(gray, hmap, opacity=opacity)
+                    heatmaps[i] = shown
+                except BoneAIError as exc:
+                    st.warning(plain(exc))
+                except Exception as exc:  # an explanation failure must not hide the prediction
+                    st.warning(plain(f"Heatmap unavailable for this view ({type(exc).__name__})."))
+            st.image(shown, width="stretch")
+            m1, m2 = st.columns(2)
+            if pred.boneage_months is not None:
+                m1.metric("Bone age (months)", f"{pred.boneage_months:.1f}")
+                m2.metric("Bone age (years)", f"{pred.boneage_months / 12:.1f}")
+            else:
+                if pred.probability is not None:
+                    m1.metric("Probability", f"{pred.probability:.3f}")
+                elif pred.anomaly_score is not None:
+                    m1.metric("Anomaly score", f"{pred.anomaly_score:.4f}")
+                finding = finding_text(task, pred.decision)
+                m2.metric("Decision", finding or "-",
+                          help=None if pred.threshold is None else f"At threshold {pred.threshold:.3f}")
+            meta = {"format": view.radiograph.source_format,
+                    "size (px)": f"{view.radiograph.width} x {view.radiograph.height}",
+                    **{k: v for k, v in view.radiograph.metadata.items() if v not in (None, "")}}
+            with st.expander("Image details"):
+                st.json(meta)
+
+# -- study level -------------------------------------------------------------------------------------
+st.subheader("Study")
+study_probability = None
+study_decision = None
+threshold = predictions[0].threshold
+if task == "boneage":
+    months = [p.boneage_months for p in predictions]
+    st.metric("Bone age, mean of views (months)", f"{np.mean(months):.1f}",
+              help=f"{np.mean(months) / 12:.1f} years; {len(months)} view(s).")
+    if "boneage_months" in known:
+        st.caption(f"Reference bone age of this sample: {float(known['boneage_months']):.0f} months.")
+else:
+    scores = [p.probability if p.probability is not None else p.anomaly_score for p in predictions]
+    study_probability = aggregate_study(scores, aggregation)
+    study_decision = study_probability >= threshold
+    s1, s2, s3 = st.columns(3)
+    s1.metric("Study probability" if predictions[0].probability is not None else "Study anomaly score",
+              f"{study_probability:.3f}", help=f"{aggregation} of {len(views)} view(s)")
+    s2.metric("Study decision", finding_text(task, study_decision))
+    s3.metric("Threshold", f"{threshold:.3f}", help=f"Operating point: {predictions[0].operating_point}")
+    if "label" in known:
+        st.caption("Reference label of this sample: " + ("fractured" if int(known["label"]) else "not fractured"))
+
+# -- reviewer decision -------------------------------------------------------------------------------
+study_key = hashlib.sha256("|".join((task, card["name"]) + digests).encode()).hexdigest()[:12]
+ids = st.session_state.setdefault("study_ids", {})
+study_id = ids.setdefault(study_key, new_study_id())
+saved = st.session_state.setdefault("saved_reviews", {})
+
+st.subheader("Your review")
+with st.form("review_form", clear_on_submit=False):
+    label = st.text_input("Study label", value=study_id, max_chars=120, key=f"review_label_{study_key}",
+                          help="Made up for the log. Do not enter names, record numbers or dates of birth.")
+    decision = st.radio("Do you agree with the model's finding?", list(REVIEWER_DECISIONS), index=None,
+                        format_func=DECISION_LABELS.get, horizontal=True, key=f"review_decision_{study_key}")
+    note = st.text_area("Note (optional)", max_chars=2000, key=f"review_note_{study_key}",
+                        placeholder="What you saw. No patient identifiers.")
+    submitted = st.form_submit_button("Save to review log", type="primary")
+if submitted:
+    if decision is None:
+        st.error("Choose agree, disagree or uncertain before saving.")
+    else:
+        try:
+            review_id = review_store().add(
+                study_id=label, views=[v.name for v in views], model_name=card["name"],
+                model_version=version_of(card), task=task,
+                operating_point=None if task == "boneage" else str(predictions[0].operating_point),
+                threshold=threshold, aggregation=None if task == "boneage" else aggregation,
+                view_probabilities=[p.probability if p.probability is not None else
+                                    (p.boneage_months if p.boneage_months is not None else p.anomaly_score)
+                                    for p in predictions],
+                study_probability=study_probability,
+                boneage_months=float(np.mean([p.boneage_months for p in predictions])) if task == "boneage" else None,
+                model_decision=finding_text(task, study_decision), reviewer_decision=decision, note=note)
+        except BoneAIError as exc:
+            st.error(plain(exc))
+        else:
+            saved[study_key] = {"id": review_id, "decision": decision, "note": note, "label": label}
+            st.success(f"Saved to the review log as review #{review_id}.", icon=":material/check_circle:")
+
+# -- report ------------------------------------------------------------------------------------------
+record = saved.get(study_key, {})
+
+
+def build_report() -> StudyReport:
+    """Called when a download starts: heatmaps missing on screen are computed with the default method."""
+    view_reports = []
+    for i, (view, pred) in enumerate(zip(views, predictions)):
+        gray = standardise(view.radiograph.pixels).image
+        hm = heatmaps.get(i)
+        hm_method = (method or "error map") if i in heatmaps else None
+        if hm is None and _explain is not None:
+            try:
+                with model_lock(card["dir"]):
+                    hm = _explain.overlay(gray, _explain.explain(predictor, view.radiograph, male=male).map)
+                hm_method = "error map" if task == "anomaly" else _explain.DEFAULT_CAM_METHOD
+            except Exception:  # the report still has the images and numbers
+                hm = None
+        view_reports.append(ViewReport(
+            name=view.name, image=gray, heatmap=hm, heatmap_method=hm_method, probability=pred.probability,
+            boneage_months=pred.boneage_months, anomaly_score=pred.anomaly_score,
+            finding=finding_text(task, pred.decision), metadata=dict(view.radiograph.metadata),
+            warnings=list(view.radiograph.warnings)))
+    return StudyReport(
+        study_id=record.get("label", study_id), task=task, model_name=card["name"], model_version=version_of(card),
+        model_card=card_link(card), views=view_reports,
+        operating_point=None if task == "boneage" else str(predictions[0].operating_point),
+        threshold=None if task == "boneage" else threshold, aggregation=None if task == "boneage" else aggregation,
+        study_probability=study_probability, study_finding=finding_text(task, study_decision),
+        sex=None if male is None else ("male" if male else "female"),
+        reviewer_decision=record.get("decision"), note=record.get("note", ""))
+
+
+st.subheader("Report")
+if not record:
+    st.caption("Save your review first to include your decision in the report.")
+r1, r2 = st.columns(2)
+r1.download_button("Download report (HTML)", data=lambda: to_html(build_report()).encode("utf-8"),
+                   file_name=f"{study_id}.html", mime="text/html", key="report_html", on_click="ignore")
+r2.download_button("Download report (PDF)", data=lambda: to_pdf(build_report()), file_name=f"{study_id}.pdf",
+                   mime="application/pdf", key="report_pdf", on_click="ignore")
