@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from boneai.errors import (
     DicomReadError,
@@ -155,6 +155,9 @@ def _read_pillow(data: bytes, name: str) -> Radiograph:
         notes.append("file is truncated; the missing end was filled in (check the bottom rows)")
     if getattr(img, "n_frames", 1) > 1:
         notes.append(f"file holds {img.n_frames} frames; only the first is shown")
+    # Phone photos of films carry their rotation in EXIF; show them the way the camera held them.
+    if img.getexif().get(0x0112, 1) != 1:
+        img = ImageOps.exif_transpose(img)
     pixels = _pillow_to_array(img)
     return Radiograph(pixels=pixels, source_format=fmt, metadata={"modality": None}, warnings=notes, name=name)
 
@@ -195,20 +198,39 @@ def _pillow_to_array(img: Image.Image) -> np.ndarray:
 
 def _read_dicom(data: bytes, name: str) -> Radiograph:
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
+    truncated = DicomReadError(f"DICOM file is truncated or unreadable: {name}.")
     try:
+        # Any exception while parsing untrusted bytes means "unreadable" (pydicom raises struct.error,
+        # BytesLengthException, ... on a header cut mid-element), never a traceback for the user.
         ds = pydicom.dcmread(_io.BytesIO(data), force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise DicomReadError(f"DICOM file is truncated or unreadable: {name}.") from exc
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        if not hasattr(ds, "SOPClassUID") and not hasattr(ds, "Modality"):
-            raise UnsupportedFileError(
-                f"File is not an image or DICOM we can read (PNG, JPEG or DICOM expected): {name}."
+    except Exception as exc:
+        raise truncated from exc
+    has_magic = data[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b"DICM"
+    try:
+        if _dicom_truncated(ds, len(data)) or (has_magic and len(ds.keys()) == 0):
+            raise truncated  # cut inside an element, or inside the file meta before the data set
+        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            sop_class = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
+            if not sop_class and not ds.get("Modality"):
+                if has_magic:  # a DICOM preamble, but the header was cut before anything useful
+                    raise truncated
+                raise UnsupportedFileError(
+                    f"File is not an image or DICOM we can read (PNG, JPEG or DICOM expected): {name}."
+                )
+            if "Image Storage" in str(getattr(sop_class, "name", "")):
+                # An image object must carry pixel data: this one ends before it.
+                raise DicomReadError(f"DICOM image file ends before its pixel data (truncated): {name}.")
+            raise NoPixelDataError(
+                f"DICOM file has no image (no pixel data), e.g. a report or a structured document: {name}."
             )
-        raise NoPixelDataError(f"DICOM file has no image (no pixel data), e.g. a report or a structured document: {name}.")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        _ensure_transfer_syntax(ds)
+    except (DicomReadError, NoPixelDataError, UnsupportedFileError):
+        raise
+    except Exception as exc:  # a malformed value in the header (wrong length, bad number...)
+        raise truncated from exc
     _check_pixel_count(cols, rows * max(frames, 1), name)
     notes: list[str] = []
     try:
@@ -240,6 +262,45 @@ def _read_dicom(data: bytes, name: str) -> Radiograph:
             pass
     metadata.setdefault("modality", None)
     return Radiograph(pixels=pixels, source_format="DICOM", metadata=metadata, warnings=notes, name=name)
+
+
+def _ensure_transfer_syntax(ds: Any) -> None:
+    """Give a headerless (raw data set) file the transfer syntax pydicom parsed it with.
+
+    Without file meta, pydicom can read the header but refuses to decode the pixels.
+    """
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID"):
+        return
+    implicit, little = ds.original_encoding
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (
+        ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian
+    )
+
+
+def _dicom_truncated(ds: Any, size: int) -> bool:
+    """True when the last top-level element of a parsed file runs past the end of the bytes.
+
+    pydicom silently keeps a short last value (and silently drops a cut element header), so the
+    declared length of the last element is compared with what the file holds. A few stray bytes
+    after the end count as a cut header only in a file without pixel data: after the image they
+    are harmless padding some writers leave.
+    """
+    from pydicom.dataelem import RawDataElement
+
+    tags = list(ds.keys())
+    if not tags:
+        return False
+    last = ds.get_item(max(tags))
+    if not isinstance(last, RawDataElement) or last.length == 0xFFFFFFFF:
+        return False  # converted already, or undefined length (encapsulated): decoding will tell
+    end = last.value_tell + last.length
+    return end > size or ("PixelData" not in ds and 0 < size - end < 8)
 
 
 def _rgb_dicom_to_uint8(arr: np.ndarray) -> np.ndarray:
