@@ -281,7 +281,7 @@ class JobRunner:
         for name in ("stdout.log", "stderr.log"):
             text = _tail_text(d / name)
             # Progress bars redraw with carriage returns; keep only each line's final state.
-            out.extend(seg.split("\r")[-1] for seg in text.splitlines() if seg.strip())
+            out.extend(last for seg in text.split("\n") if (last := _final_state(seg)))
         return "\n".join(out[-lines:])
 
     # -- cancel ----------------------------------------------------------------------------------
@@ -429,7 +429,7 @@ def _parse_stdout(path: Path) -> tuple[list[dict[str, Any]], bool]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line being written right now
-        if "epoch" in rec and "train_loss" in rec:
+        if "train_loss" in rec and int(rec.get("epoch", 0)) >= 1:  # epoch 0 is the untrained baseline
             history.append(rec)
         elif rec.get("event") == "done":
             done = True
@@ -447,8 +447,14 @@ def _tail_text(path: Path, max_bytes: int = 64_000) -> str:
         return ""
 
 
+def _final_state(line: str) -> str:
+    """A terminal line as last drawn: progress bars redraw with carriage returns and may blank it at the end."""
+    parts = [p.strip() for p in line.split("\r")]
+    return next((p for p in reversed(parts) if p), "")
+
+
 def _error_line(stderr_path: Path) -> str | None:
-    lines = [seg.split("\r")[-1].strip() for seg in _tail_text(stderr_path).splitlines()]
+    lines = [_final_state(seg) for seg in _tail_text(stderr_path).split("\n")]
     errors = [ln for ln in lines if ln.startswith("error:")]
     if errors:
         return errors[-1][len("error:"):].strip()

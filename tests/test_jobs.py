@@ -1,0 +1,138 @@
+"""Background jobs: one at a time, progress from the JSON lines, cancel, failure, state on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from boneai.errors import BoneAIError
+from boneai.jobs import JobBusyError, JobNotFoundError, JobRunner, TrainRequest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _fixtures_train import fracture_folder  # noqa: E402
+
+
+def _epoch_script(epochs: int, sleep_after: float = 60.0, rc: int = 0, stderr: str = "") -> list[str]:
+    """A stand-in for the train command: prints epoch records like it, then sleeps and exits."""
+    lines = [json.dumps({"epoch": 0, "val_loss": 0.9, "val_auc": 0.5})]
+    lines += [json.dumps({"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "val_auc": 0.5 + e / 10})
+              for e in range(1, epochs + 1)]
+    code = (f"import sys, time\nfor l in {lines!r}: print(l, flush=True)\n"
+            f"sys.stderr.write({stderr!r}); sys.stderr.flush()\ntime.sleep({sleep_after})\nsys.exit({rc})")
+    return ["-c", code]
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.1)
+
+
+def test_train_request_builds_the_cli_command(tmp_path: Path) -> None:
+    req = TrainRequest(task="fracture", data=str(tmp_path), model="resnet18", epochs=3, image_size=192,
+                       batch_size=8, lr=3e-4, loss="focal", limit=40)
+    argv = req.argv(out="OUT")
+    assert argv[:3] == ["-m", "boneai", "train"]
+    pairs = dict(zip(argv[3::2], argv[4::2]))
+    assert pairs == {"--task": "fracture", "--data": str(tmp_path), "--out": "OUT", "--epochs": "3",
+                     "--batch-size": "8", "--lr": "0.0003", "--model": "resnet18", "--image-size": "192",
+                     "--loss": "focal", "--limit": "40"}
+    # The command's own parser accepts exactly these options.
+    from boneai.cli import build_parser
+
+    args = build_parser().parse_args(argv[2:])
+    assert (args.epochs, args.image_size, args.loss, args.limit) == (3, 192, "focal", 40)
+
+
+@pytest.mark.parametrize("bad", [dict(data="/no/such/folder"), dict(task="segmentation"), dict(epochs=0)])
+def test_bad_requests_are_refused_before_anything_starts(tmp_path: Path, bad: dict) -> None:
+    runner = JobRunner(tmp_path / "jobs")
+    with pytest.raises(BoneAIError):
+        runner.start(TrainRequest(**{"data": str(tmp_path), **bad}))
+    assert runner.list_jobs() == [] and runner.running_job_id() is None
+
+
+def test_one_job_at_a_time_progress_and_cancel(tmp_path: Path) -> None:
+    runner = JobRunner(tmp_path / "jobs")
+    job = runner.start_command(_epoch_script(2), epochs_total=5)
+    try:
+        assert job.state == "running"
+        with pytest.raises(JobBusyError, match="already running"):
+            runner.start_command(_epoch_script(1))
+        # A fresh runner (a page reload, another session) finds the same job from disk.
+        other = JobRunner(tmp_path / "jobs")
+        assert other.running_job_id() == job.id
+        _wait_for(lambda: other.status(job.id).epochs_done == 2)
+        st = other.status(job.id)
+        assert st.state == "running" and st.epochs_total == 5
+        assert st.progress == pytest.approx(0.4)
+        assert st.last["val_auc"] == pytest.approx(0.7)
+        assert [h["epoch"] for h in st.history] == [1, 2]  # the epoch-0 baseline is not an epoch done
+        assert '"epoch": 2' in other.log_tail(job.id)
+        assert other.cancel(job.id) is True
+        _wait_for(lambda: runner.status(job.id).finished)
+        assert runner.status(job.id).state == "cancelled"
+        assert runner.running_job_id() is None
+        assert not runner.lock_path.exists()
+        assert runner.cancel(job.id) is False  # already over
+    finally:
+        if not runner.status(job.id).finished:
+            runner.cancel(job.id)
+    # The machine is free again.
+    second = runner.start_command(_epoch_script(1, sleep_after=0), epochs_total=1)
+    assert runner.wait(second.id, timeout=60).state == "succeeded"
+    assert runner.status(second.id).progress == 1.0
+
+
+def test_a_failing_job_reports_the_commands_error(tmp_path: Path) -> None:
+    runner = JobRunner(tmp_path / "jobs")
+    job = runner.start_command(_epoch_script(1, sleep_after=0, rc=2, stderr="epoch 1/3: 10%\rerror: Data folder has no images.\n"))
+    st = runner.wait(job.id, timeout=60)
+    assert st.state == "failed" and st.returncode == 2
+    assert st.error == "Data folder has no images."
+    assert runner.running_job_id() is None
+
+
+def test_a_stale_lock_from_a_dead_process_is_cleared(tmp_path: Path) -> None:
+    runner = JobRunner(tmp_path / "jobs")
+    runner.root.mkdir(parents=True)
+    dead = os.fork()
+    if dead == 0:  # child: exit at once
+        os._exit(0)
+    os.waitpid(dead, 0)
+    runner.lock_path.write_text(json.dumps({"id": "old", "pid": dead}))
+    assert runner.running_job_id() is None
+    assert not runner.lock_path.exists()
+
+
+def test_unknown_job_ids_are_refused(tmp_path: Path) -> None:
+    runner = JobRunner(tmp_path / "jobs")
+    for bad in ("nope", "../etc", ""):
+        with pytest.raises(JobNotFoundError):
+            runner.status(bad)
+    assert runner.current() is None
+
+
+@pytest.mark.slow
+def test_a_real_training_job_runs_to_completion_and_registers(tmp_path: Path) -> None:
+    data = fracture_folder(tmp_path / "data", per_class=12)
+    runner = JobRunner(tmp_path / "jobs")
+    job = runner.start(TrainRequest(task="fracture", data=str(data), epochs=1, batch_size=8, image_size=128,
+                                    limit=24))
+    st = runner.wait(job.id, timeout=600)
+    assert st.state == "succeeded", runner.log_tail(job.id)
+    assert st.epochs_done == 1 and 0.0 <= st.last["val_auc"] <= 1.0 and st.last["train_loss"] > 0
+    for name in ("card.json", "model.safetensors", "val_predictions.csv", "metrics.jsonl"):
+        assert (st.run_dir / name).is_file(), name
+    from boneai.inference import available_models, register_run
+
+    dest = register_run(st.run_dir, "trial", weights_dir=tmp_path / "weights")
+    assert [c["name"] for c in available_models("fracture", tmp_path / "weights")] == ["trial"]
+    assert dest == tmp_path / "weights" / "trial"

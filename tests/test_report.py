@@ -1,0 +1,94 @@
+"""Study reports: self-contained HTML, a PDF, escaped user strings, and every required section."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from boneai.report import INTENDED_USE, StudyReport, ViewReport, png_bytes, to_html, to_pdf
+
+EVIL_NAME = '<img src=x onerror="alert(1)">wrist.png'
+
+
+@pytest.fixture
+def report(sample_gray) -> StudyReport:
+    gray = sample_gray("fracatlas/IMG0000351.jpg")
+    heat = np.dstack([gray, np.zeros_like(gray), 255 - gray])
+    views = [
+        ViewReport(name=EVIL_NAME, image=gray, heatmap=heat, heatmap_method="gradcam", probability=0.8123,
+                   finding="fracture suspected", metadata={"modality": "DX", "body_part": "HAND"}),
+        ViewReport(name="lateral ü.png", image=gray, probability=0.4, finding="no fracture seen",
+                   warnings=["file is truncated"]),
+    ]
+    return StudyReport(study_id="S-20250101-abcdef", task="fracture", model_name="fracture", model_version="0123abcd4567",
+                       model_card="weights/fracture/card.json", views=views, operating_point="sensitive",
+                       threshold=0.3141, aggregation="mean", study_probability=0.60615,
+                       study_finding="fracture suspected", reviewer_decision="disagree", note="Note with <b>tags</b> & ü")
+
+
+def test_html_is_self_contained_and_complete(report: StudyReport) -> None:
+    page = to_html(report)
+    assert INTENDED_USE in page
+    for text in ("S-20250101-abcdef", "0123abcd4567", "weights/fracture/card.json", "sensitive (threshold 0.314)",
+                 "0.606, mean of 2 views", "disagree", "0.812", "gradcam", "DX", "file is truncated"):
+        assert text in page, text
+    # No external resource of any kind: every image is a data URI.
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", page)
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 3  # two radiographs, one heatmap
+    decoded = Image.open(io.BytesIO(base64.b64decode(images[0])))
+    assert max(decoded.size) <= 512
+
+
+def test_html_escapes_file_names_and_notes(report: StudyReport) -> None:
+    page = to_html(report)
+    assert "<img src=x" not in page
+    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;wrist.png" in page
+    assert "<b>tags</b>" not in page and "&lt;b&gt;tags&lt;/b&gt; &amp; ü" in page
+
+
+def _pdf_text(pdf: bytes) -> str:
+    """The text drawn in a PDF made by fpdf2 (its content streams, decompressed)."""
+    chunks = []
+    for m in re.finditer(rb"stream\r?\n(.*?)\r?\nendstream", pdf, re.S):
+        try:
+            chunks.append(zlib.decompress(m.group(1)).decode("latin-1"))
+        except zlib.error:
+            pass
+    # PDF string literals escape parentheses and backslashes.
+    return "".join(chunks).replace("\\(", "(").replace("\\)", ")")
+
+
+def test_pdf_has_images_and_findings(report: StudyReport) -> None:
+    pdf = to_pdf(report)
+    assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF")
+    text = _pdf_text(pdf)
+    for needle in ("S-20250101-abcdef", "0123abcd4567", "sensitive (threshold 0.314)", "disagree", "0.812",
+                   "Intended use", "research and education"):
+        assert needle in text, needle
+    assert len(re.findall(r"/I\d+ Do", text)) == 3  # two radiographs and one heatmap drawn
+    # Non-Latin-1 text does not break the PDF (core fonts): it is replaced, not raised.
+    assert "lateral" in text
+
+
+def test_bone_age_report_shows_months_and_sex(sample_gray) -> None:
+    gray = sample_gray("boneage/1685.png")
+    rep = StudyReport(study_id="S-2", task="boneage", model_name="boneage", model_version="v1", sex="female",
+                      views=[ViewReport(name="hand.png", image=gray, boneage_months=130.0)])
+    page = to_html(rep)
+    assert "130.0 months (10.8 years)" in page and "female" in page and "Bone age estimation" in page
+    assert "not recorded" in page  # no reviewer decision yet
+    assert "130.0 months" in _pdf_text(to_pdf(rep))
+
+
+def test_png_bytes_keeps_small_images_and_shrinks_large_ones() -> None:
+    small = np.zeros((100, 80), np.uint8)
+    assert Image.open(io.BytesIO(png_bytes(small))).size == (80, 100)
+    large = np.zeros((2000, 1000, 3), np.uint8)
+    assert Image.open(io.BytesIO(png_bytes(large))).size == (256, 512)
