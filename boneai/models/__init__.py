@@ -85,3 +85,4 @@ def cam_target_layer(model: nn.Module, name: str) -> nn.Module:
 # Importing the architecture modules registers them.
 from boneai.models import classifiers as _classifiers  # noqa: E402,F401
 from boneai.models import regressors as _regressors  # noqa: E402,F401
+from boneai.models import autoencoders as _autoencoders  # noqa: E402,F401

@@ -1,0 +1,412 @@
+"""Unsupervised anomaly detection: training, model cards and prediction.
+
+Two kinds of anomaly model share one card format (``task: "anomaly"``):
+
+* autoencoders (``cae``, ``vae``; Davletshina et al. 2020): trained on normal radiographs only, with a
+  reconstruction loss restricted to the hand mask of :func:`boneai.preprocess.segment_foreground`.
+  The per-pixel reconstruction error is the anomaly map; the image score is its mean under the mask
+  (or the mean of the top ``top_fraction`` of masked pixels).
+* ``lite0_gaussian``: ImageNet EfficientNet-Lite0 features with a Gaussian of the normal images; the
+  score is the Mahalanobis distance. Its card's ``heatmap_model`` names the autoencoder whose error
+  map is shown for it.
+
+Example:
+    >>> from boneai.inference import load_model                  # doctest: +SKIP
+    >>> model = load_model("anomaly")                             # doctest: +SKIP
+    >>> p = model.predict(read_radiograph("hand.png"))            # doctest: +SKIP
+    >>> p.anomaly_score, p.decision                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from boneai import evaluate as ev
+from boneai.errors import BoneAIError, ModelNotFoundError
+from boneai.io import Radiograph, read_radiograph
+from boneai.models import build_model, get_spec
+from boneai.preprocess import apply_pipeline, segment_foreground
+
+__all__ = ["AnomalyPredictor", "anomaly_pipeline", "foreground_mask", "image_score", "load_anomaly_model",
+           "train_autoencoder"]
+
+_AUTOENCODERS = ("cae", "vae")
+
+
+def anomaly_pipeline(size: int) -> list[dict[str, Any]]:
+    """The deterministic preprocessing of the anomaly models (as the fracture models: crop, letterbox)."""
+    return [{"step": "standardise", "params": {}}, {"step": "otsu_crop", "params": {}},
+            {"step": "resize_pad", "params": {"size": int(size)}}]
+
+
+def foreground_mask(image: np.ndarray) -> np.ndarray:
+    """Float32 0/1 hand mask of a model-input square (the masked-loss region)."""
+    mask = segment_foreground(image).extras["mask"] > 0
+    if mask.mean() < 0.02:  # segmentation failed: score the whole image rather than nothing
+        mask[:] = True
+    return mask.astype(np.float32)
+
+
+def image_score(error: np.ndarray, mask: np.ndarray, kind: str = "mean", top_fraction: float = 0.05) -> float:
+    """Image anomaly score from a per-pixel error map: mean under the mask, or mean of its top fraction."""
+    values = np.asarray(error, dtype=np.float64)[np.asarray(mask) > 0]
+    if values.size == 0:
+        values = np.asarray(error, dtype=np.float64).ravel()
+    if kind == "mean":
+        return float(values.mean())
+    if kind == "topk":
+        k = max(1, int(round(top_fraction * values.size)))
+        return float(np.partition(values, values.size - k)[-k:].mean())
+    raise ValueError(f"unknown score kind {kind!r}; use 'mean' or 'topk'")
+
+
+def _unit_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 squares -> (B, 1, S, S) float in [0, 1]."""
+    return torch.from_numpy(np.stack(images).astype(np.float32) / 255.0).unsqueeze(1)
+
+
+def _reconstruction_error(model: nn.Module, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+    """Squared reconstruction error maps (B, S, S) of an autoencoder, in evaluation mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            x = _unit_tensor(images[i:i + batch_size])
+            out.append(((model(x) - x) ** 2)[:, 0].numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, 1, 1), np.float32)
+
+
+def _gaussian_scores(model: nn.Module, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            out.append(model(_unit_tensor(images[i:i + batch_size])).numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def _operating_points(y: np.ndarray, score: np.ndarray, min_sensitivity: float = 0.90) -> dict[str, dict[str, float]]:
+    """Named thresholds on an unbounded score (``evaluate.operating_points`` assumes probabilities <= 1)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thr = roc_curve(y, score)
+    finite = np.isfinite(thr)
+    fpr, tpr, thr = fpr[finite], tpr[finite], thr[finite]
+    ok = np.where(tpr >= min_sensitivity)[0]
+    points = {"sensitive": float(thr[ok[0]] if len(ok) else thr[-1]), "balanced": float(thr[int(np.argmax(tpr - fpr))])}
+    return {name: {k: v for k, v in ev.threshold_metrics(y, score, t).items()
+                   if k in ("threshold", "sensitivity", "specificity", "ppv", "npv")} for name, t in points.items()}
+
+
+class AnomalyPredictor:
+    """A loaded anomaly model with the :class:`boneai.inference.Predictor` interface the app and CLI use."""
+
+    def __init__(self, card: dict[str, Any], model: nn.Module, directory: Path) -> None:
+        self.card, self.model, self.directory = card, model.eval(), Path(directory)
+        self.name = card.get("name", self.directory.name)
+        self.task = "anomaly"
+        self.architecture = card["architecture"]
+        self.pipeline = card["pipeline"]
+        self.mean, self.std = card.get("mean", [0.0] * 3), card.get("std", [1.0] * 3)
+        self.score_spec = card.get("score", {"kind": "mean", "error": "squared", "top_fraction": 0.05})
+        self._heatmap_model: AnomalyPredictor | None = None
+
+    # -- preprocessing ---------------------------------------------------------------------------
+    def input_image(self, image: Radiograph | np.ndarray) -> np.ndarray:
+        """The exact uint8 square the model sees."""
+        pixels = image.pixels if isinstance(image, Radiograph) else image
+        return apply_pipeline(pixels, self.pipeline)
+
+    def input_tensor(self, image: Radiograph | np.ndarray) -> torch.Tensor:
+        """(1, 1, S, S) grey tensor in [0, 1]."""
+        return _unit_tensor([self.input_image(image)])
+
+    # -- decisions -------------------------------------------------------------------------------
+    @property
+    def operating_points(self) -> dict[str, float]:
+        return {k: float(v["threshold"]) for k, v in self.card.get("operating_points", {}).items()}
+
+    def threshold(self, operating_point: str | float | None = None) -> float:
+        """Score threshold of a named operating point from the card, or a custom number."""
+        if operating_point is None:
+            operating_point = self.card.get("default_operating_point", "balanced")
+        if isinstance(operating_point, (int, float)):
+            return float(operating_point)
+        points = self.operating_points
+        if operating_point not in points:
+            raise BoneAIError(f"Operating point {operating_point!r} is not in the model card; "
+                              f"available: {', '.join(points) or 'none'}.")
+        return points[operating_point]
+
+    # -- maps and scores -------------------------------------------------------------------------
+    @property
+    def has_own_map(self) -> bool:
+        return self.architecture in _AUTOENCODERS
+
+    def heatmap_model(self) -> "AnomalyPredictor":
+        """The autoencoder that draws this model's error maps (itself for an autoencoder)."""
+        if self.has_own_map:
+            return self
+        if self._heatmap_model is None:
+            from boneai.inference import load_model
+
+            name = self.card.get("heatmap_model")
+            if not name:
+                raise ModelNotFoundError(f"Anomaly model {self.name!r} has no error map and names no heatmap model.")
+            root = self.directory.parent
+            self._heatmap_model = load_model(root / name if (root / name / "card.json").is_file() else name)
+        return self._heatmap_model
+
+    def error_map(self, image: Radiograph | np.ndarray) -> np.ndarray:
+        """Per-pixel squared reconstruction error on the model-input square, zero outside the hand mask."""
+        ae = self.heatmap_model()
+        inp = ae.input_image(image)
+        err = _reconstruction_error(ae.model, [inp])[0]
+        return (err * foreground_mask(inp)).astype(np.float32)
+
+    def scores(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
+        """Anomaly scores of model-input squares (higher = more unusual)."""
+        if not self.has_own_map:
+            return _gaussian_scores(self.model, inputs)
+        errors = _reconstruction_error(self.model, inputs)
+        spec = self.score_spec
+        return np.array([image_score(e, foreground_mask(im), spec.get("kind", "mean"), spec.get("top_fraction", 0.05))
+                         for e, im in zip(errors, inputs)])
+
+    def predict_many(self, images: Sequence[Radiograph | np.ndarray], operating_point: str | float | None = None,
+                     male: bool | Sequence[bool] | None = None) -> list:
+        """One :class:`boneai.inference.Prediction` per image, with ``anomaly_score`` and a decision."""
+        from boneai.inference import Prediction
+
+        inputs = [self.input_image(im) for im in images]
+        if not inputs:
+            return []
+        scores = self.scores(inputs)
+        thr = self.threshold(operating_point)
+        name = operating_point if isinstance(operating_point, str) else (
+            "custom" if operating_point is not None else self.card.get("default_operating_point", "balanced"))
+        return [Prediction(task="anomaly", model=self.name, anomaly_score=float(s), threshold=thr,
+                           operating_point=name, decision=bool(s >= thr), input_image=inp)
+                for s, inp in zip(scores, inputs)]
+
+    def predict(self, image: Radiograph | np.ndarray, operating_point: str | float | None = None,
+                male: bool | None = None):
+        return self.predict_many([image], operating_point, male)[0]
+
+
+def load_anomaly_model(card: dict[str, Any], directory: str | Path) -> AnomalyPredictor:
+    """Build the card's architecture and load its safetensors weights (called by ``inference.load_model``)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    weights = directory / card.get("weights_file", "model.safetensors")
+    if not weights.is_file():
+        raise ModelNotFoundError(f"Model {card.get('name', directory.name)!r} has a card but no weights file.")
+    spec = get_spec(card["architecture"])
+    if spec.task != "anomaly":
+        raise ModelNotFoundError(f"Architecture {spec.name!r} is not an anomaly model.")
+    model = build_model(card["architecture"], pretrained=False, **card.get("architecture_params", {}))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+    # The feature Gaussian ships only its fitted statistics; the backbone comes from the ImageNet package.
+    strict = card["architecture"] in _AUTOENCODERS
+    result = model.load_state_dict(state, strict=strict)
+    if not strict and result.unexpected_keys:
+        raise ModelNotFoundError(f"Weights of {card.get('name')!r} do not fit {card['architecture']!r}.")
+    return AnomalyPredictor(card, model.eval(), directory)
+
+
+# -- training -------------------------------------------------------------------------------------
+
+def _load_inputs(paths: Sequence[str], pipeline: list[dict[str, Any]]) -> list[np.ndarray]:
+    def load(p: str) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # truncated FracAtlas JPEGs decode with a warning
+            return apply_pipeline(read_radiograph(p).pixels, pipeline)
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(load, paths))
+
+
+def _anomaly_split(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The fracture trainer's split of the whole folder, then the region: validation stays unseen by both."""
+    from boneai.data import read_classification_dir, split_train_val
+
+    df = read_classification_dir(args.data)
+    train_df, val_df = split_train_val(df, getattr(args, "val_fraction", 0.2) or 0.2, seed=args.seed)
+    region = getattr(args, "region", None)
+    if region:
+        if "region" not in df or not (df["region"] == region).any():
+            raise BoneAIError(f"No images of region {region!r} in {args.data}.")
+        train_df = train_df[train_df["region"] == region].reset_index(drop=True)
+        val_df = val_df[val_df["region"] == region].reset_index(drop=True)
+    train_df = train_df[train_df["label"] == 0].reset_index(drop=True)  # normals only
+    if getattr(args, "limit", None):
+        train_df = train_df.iloc[: int(args.limit)].reset_index(drop=True)
+    return train_df, val_df
+
+
+def _augment_batch(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random horizontal flips and small shifts (the same for image and mask)."""
+    flip = torch.rand(x.shape[0], generator=gen) < 0.5
+    x, m = x.clone(), m.clone()
+    x[flip], m[flip] = x[flip].flip(-1), m[flip].flip(-1)
+    dx, dy = (int(v) for v in torch.randint(-6, 7, (2,), generator=gen))
+    return torch.roll(x, (dy, dx), dims=(2, 3)), torch.roll(m, (dy, dx), dims=(2, 3))
+
+
+def _fit_autoencoder(model: nn.Module, x: torch.Tensor, m: torch.Tensor, args: argparse.Namespace,
+                     loss_kind: str, kl_weight: float, log: Any) -> list[dict[str, Any]]:
+    gen = torch.Generator().manual_seed(args.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    steps = max(1, int(np.ceil(len(x) / args.batch_size))) * args.epochs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.15)
+    history = []
+    for epoch in range(args.epochs):
+        t0 = time.time()
+        model.train()
+        order = torch.randperm(len(x), generator=gen)
+        total, seen = 0.0, 0
+        for i in range(0, len(x), args.batch_size):
+            idx = order[i:i + args.batch_size]
+            xb, mb = _augment_batch(x[idx], m[idx], gen)
+            recon, reg = model.loss_terms(xb)
+            diff = (recon - xb).abs() if loss_kind == "l1" else (recon - xb) ** 2
+            # Masked reconstruction loss: only pixels of the hand count (Davletshina et al.).
+            loss = (diff * mb).sum() / mb.sum().clamp_min(1.0) + kl_weight * reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(idx)
+            seen += len(idx)
+        record = {"epoch": epoch + 1, "train_loss": round(total / max(seen, 1), 6), "seconds": round(time.time() - t0, 1)}
+        history.append(record)
+        log(record)
+    return history
+
+
+def train_autoencoder(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
+    """Train an anomaly model on the normal training images and write card, weights and predictions.
+
+    ``args`` is the ``train --task anomaly`` namespace (data, out, model, epochs, image_size, batch_size,
+    lr, loss, region, seed, limit, val_fraction). The score definition and the "balanced" and
+    "sensitive" thresholds are chosen on the validation split; the card records the exact command.
+    """
+    from safetensors.torch import save_file
+
+    name = args.model or "cae"
+    spec = get_spec(name)
+    if spec.task != "anomaly":
+        raise ValueError(f"model {name!r} is a {spec.task} model; anomaly models: cae, vae, lite0_gaussian")
+    torch.manual_seed(args.seed)
+    size = args.image_size or spec.input_size
+    pipeline = anomaly_pipeline(size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def log(record: dict[str, Any]) -> None:
+        print(json.dumps(record), flush=True)
+
+    t_data = time.time()
+    train_df, val_df = _anomaly_split(args)
+    if train_df.empty or val_df.empty or val_df["label"].nunique() < 2:
+        raise BoneAIError("Anomaly training needs normal training images and both classes in validation.")
+    train_imgs, val_imgs = _load_inputs(train_df["path"].tolist(), pipeline), _load_inputs(val_df["path"].tolist(), pipeline)
+    data_seconds = time.time() - t_data
+    y_val = val_df["label"].to_numpy().astype(int)
+    model = build_model(name, pretrained=True)
+    t0 = time.time()
+    loss_kind = "l1" if getattr(args, "loss", None) == "l1" else "mse"
+    kl_weight = 0.0
+    history: list[dict[str, Any]] = []
+    score_rows: dict[str, np.ndarray] = {}
+    if name in _AUTOENCODERS:
+        kl_weight = 1e-3 if name == "vae" else 0.0
+        x = _unit_tensor(train_imgs)
+        m = torch.from_numpy(np.stack([foreground_mask(im) for im in train_imgs])).unsqueeze(1)
+        history = _fit_autoencoder(model, x, m, args, loss_kind, kl_weight, log)
+        errors = _reconstruction_error(model, val_imgs)
+        masks = [foreground_mask(im) for im in val_imgs]
+        candidates = {"mean": {"kind": "mean"}, "topk": {"kind": "topk", "top_fraction": 0.05}}
+        for key, c in candidates.items():
+            score_rows[key] = np.array([image_score(e, mk, c["kind"], c.get("top_fraction", 0.05))
+                                        for e, mk in zip(errors, masks)])
+        aucs = {k: float(ev.skm.roc_auc_score(y_val, s)) for k, s in score_rows.items()}
+        chosen = max(aucs, key=aucs.get)
+        score_spec = {**candidates[chosen], "error": "squared reconstruction error",
+                      "definition": ("mean squared reconstruction error under the hand mask" if chosen == "mean" else
+                                     "mean of the top 5% squared reconstruction errors under the hand mask"),
+                      "validation_auc_by_kind": aucs, "chosen_on": "validation split"}
+    else:
+        feats = []
+        with torch.inference_mode():
+            for i in range(0, len(train_imgs), 32):
+                feats.append(model.features(_unit_tensor(train_imgs[i:i + 32])))
+        shrinkage = model.fit(torch.cat(feats))
+        score_rows["mahalanobis"] = _gaussian_scores(model, val_imgs)
+        chosen = "mahalanobis"
+        score_spec = {"kind": "mahalanobis", "definition": "squared Mahalanobis distance of pooled ImageNet "
+                      "EfficientNet-Lite0 features (blocks 2, 4, 6 and head; standardised) from the Gaussian of the "
+                      "normal training images, divided by the feature count", "shrinkage": shrinkage}
+        log({"event": "gaussian fitted", "n_train": len(train_imgs), "shrinkage": round(shrinkage, 4)})
+    train_seconds = time.time() - t0
+    score = score_rows[chosen]
+    points = _operating_points(y_val, score)
+    metrics = ev.binary_metrics(y_val, score, threshold=points["balanced"]["threshold"])
+
+    state = model.state_dict()
+    if name not in _AUTOENCODERS:
+        state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+    save_file({k: v.half().contiguous() if v.is_floating_point() and name in _AUTOENCODERS else v.contiguous()
+               for k, v in state.items()}, str(out / "model.safetensors"))
+    data_root = Path(args.data)
+    pd.DataFrame({"image": [str(Path(p).relative_to(data_root)) if Path(p).is_relative_to(data_root) else p
+                            for p in val_df["path"]],
+                  "label": y_val, "region": val_df.get("region", "unknown"), "anomaly_score": score}
+                 ).to_csv(out / "val_predictions.csv", index=False)
+    region = getattr(args, "region", None)
+    card: dict[str, Any] = {
+        "name": out.name, "task": "anomaly", "architecture": name, "description": spec.description,
+        "initial_weights": spec.pretrained, "input_size": size, "mean": list(spec.mean), "std": list(spec.std),
+        "pipeline": pipeline, "weights_file": "model.safetensors",
+        "weights_dtype": "float16" if name in _AUTOENCODERS else "float32 (Gaussian statistics only)",
+        "score": score_spec,
+        "mask": "preprocess.segment_foreground on the model-input square",
+        "operating_points": points, "default_operating_point": "balanced",
+        "validation": {k: metrics[k] for k in ("n", "n_positive", "auc", "auc_ci95", "ap")},
+        "training": {
+            "command": command, "model": name, "loss": f"masked {loss_kind}" + (f" + {kl_weight} x KL" if kl_weight else "")
+            if name in _AUTOENCODERS else "none (Gaussian fit)", "epochs": args.epochs if name in _AUTOENCODERS else 0,
+            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "region": region,
+            "n_train_normal": len(train_df), "n_val": len(val_df), "torch": torch.__version__,
+            "train_seconds": round(train_seconds, 1), "data_load_seconds": round(data_seconds, 1), "history": history,
+        },
+        "data": {"root": str(args.data), "region": region or "all",
+                 "validation_split": f"{args.val_fraction or 0.2:.0%} stratified, seed {args.seed} "
+                                     "(the fracture trainer's split), then the region"},
+    }
+    if name not in _AUTOENCODERS:
+        card["heatmap_model"] = getattr(args, "heatmap_model", None) or "anomaly_cae"
+    (out / "card.json").write_text(json.dumps(card, indent=2, default=_json_default))
+    return card
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+

@@ -1,0 +1,121 @@
+"""The shipped bone-age regressor: plausible months, sex dependence, full-resolution path, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from boneai.errors import ModelNotFoundError
+from boneai.io import read_radiograph
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples"
+
+
+@pytest.fixture(scope="module")
+def boneage():
+    from boneai.inference import load_model
+
+    try:
+        return load_model("boneage")
+    except ModelNotFoundError as exc:
+        pytest.skip(f"shipped bone-age model not available: {exc}")
+
+
+def _sample_cases() -> pd.DataFrame:
+    table = pd.read_csv(SAMPLES / "samples.csv")
+    cases = table[table["dataset"] == "rsna_boneage"].copy()
+    cases["male"] = cases["male"].astype(str).str.lower() == "true"
+    return cases
+
+
+def test_card_records_the_validation_mae_and_command(boneage):
+    card = boneage.card
+    assert card["task"] == "boneage" and card["architecture"].startswith("boneage_")
+    assert card["training"]["command"].startswith("python -m boneai train --task boneage")
+    assert card["validation"]["n"] > 1000
+    assert card["validation"]["mae"] < 15.0  # the mean predictor is ~33 months
+    assert [s["step"] for s in card["pipeline"]][:2] == ["standardise", "squash_resize"]
+
+
+def test_predictions_on_real_samples_are_plausible_and_depend_on_sex(boneage):
+    cases = _sample_cases()
+    assert len(cases) >= 2
+    for _, r in cases.iterrows():
+        rg = read_radiograph(SAMPLES / r["file"])
+        as_recorded = boneage.predict(rg, male=bool(r["male"])).boneage_months
+        other = boneage.predict(rg, male=not bool(r["male"])).boneage_months
+        assert 0.0 <= as_recorded <= 240.0
+        assert abs(as_recorded - float(r["boneage_months"])) < 48.0, (r["file"], as_recorded)
+        assert abs(as_recorded - other) > 0.05  # the sex input is used
+
+
+def test_prediction_needs_the_sex(boneage):
+    from boneai.errors import BoneAIError
+
+    with pytest.raises(BoneAIError, match="sex"):
+        boneage.predict(read_radiograph(SAMPLES / _sample_cases()["file"].iloc[0]))
+
+
+def test_evaluate_boneage_writes_n_and_mae(tmp_path, boneage):
+    from boneai.cli import main
+
+    cases = _sample_cases()
+    data = tmp_path / "ba"
+    (data / "images").mkdir(parents=True)
+    for _, r in cases.iterrows():
+        (data / "images" / Path(r["file"]).name).write_bytes((SAMPLES / r["file"]).read_bytes())
+    pd.DataFrame({"id": [Path(f).stem for f in cases["file"]], "boneage": cases["boneage_months"].astype(float),
+                  "male": cases["male"]}).to_csv(data / "boneage.csv", index=False)
+    out = tmp_path / "report.json"
+    assert main(["evaluate", "--task", "boneage", "--data", str(data), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["n"] == len(cases)
+    assert 0.0 <= report["mae_months"] < 48.0
+
+
+def test_full_resolution_uploads_agree_with_the_100px_copies(boneage, boneage_full_root):
+    """The same cases through the upload path (any size, squashed to 100x100) and from the 100x100 copy."""
+    from boneai.data import read_boneage
+
+    full = read_boneage(boneage_full_root).head(12)
+    small_dir = boneage_full_root.parent / "images"
+    diffs = []
+    for _, r in full.iterrows():
+        small = small_dir / Path(r["path"]).name
+        if not small.is_file():
+            continue
+        a = boneage.predict(read_radiograph(r["path"]), male=bool(r["male"])).boneage_months
+        b = boneage.predict(read_radiograph(small), male=bool(r["male"])).boneage_months
+        diffs.append(abs(a - b))
+    assert len(diffs) >= 5
+    assert float(np.mean(diffs)) < 6.0, diffs
+
+
+def test_predict_boneage_with_sex_and_heatmap(tmp_path, boneage, capsys):
+    from PIL import Image
+
+    from boneai.cli import main
+
+    f = SAMPLES / _sample_cases()["file"].iloc[0]
+    heat_dir = tmp_path / "maps"
+    assert main(["predict", "--task", "boneage", str(f), "--sex", "M", "--heatmap-dir", str(heat_dir), "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["ok"] and 0 <= result["boneage_months"] <= 240
+    with Image.open(heat_dir / f"{f.stem}_heatmap.png") as im, Image.open(f) as src:
+        assert im.size == src.size
+
+
+def test_boneage_cam_follows_the_squash_back_to_the_upload_size(boneage, boneage_full_root):
+    from boneai.data import read_boneage
+    from boneai.explain import explain
+
+    r = read_boneage(boneage_full_root).iloc[0]
+    rg = read_radiograph(r["path"])
+    heat = explain(boneage, rg, "gradcam", male=bool(r["male"]))
+    assert heat.map.shape == rg.pixels.shape[:2]
+    assert heat.map.std() > 0.01
