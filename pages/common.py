@@ -168,6 +168,8 @@ def sample_studies(task: str) -> dict[str, list[Path]]:
     else:
         rows = table[table["dataset"].astype(str).str.contains("bone", case=False)]
     for _, row in rows.iterrows():
+        if str(row["file"]).startswith("studies/"):  # already listed as part of its study
+            continue
         region = row.get("region")
         extra = f", {region}" if isinstance(region, str) and region else ""
         studies[f"Single view {Path(row['file']).name}{extra}"] = [SAMPLES_DIR / row["file"]]

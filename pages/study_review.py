@@ -52,10 +52,10 @@ def predict_views(model_dir: str, digests: tuple[str, ...], operating_point: str
 
 @st.cache_data(show_spinner="Computing heatmap...", max_entries=128)
 def heatmap_for(model_dir: str, digest: str, method: str | None, male: bool | None,
-                _predictor: Predictor, _view: View) -> np.ndarray:
-    """The explanation map (float, HxW in [0, 1], framed like the radiograph)."""
+                _predictor: Predictor, _view: View) -> Any:
+    """The :class:`boneai.explain.Heatmap` (map on the radiograph's grid, method, peak)."""
     with model_lock(model_dir):
-        return _explain.explain(_predictor, _view.radiograph, method=method, male=male).map
+        return _explain.explain(_predictor, _view.radiograph, method=method, male=male)
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
@@ -193,14 +193,17 @@ for start in range(0, len(views), per_row):
             shown = gray
             if show_heatmaps and _explain is not None:
                 try:
-                    hmap = heatmap_for(card["dir"], view.digest, method, male, predictor, view)
-                    shown = _explain.overlay(gray, hmap, opacity=opacity)
+                    heat = heatmap_for(card["dir"], view.digest, method, male, predictor, view)
+                    shown = _explain.overlay(gray, heat.map, opacity=opacity)
                     heatmaps[i] = shown
+                    hot_spot = f"hottest point at x={heat.peak[0]}, y={heat.peak[1]}"
                 except BoneAIError as exc:
                     st.warning(plain(exc))
                 except Exception as exc:  # an explanation failure must not hide the prediction
                     st.warning(plain(f"Heatmap unavailable for this view ({type(exc).__name__})."))
             st.image(shown, width="stretch")
+            if i in heatmaps:
+                st.caption(f"Heatmap ({heat.method.replace('_', ' ')}), {hot_spot}")
             m1, m2 = st.columns(2)
             if pred.boneage_months is not None:
                 m1.metric("Bone age (months)", f"{pred.boneage_months:.1f}")
@@ -289,7 +292,7 @@ def build_report() -> StudyReport:
     for i, (view, pred) in enumerate(zip(views, predictions)):
         gray = standardise(view.radiograph.pixels).image
         hm = heatmaps.get(i)
-        hm_method = (method or "error map") if i in heatmaps else None
+        hm_method = (method or ("error map" if task == "anomaly" else _explain.DEFAULT_CAM_METHOD)) if i in heatmaps else None
         if hm is None and _explain is not None:
             try:
                 with model_lock(card["dir"]):
