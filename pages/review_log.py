@@ -47,7 +47,9 @@ table = df.assign(views=df["views"].map(", ".join),
                   view_probabilities=df["view_probabilities"].map(
                       lambda v: ", ".join("-" if x is None else f"{x:.3f}" for x in v)))
 # st.dataframe renders every cell as text: names and notes never become markup.
-st.dataframe(table, hide_index=True, key="log_table", column_config={
+first = ["created_at", "study_id", "reviewer_decision", "model_decision", "study_probability", "views", "note"]
+st.dataframe(table, hide_index=True, key="log_table",
+             column_order=first + [c for c in table.columns if c not in first and c != "id"], column_config={
     "created_at": st.column_config.TextColumn("recorded (UTC)"),
     "threshold": st.column_config.NumberColumn(format="%.3f"),
     "study_probability": st.column_config.NumberColumn(format="%.3f"),

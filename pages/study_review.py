@@ -38,7 +38,7 @@ try:  # written alongside this page; without it the page still predicts, only he
 except ImportError:  # pragma: no cover - depends on the checkout
     _explain = None
 
-FINDINGS = {"fracture": ("fracture suspected", "no fracture seen"), "anomaly": ("abnormal", "normal")}
+FINDINGS = {"fracture": ("fracture", "no fracture"), "anomaly": ("abnormal", "normal")}
 DECISION_LABELS = {"agree": "Agree", "disagree": "Disagree", "uncertain": "Uncertain"}
 
 

@@ -128,7 +128,7 @@ def test_first_page_shows_the_bundled_study_with_the_predictors_numbers(fracture
     assert _metrics(at, "Study probability") == [f"{mean:.3f}"]
     balanced = fracture_predictor.threshold("balanced")
     assert _metrics(at, "Threshold") == [f"{balanced:.3f}"]
-    assert _metrics(at, "Study decision") == ["fracture suspected" if mean >= balanced else "no fracture seen"]
+    assert _metrics(at, "Study decision") == ["fracture" if mean >= balanced else "no fracture"]
 
     at.radio(key="review_aggregation").set_value("max").run()
     assert _metrics(at, "Study probability") == [f"{max(p.probability for p in preds):.3f}"]
@@ -143,10 +143,10 @@ def test_operating_points_and_custom_threshold_change_the_decisions(fracture_pre
     assert _metrics(at, "Threshold") == [f"{fracture_predictor.threshold('sensitive'):.3f}"]
     at.radio(key="review_op_fracture").set_value("custom").run()
     at.slider(key="review_threshold_fracture").set_value(0.0).run()
-    assert set(_metrics(at, "Decision")) == {"fracture suspected"}
+    assert set(_metrics(at, "Decision")) == {"fracture"}
     assert _metrics(at, "Threshold") == ["0.000"]
     at.slider(key="review_threshold_fracture").set_value(1.0).run()
-    assert set(_metrics(at, "Decision")) == {"no fracture seen"}
+    assert set(_metrics(at, "Decision")) == {"no fracture"}
     _no_exception(at)
 
 
