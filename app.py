@@ -9,7 +9,7 @@ import streamlit as st
 
 from boneai import __version__
 from boneai.errors import BoneAIError
-from pages.common import TASK_LABELS, TASKS, model_cards, selected_card
+from pages.common import TASK_LABELS, TASKS, model_cards, remember_model, selected_card
 
 st.set_page_config(page_title="BoneAI Review", page_icon=":material/radiology:", layout="wide")
 
@@ -37,6 +37,7 @@ with st.sidebar:
         except (BoneAIError, TypeError):
             default = names[0]
         st.selectbox(TASK_LABELS[task], names, index=names.index(default), key=f"model_{task}",
+                     on_change=remember_model, args=(task,),
                      help="From weights/: shipped models and those registered on the Training page.")
     if not any_model:
         st.info("No models in weights/ yet. Train one on the Training page.")

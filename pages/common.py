@@ -54,7 +54,7 @@ def selected_card(task: str) -> dict[str, Any] | None:
     cards = model_cards(task)
     if not cards:
         return None
-    chosen = st.session_state.get(f"model_{task}")
+    chosen = st.session_state.get(f"chosen_model_{task}", st.session_state.get(f"model_{task}"))
     for card in cards:
         if card["name"] == chosen:
             return card
@@ -63,6 +63,11 @@ def selected_card(task: str) -> dict[str, Any] | None:
     except BoneAIError:
         return cards[0]
     return next((c for c in cards if c["name"] == default), cards[0])
+
+
+def remember_model(task: str) -> None:
+    """Keep the sidebar's choice in plain session state: widget state is dropped on a run that skips the widget."""
+    st.session_state[f"chosen_model_{task}"] = st.session_state[f"model_{task}"]
 
 
 @st.cache_resource(show_spinner="Loading model...")

@@ -60,9 +60,10 @@ if kind == "binary":
         options = list(points) + ["custom"]
         st.radio("Operating point", options, horizontal=True, key=p_key, on_change=snap_to_point,
                  index=options.index(default_point) if default_point in options else len(options) - 1,
-                 format_func=lambda p: p if p == "custom" else f"{p} ({points[p]:.3f})",
+                 format_func=lambda p: p if p == "custom" else f"{p} ({points[p]:.4g})",
                  help="The model card's operating points; moving the slider makes it custom.")
-        threshold = st.slider("Threshold", 0.0, high, step=0.001 if high <= 1 else high / 1000, format="%.3f",
+        threshold = st.slider("Threshold", 0.0, high, step=0.001 if high == 1.0 else high / 1000,
+                              format="%.3f" if high == 1.0 else "%.5f",
                               key=t_key, on_change=mark_custom,
                               help="A view is called positive when its probability is at or above this.")
     m = charts.metrics_at(path, mtime, float(threshold))
@@ -80,7 +81,8 @@ if kind == "binary":
     c1, c2 = st.columns([1, 2])
     with c1:
         st.plotly_chart(charts.confusion_figure(m), key="perf_confusion")
-        st.dataframe(charts.confusion_frame(m))
+        with st.expander("As a table"):
+            st.dataframe(charts.confusion_frame(m))
     with c2:
         st.plotly_chart(charts.roc_figure(curves, m), key="perf_roc")
     c3, c4 = st.columns(2)

@@ -64,6 +64,11 @@ def display_gray(digest: str, _view: View) -> np.ndarray:
     return standardise(_view.radiograph.pixels).image
 
 
+def fmt_score(task: str, value: float) -> str:
+    """Probabilities with three decimals; anomaly scores (small reconstruction errors) with four digits."""
+    return f"{value:.4g}" if task == "anomaly" else f"{value:.3f}"
+
+
 def finding_text(task: str, decision: bool | None) -> str | None:
     if decision is None or task not in FINDINGS:
         return None
@@ -103,14 +108,17 @@ def choose_operating_point(predictor: Predictor) -> str | float:
     default = predictor.card.get("default_operating_point", "balanced")
     op = st.radio("Operating point", options, index=options.index(default) if default in options else 0,
                   horizontal=True, key=f"review_op_{predictor.task}",
-                  format_func=lambda o: o if o == "custom" else f"{o} ({points[o]:.3f})",
+                  format_func=lambda o: o if o == "custom" else f"{o} ({fmt_score(predictor.task, points[o])})",
                   help="From the model card: 'sensitive' misses fewer findings, 'balanced' maximises "
                        "sensitivity + specificity. 'custom' sets your own threshold.")
     if op != "custom":
         return op
     start = float(points.get(default, next(iter(points.values()), 0.5)))
-    high = 1.0 if predictor.task == "fracture" else max(1.0, 3 * max(points.values(), default=1.0))
-    return float(st.slider("Custom threshold", 0.0, high, value=min(start, high), step=0.001 if high <= 1 else high / 1000,
+    if predictor.task == "anomaly":  # a reconstruction error, not a probability: scale to the card's points
+        high = 3 * max(points.values(), default=1.0)
+        return float(st.slider("Custom threshold (anomaly score)", 0.0, high, value=min(start, high), step=high / 1000,
+                               key=f"review_threshold_anomaly_{predictor.name}", format="%.5f"))
+    return float(st.slider("Custom threshold", 0.0, 1.0, value=start, step=0.001,
                            key=f"review_threshold_{predictor.task}", format="%.3f"))
 
 
@@ -212,10 +220,10 @@ for start in range(0, len(views), per_row):
                 if pred.probability is not None:
                     m1.metric("Probability", f"{pred.probability:.3f}")
                 elif pred.anomaly_score is not None:
-                    m1.metric("Anomaly score", f"{pred.anomaly_score:.4f}")
+                    m1.metric("Anomaly score", fmt_score(task, pred.anomaly_score))
                 finding = finding_text(task, pred.decision)
                 m2.metric("Decision", finding or "-",
-                          help=None if pred.threshold is None else f"At threshold {pred.threshold:.3f}")
+                          help=None if pred.threshold is None else f"At threshold {fmt_score(task, pred.threshold)}")
             meta = {"format": view.radiograph.source_format,
                     "size (px)": f"{view.radiograph.width} x {view.radiograph.height}",
                     **{k: v for k, v in view.radiograph.metadata.items() if v not in (None, "")}}
@@ -239,9 +247,9 @@ else:
     study_decision = study_probability >= threshold
     s1, s2, s3 = st.columns(3)
     s1.metric("Study probability" if predictions[0].probability is not None else "Study anomaly score",
-              f"{study_probability:.3f}", help=f"{aggregation} of {len(views)} view(s)")
+              fmt_score(task, study_probability), help=f"{aggregation} of {len(views)} view(s)")
     s2.metric("Study decision", finding_text(task, study_decision))
-    s3.metric("Threshold", f"{threshold:.3f}", help=f"Operating point: {predictions[0].operating_point}")
+    s3.metric("Threshold", fmt_score(task, threshold), help=f"Operating point: {predictions[0].operating_point}")
     if "label" in known:
         st.caption("Reference label of this sample: " + ("fractured" if int(known["label"]) else "not fractured"))
 

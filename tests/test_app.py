@@ -257,6 +257,24 @@ def test_bone_age_mode_needs_sex_and_shows_the_predictors_months() -> None:
     assert _metrics(at, "Bone age (months)") == [f"{other:.1f}"]
 
 
+def test_anomaly_mode_shows_scores_and_error_maps() -> None:
+    card = _card("anomaly")
+    if card is None:
+        pytest.skip("no anomaly model in the weights folder")
+    predictor = inference.load_model(card["dir"])
+    at = _app()
+    at.radio(key="review_task").set_value("anomaly").run()
+    _no_exception(at)
+    files = sorted(STUDY.iterdir())
+    preds = predictor.predict_many([_read(f) for f in files])
+    assert _metrics(at, "Anomaly score") == [f"{p.anomaly_score:.4g}" for p in preds]
+    assert _metrics(at, "Decision") == ["abnormal" if p.decision else "normal" for p in preds]
+    mean = ev.aggregate_study([p.anomaly_score for p in preds], "mean")
+    assert _metrics(at, "Study anomaly score") == [f"{mean:.4g}"]
+    if at.toggle(key="review_heatmaps").value:
+        assert len([c for c in at.caption if c.value.startswith("Heatmap (reconstruction error)")]) == len(files)
+
+
 # -- preprocessing inspector -------------------------------------------------------------------------
 def _step_names(at: AppTest) -> list[str]:
     return [m.value.strip("*") for m in at.main.markdown if m.value.startswith("**")]
