@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast bench browser-deps clean-venv
+.PHONY: run test test-fast bench app-bench screenshots browser-deps clean-venv
 
 # The virtual environment is (re)built whenever requirements.txt changes.
 $(STAMP): requirements.txt
@@ -31,6 +31,14 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/inference_latency.py
+
+# App figures in headless Chromium: 4-view study upload to heatmaps, start to first page.
+app-bench: $(STAMP) browser-deps
+	$(PY) bench/app_bench.py
+
+# One screenshot per page into docs/screenshots/ (for the README).
+screenshots: $(STAMP) browser-deps
+	$(PY) docs/screenshots.py
 
 clean-venv:
 	rm -rf $(VENV)

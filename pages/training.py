@@ -20,8 +20,11 @@ POLL_SECONDS = 2
 
 
 def default_data_folder(task: str) -> str:
-    """``BONEAI_DATA`` (the folder holding fracatlas/ and boneage/) or data/ in the repository."""
-    root = Path(os.environ.get("BONEAI_DATA", REPO_ROOT / "data"))
+    """Under ``BONEAI_DATA`` (the folder holding fracatlas/ and boneage/), else the first of
+    data/ in the repository or the shared data folder beside it (the tests' convention)."""
+    env = os.environ.get("BONEAI_DATA")
+    candidates = [Path(env)] if env else [REPO_ROOT / "data", REPO_ROOT.parent / "shared" / "data"]
+    root = next((c for c in candidates if c.is_dir()), candidates[0])
     return str(root / ("boneage" if task == "boneage" else "fracatlas"))
 
 
