@@ -89,12 +89,24 @@ def _reconstruction_error(model: nn.Module, images: Sequence[np.ndarray], batch_
     return np.concatenate(out) if out else np.zeros((0, 1, 1), np.float32)
 
 
-def _gaussian_scores(model: nn.Module, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+def _mask_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([foreground_mask(im) for im in images])).unsqueeze(1)
+
+
+def _gaussian_features(model: nn.Module, images: Sequence[np.ndarray], batch_size: int = 32) -> torch.Tensor:
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
-            out.append(model(_unit_tensor(images[i:i + batch_size])).numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+            chunk = images[i:i + batch_size]
+            out.append(model.features(_unit_tensor(chunk), _mask_tensor(chunk)))
+    return torch.cat(out)
+
+
+def _gaussian_scores(model: nn.Module, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+    if not len(images):
+        return np.zeros(0, np.float32)
+    with torch.inference_mode():
+        return model.score_features(_gaussian_features(model, images, batch_size)).numpy()
 
 
 def _operating_points(y: np.ndarray, score: np.ndarray, min_sensitivity: float = 0.90) -> dict[str, dict[str, float]]:
@@ -350,16 +362,16 @@ def train_autoencoder(args: argparse.Namespace, command: str = "") -> dict[str, 
                                      "mean of the top 5% squared reconstruction errors under the hand mask"),
                       "validation_auc_by_kind": aucs, "chosen_on": "validation split"}
     else:
-        feats = []
-        with torch.inference_mode():
-            for i in range(0, len(train_imgs), 32):
-                feats.append(model.features(_unit_tensor(train_imgs[i:i + 32])))
-        shrinkage = model.fit(torch.cat(feats))
+        shrinkage = model.fit(_gaussian_features(model, train_imgs))
         score_rows["mahalanobis"] = _gaussian_scores(model, val_imgs)
         chosen = "mahalanobis"
-        score_spec = {"kind": "mahalanobis", "definition": "squared Mahalanobis distance of pooled ImageNet "
-                      "EfficientNet-Lite0 features (blocks 2, 4, 6 and head; standardised) from the Gaussian of the "
-                      "normal training images, divided by the feature count", "shrinkage": shrinkage}
+        score_spec = {"kind": "mahalanobis", "definition": "squared Mahalanobis distance, divided by the feature "
+                      "count, of ImageNet EfficientNet-Lite0 features (block outputs " + str(list(model.taps)) +
+                      (" and head" if model.head else "") + f", {model.pool} pooling under the hand mask, "
+                      "standardised) from the Ledoit-Wolf Gaussian of the normal training images",
+                      "shrinkage": shrinkage,
+                      "feature_choice": "block 5, masked mean: best of single blocks 2-6 and head (mean, max, masked "
+                                        "mean) by 3-fold cross-validation on the training split"}
         log({"event": "gaussian fitted", "n_train": len(train_imgs), "shrinkage": round(shrinkage, 4)})
     train_seconds = time.time() - t0
     score = score_rows[chosen]
@@ -379,7 +391,9 @@ def train_autoencoder(args: argparse.Namespace, command: str = "") -> dict[str, 
     region = getattr(args, "region", None)
     card: dict[str, Any] = {
         "name": out.name, "task": "anomaly", "architecture": name, "description": spec.description,
-        "initial_weights": spec.pretrained, "input_size": size, "mean": list(spec.mean), "std": list(spec.std),
+        "initial_weights": spec.pretrained, "input_size": size,
+        "architecture_params": {} if name in _AUTOENCODERS else {"taps": list(model.taps), "pool": model.pool,
+                                                                 "head": model.head}, "mean": list(spec.mean), "std": list(spec.std),
         "pipeline": pipeline, "weights_file": "model.safetensors",
         "weights_dtype": "float16" if name in _AUTOENCODERS else "float32 (Gaussian statistics only)",
         "score": score_spec,

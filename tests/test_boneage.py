@@ -78,11 +78,29 @@ def test_evaluate_boneage_writes_n_and_mae(tmp_path, boneage):
     assert 0.0 <= report["mae_months"] < 48.0
 
 
-def test_full_resolution_uploads_agree_with_the_100px_copies(boneage, boneage_full_root):
-    """The same cases through the upload path (any size, squashed to 100x100) and from the 100x100 copy."""
+def test_upload_size_does_not_change_the_prediction(boneage):
+    """A 100x100 copy enlarged to a full-resolution upload size goes through the squash to the same months."""
+    import cv2
+
+    for _, r in _sample_cases().iterrows():
+        small = read_radiograph(SAMPLES / r["file"]).pixels
+        big = cv2.resize(small, (788, 1024), interpolation=cv2.INTER_CUBIC)
+        a = boneage.predict(small, male=bool(r["male"])).boneage_months
+        b = boneage.predict(big, male=bool(r["male"])).boneage_months
+        assert abs(a - b) < 3.0, (r["file"], a, b)
+
+
+def test_full_resolution_cases_agree_with_their_100px_copies(boneage, boneage_full_root):
+    """The same cases as full-resolution uploads and as 100x100 copies.
+
+    The two are framed differently (the full-resolution files are tighter crops, not the source of
+    the 100x100 copies), so they agree only to about the model's own error: about 12 months on average
+    for the shipped model (bench/results/boneage_full_resolution.json). This guards against a broken
+    upload path (which gives differences of several years), not a few months.
+    """
     from boneai.data import read_boneage
 
-    full = read_boneage(boneage_full_root).head(12)
+    full = read_boneage(boneage_full_root).head(16)
     small_dir = boneage_full_root.parent / "images"
     diffs = []
     for _, r in full.iterrows():
@@ -92,8 +110,8 @@ def test_full_resolution_uploads_agree_with_the_100px_copies(boneage, boneage_fu
         a = boneage.predict(read_radiograph(r["path"]), male=bool(r["male"])).boneage_months
         b = boneage.predict(read_radiograph(small), male=bool(r["male"])).boneage_months
         diffs.append(abs(a - b))
-    assert len(diffs) >= 5
-    assert float(np.mean(diffs)) < 6.0, diffs
+    assert len(diffs) >= 8
+    assert float(np.median(diffs)) < 15.0, diffs
 
 
 def test_predict_boneage_with_sex_and_heatmap(tmp_path, boneage, capsys):
