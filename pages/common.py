@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import runpy
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,23 @@ def plain(text: Any) -> str:
     message stands alone.
     """
     return _MD_SPECIAL.sub(r"\\\1", str(text))
+
+
+def route_through_app() -> None:
+    """Run this page through ``app.py`` when Streamlit started it directly.
+
+    Until the first ``st.navigation`` call in a server process, Streamlit treats a ``pages/`` folder
+    the old way: a first request for a sub-URL (a bookmark, a reload after a restart) runs that page
+    file alone, without the router's page setup, navigation and sidebar. Then this runs the router,
+    which renders the requested page, and stops the direct run.
+    """
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # pragma: no cover - a Streamlit without it has no such mode
+        return
+    if PagesManager.uses_pages_directory:
+        runpy.run_path(str(REPO_ROOT / "app.py"), run_name="__main__")
+        st.stop()
 
 
 # -- models ------------------------------------------------------------------------------------------

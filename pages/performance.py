@@ -9,7 +9,9 @@ import streamlit as st
 
 from boneai import evaluate as ev
 from pages import charts
-from pages.common import TASK_LABELS, intended_use_note, model_cards, selected_card
+from pages.common import TASK_LABELS, intended_use_note, model_cards, route_through_app, selected_card
+
+route_through_app()
 
 
 def fmt(value: float) -> str:

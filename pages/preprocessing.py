@@ -20,9 +20,12 @@ from pages.common import (
     plain,
     predictor_for,
     read_views,
+    route_through_app,
     sample_table,
     selected_card,
 )
+
+route_through_app()
 
 RESIZE_STEPS = ("resize_pad", "squash_resize")
 

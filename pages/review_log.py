@@ -7,7 +7,9 @@ from datetime import datetime, time, timedelta, timezone
 import streamlit as st
 
 from boneai.store import REVIEWER_DECISIONS, to_csv_bytes
-from pages.common import intended_use_note, review_store
+from pages.common import intended_use_note, review_store, route_through_app
+
+route_through_app()
 
 st.title("Review log")
 intended_use_note()

@@ -16,8 +16,8 @@ from boneai.preprocess import standardise
 from boneai.report import StudyReport, ViewReport, to_html, to_pdf
 from boneai.store import REVIEWER_DECISIONS, new_study_id
 from pages.common import (
-    TASK_LABELS,
     TASKS,
+    TASK_LABELS,
     View,
     card_link,
     intended_use_note,
@@ -27,6 +27,7 @@ from pages.common import (
     predictor_for,
     read_views,
     review_store,
+    route_through_app,
     sample_info,
     sample_studies,
     selected_card,
@@ -37,6 +38,8 @@ try:  # written alongside this page; without it the page still predicts, only he
     from boneai import explain as _explain
 except ImportError:  # pragma: no cover - depends on the checkout
     _explain = None
+
+route_through_app()
 
 FINDINGS = {"fracture": ("fracture", "no fracture"), "anomaly": ("abnormal", "normal")}
 DECISION_LABELS = {"agree": "Agree", "disagree": "Disagree", "uncertain": "Uncertain"}

@@ -13,7 +13,9 @@ from boneai.inference import register_run
 from boneai.jobs import JobRunner, JobStatus, TrainRequest
 from boneai.models import get_spec, list_models
 from pages import charts
-from pages.common import REPO_ROOT, TASK_LABELS, intended_use_note, plain
+from pages.common import REPO_ROOT, TASK_LABELS, intended_use_note, plain, route_through_app
+
+route_through_app()
 
 LOSSES = {"fracture": ["bce", "weighted_bce", "focal"], "boneage": ["l1", "smooth_l1"], "anomaly": ["masked_mse"]}
 POLL_SECONDS = 2

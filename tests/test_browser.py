@@ -43,6 +43,7 @@ def test_upload_review_and_find_it_in_the_log(tmp_path: Path) -> None:
         browser = launch_chromium(pw)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            page.set_default_timeout(120_000)  # a busy 2-core machine: first loads can be slow
             page.goto(url)
             page.get_by_role("heading", name="Study review").wait_for(timeout=120_000)
 
@@ -99,3 +100,44 @@ def test_upload_review_and_find_it_in_the_log(tmp_path: Path) -> None:
     assert rows["views"].tolist() == [[SAMPLE.name]]
     assert rows["reviewer_decision"].tolist() == ["agree"]
     assert rows["view_probabilities"].iloc[0] == pytest.approx([expected], abs=1e-6)
+
+
+def test_training_progress_updates_live_without_reload(tmp_path: Path) -> None:
+    """The Training page polls a running job (st.fragment(run_every=...)): epochs appear as they finish."""
+    if not CHROMIUM.is_file():
+        pytest.skip(f"Chromium not installed at {CHROMIUM} (run `make browser-deps` or apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="python package playwright not installed")
+    import json
+
+    from boneai.jobs import JobRunner
+
+    lines = [json.dumps({"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "val_auc": 0.6 + e / 100})
+             for e in (1, 2, 3)]
+    go = tmp_path / "go"
+    # A stand-in for the train command: epoch 1, then (once the page is up) epochs 2 and 3.
+    code = (f"import os, time\nprint({lines[0]!r}, flush=True)\n"
+            f"while not os.path.exists({str(go)!r}): time.sleep(0.2)\n"
+            f"for l in {lines[1:]!r}:\n    time.sleep(3)\n    print(l, flush=True)\n")
+    runner = JobRunner(tmp_path / "jobs")
+    job = runner.start_command(["-c", code], epochs_total=3)
+    env = {"BONEAI_REVIEW_DB": str(tmp_path / "reviews.sqlite"), "BONEAI_JOBS_DIR": str(tmp_path / "jobs")}
+    metric_js = ("(text) => [...document.querySelectorAll('[data-testid=\"stMetric\"]')]"
+                 ".some(m => m.innerText.includes(text))")
+    try:
+        with AppServer(env) as url, sync_api.sync_playwright() as pw:
+            browser = launch_chromium(pw)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1400})
+                page.set_default_timeout(180_000)
+                page.goto(url + "/training")  # a deep link as the first request: routed through app.py
+                page.wait_for_function(metric_js, arg="1 / 3")
+                go.touch()
+                page.wait_for_function(metric_js, arg="3 / 3", timeout=60_000)  # no reload in between
+                page.wait_for_function(metric_js, arg="succeeded", timeout=60_000)
+                assert page.get_by_role("heading", name="Register the new model").count() == 0  # no card: nothing to register
+            finally:
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / "browser_training_live.png"))
+                browser.close()
+    finally:
+        runner.cancel(job.id)
