@@ -307,16 +307,26 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     higher_better = cfg.task == "fracture"
     best = -math.inf if higher_better else math.inf
     start_epoch, history, bad_epochs, train_seconds = 0, [], 0, 0.0
+    commands = [cfg.command]  # every command that contributed epochs, in order (resumes append)
     ckpt_path = out / "checkpoint_last.pt"
     if cfg.resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         if state.get("config", {}).get("model") == cfg.model:
             core.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None and state.get("scheduler"):
-                scheduler.load_state_dict(state["scheduler"])
             start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
+            planned = state.get("config", {}).get("epochs", cfg.epochs)
+            if scheduler is not None and state.get("scheduler") and (planned == cfg.epochs or not per_step):
+                scheduler.load_state_dict(state["scheduler"])
+            elif per_step and start_epoch < cfg.epochs:
+                # Resumed with a different --epochs: anneal from the current learning rate to zero
+                # over the epochs that are left, so a shortened or extended run still ends cooled down.
+                for group in optimizer.param_groups:
+                    group["initial_lr"] = group["lr"]
+                scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                    optimizer, T_max=(cfg.epochs - start_epoch) * steps_per_epoch)
             bad_epochs, train_seconds = state["bad_epochs"], state.get("train_seconds", 0.0)
+            commands = state.get("commands", [state.get("config", {}).get("command", "")]) + [cfg.command]
             torch.set_rng_state(state["torch_rng"])
             if is_main:
                 print(json.dumps({"event": "resumed", "from_epoch": state["epoch"] + 1}), flush=True)
@@ -396,14 +406,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
                         "epoch": epoch, "best": best, "history": history, "bad_epochs": bad_epochs,
-                        "train_seconds": train_seconds, "torch_rng": torch.get_rng_state(),
-                        "config": asdict(cfg)}, ckpt_path)
+                        "train_seconds": train_seconds, "torch_rng": torch.get_rng_state(), "commands": commands,
+                        "config": asdict(cfg)}, ckpt_path.with_suffix(".tmp"))
+            # Replace atomically: a kill during the write must leave the previous checkpoint intact.
+            os.replace(ckpt_path.with_suffix(".tmp"), ckpt_path)
     if distributed:
         dist.barrier()
     card: dict[str, Any] = {}
     if is_main:
         card = _finish(cfg, core, spec, pipeline, size, loss_name, val_df, val_ds, val_loader, device, history,
-                       train_seconds, data_seconds, len(train_df))
+                       train_seconds, data_seconds, len(train_df), commands)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
@@ -411,7 +423,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _finish(cfg, model, spec, pipeline, size, loss_name, val_df, val_ds, val_loader, device, history,
-            train_seconds, data_seconds, n_train) -> dict[str, Any]:
+            train_seconds, data_seconds, n_train, commands) -> dict[str, Any]:
     """Reload the best weights, calibrate, choose operating points, write weights, predictions and card."""
     from safetensors.torch import save_file
 
@@ -432,7 +444,7 @@ def _finish(cfg, model, spec, pipeline, size, loss_name, val_df, val_ds, val_loa
         "tta_hflip": cfg.tta, "weights_file": "model.safetensors",
         "weights_dtype": "float16" if cfg.fp16_weights else "float32",
         "training": {
-            "command": cfg.command, "config": asdict(cfg), "loss": loss_name, "device": str(device),
+            "command": cfg.command, "commands": [c for c in commands if c], "config": asdict(cfg), "loss": loss_name, "device": str(device),
             "torch": torch.__version__, "epochs_run": sum(1 for h in history if h.get("epoch", 0) > 0), "train_seconds": round(train_seconds, 1),
             "data_load_seconds": round(data_seconds, 1), "n_train": n_train, "n_val": len(val_df),
             "history": history,

@@ -1,0 +1,87 @@
+"""CPU inference latency of a shipped model: one view (read + preprocessing + forward) and batch throughput.
+
+Usage:  .venv/bin/python bench/inference_latency.py [--model fracture] [--repeats 30]
+Prints a table and writes bench/results/inference_latency.json. Run it on an idle machine:
+other processes on the same cores inflate every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from boneai.inference import load_model  # noqa: E402
+from boneai.io import read_radiograph  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="fracture")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=16)
+    args = parser.parse_args()
+    files = sorted((REPO / "samples" / "fracatlas").glob("*.jpg"))
+    data = [f.read_bytes() for f in files]
+    t0 = time.perf_counter()
+    predictor = load_model(args.model)
+    load_s = time.perf_counter() - t0
+
+    def one_view(raw: bytes) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            predictor.predict(read_radiograph(raw, name="bench"))
+
+    for raw in data[:3]:  # warm-up: first calls allocate and pick kernels
+        one_view(raw)
+    per_view, pre_only, forward_only = [], [], []
+    for i in range(args.repeats):
+        raw = data[i % len(data)]
+        t = time.perf_counter()
+        rg = read_radiograph(raw, name="bench")
+        tensor = predictor.input_tensor(rg)
+        t_pre = time.perf_counter()
+        predictor.raw_outputs(tensor)
+        t_end = time.perf_counter()
+        per_view.append((t_end - t) * 1000)
+        pre_only.append((t_pre - t) * 1000)
+        forward_only.append((t_end - t_pre) * 1000)
+    images = [read_radiograph(data[i % len(data)], name="bench") for i in range(args.batch)]
+    predictor.predict_many(images[:2])
+    t = time.perf_counter()
+    reps = 3
+    for _ in range(reps):
+        predictor.predict_many(images)
+    throughput = reps * args.batch / (time.perf_counter() - t)
+    result = {
+        "model": predictor.name, "architecture": predictor.card.get("architecture"),
+        "input_size": predictor.card.get("input_size"), "tta_hflip": predictor.card.get("tta_hflip"),
+        "per_view_ms_median": round(statistics.median(per_view), 1),
+        "per_view_ms_p90": round(sorted(per_view)[int(0.9 * (len(per_view) - 1))], 1),
+        "preprocess_ms_median": round(statistics.median(pre_only), 1),
+        "forward_ms_median": round(statistics.median(forward_only), 1),
+        "batch_size": args.batch, "batch_images_per_s": round(throughput, 1),
+        "model_load_s": round(load_s, 2), "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "torch": torch.__version__,
+    }
+    for k, v in result.items():
+        print(f"{k:22s} {v}")
+    out = REPO / "bench" / "results" / "inference_latency.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
