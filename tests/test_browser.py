@@ -55,7 +55,7 @@ def test_upload_review_and_find_it_in_the_log(tmp_path: Path) -> None:
             metric = page.locator('[data-testid="stMetric"]').filter(has_text="Probability").first
             metric.wait_for(timeout=60_000)
             assert metric.locator('[data-testid="stMetricValue"]').inner_text().strip() == f"{expected:.3f}"
-            page.get_by_text(re.compile(r"^Heatmap \(gradcam\), hottest point")).wait_for(timeout=120_000)
+            page.get_by_text(re.compile(r"^Heatmap \(\w+\), hottest point")).wait_for(timeout=120_000)
             image = page.locator('[data-testid="stImage"] img').first
             image.wait_for(timeout=60_000)
             assert page.evaluate("(img) => img.complete && img.naturalWidth > 100", image.element_handle())
