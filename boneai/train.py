@@ -210,6 +210,33 @@ def _read_task_data(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame, str, 
     return train_df, val_df, target, stratify
 
 
+def restore_scheduler(optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any], epochs: int,
+                      start_epoch: int, steps_per_epoch: int) -> Any:
+    """The learning-rate schedule of a resumed run.
+
+    Resumed with the same ``--epochs``: the saved schedule continues exactly (including a re-anneal
+    an earlier resume installed). Resumed with a different ``--epochs`` and a per-step schedule
+    (one-cycle, cosine): cosine annealing from the current learning rate to zero over the epochs
+    that are left, so a shortened or extended run still ends cooled down.
+    """
+    planned = state.get("config", {}).get("epochs", epochs)
+    saved = state.get("scheduler")
+    per_step = isinstance(scheduler, (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CosineAnnealingLR))
+    if scheduler is None or not saved:
+        return scheduler
+    if planned == epochs or not per_step:
+        if state.get("scheduler_kind") == "CosineAnnealingLR" and not isinstance(
+                scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=saved["T_max"])
+        scheduler.load_state_dict(saved)
+        return scheduler
+    if start_epoch >= epochs:
+        return scheduler
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=(epochs - start_epoch) * steps_per_epoch)
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training; returns the model card written to ``cfg.out/card.json``."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -315,16 +342,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             core.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
-            planned = state.get("config", {}).get("epochs", cfg.epochs)
-            if scheduler is not None and state.get("scheduler") and (planned == cfg.epochs or not per_step):
-                scheduler.load_state_dict(state["scheduler"])
-            elif per_step and start_epoch < cfg.epochs:
-                # Resumed with a different --epochs: anneal from the current learning rate to zero
-                # over the epochs that are left, so a shortened or extended run still ends cooled down.
-                for group in optimizer.param_groups:
-                    group["initial_lr"] = group["lr"]
-                scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-                    optimizer, T_max=(cfg.epochs - start_epoch) * steps_per_epoch)
+            scheduler = restore_scheduler(optimizer, scheduler, state, cfg.epochs, start_epoch, steps_per_epoch)
             bad_epochs, train_seconds = state["bad_epochs"], state.get("train_seconds", 0.0)
             commands = state.get("commands", [state.get("config", {}).get("command", "")]) + [cfg.command]
             torch.set_rng_state(state["torch_rng"])
@@ -405,6 +423,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 f.write(json.dumps(record) + "\n")
             torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                        "scheduler_kind": type(scheduler).__name__ if scheduler is not None else None,
                         "epoch": epoch, "best": best, "history": history, "bad_epochs": bad_epochs,
                         "train_seconds": train_seconds, "torch_rng": torch.get_rng_state(), "commands": commands,
                         "config": asdict(cfg)}, ckpt_path.with_suffix(".tmp"))

@@ -84,3 +84,40 @@ def test_distributed_training_with_two_gloo_processes(tmp_path):
     assert [h["epoch"] for h in history] == [0, 1]  # written once, by rank 0 only
     card = json.loads((out / "card.json").read_text())
     assert card["training"]["n_train"] == 18 and "auc" in card["validation"]
+
+
+def _optimizer():
+    import torch
+
+    return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+
+
+def test_resume_with_more_epochs_re_anneals_from_the_current_rate_to_zero():
+    import torch
+
+    from boneai.train import restore_scheduler
+
+    opt = _optimizer()
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, epochs=9, steps_per_epoch=10, pct_start=0.15)
+    for _ in range(60):
+        opt.step()
+        sched.step()
+    state = {"config": {"epochs": 9}, "scheduler": sched.state_dict(), "scheduler_kind": "OneCycleLR"}
+    lr_now = opt.param_groups[0]["lr"]
+    opt2 = _optimizer()
+    # As in train(): the new run builds its schedule, then loads the saved optimizer state.
+    fresh = torch.optim.lr_scheduler.OneCycleLR(opt2, max_lr=1e-3, epochs=11, steps_per_epoch=10, pct_start=0.15)
+    opt2.load_state_dict(opt.state_dict())
+    resumed = restore_scheduler(opt2, fresh, state, epochs=11, start_epoch=6, steps_per_epoch=10)
+    assert isinstance(resumed, torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(lr_now)
+    for _ in range(50):
+        opt2.step()
+        resumed.step()
+    assert opt2.param_groups[0]["lr"] < 1e-8  # cooled down exactly at the new last epoch
+    # Killed again and resumed with the same --epochs: the re-anneal continues, not a new one-cycle.
+    state2 = {"config": {"epochs": 11}, "scheduler": resumed.state_dict(), "scheduler_kind": "CosineAnnealingLR"}
+    opt3 = _optimizer()
+    again = restore_scheduler(opt3, torch.optim.lr_scheduler.OneCycleLR(opt3, max_lr=1e-3, epochs=11, steps_per_epoch=10),
+                              state2, epochs=11, start_epoch=11, steps_per_epoch=10)
+    assert isinstance(again, torch.optim.lr_scheduler.CosineAnnealingLR) and again.last_epoch == resumed.last_epoch
