@@ -128,6 +128,8 @@ def main() -> int:
                     "load_average_before": [round(x, 2) for x in load_before],
                     "load_average_after": [round(x, 2) for x in os.getloadavg()]},
         "model": model,
+        "weights_dir": str(inference.WEIGHTS_DIR),
+        "torch_threads_in_app": "BONEAI_TORCH_THREADS or min(4, cpus // 2)",
         "study_upload_to_all_heatmaps_s": {"median": round(statistics.median(study_s), 3),
                                            "runs": [round(x, 3) for x in study_s], "views": len(VIEWS),
                                            "target": TARGET_STUDY_S},
