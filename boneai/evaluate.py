@@ -30,6 +30,7 @@ __all__ = [
     "expected_calibration_error",
     "calibration_curve",
     "fit_temperature",
+    "fit_temperature_offset",
     "apply_temperature",
     "aggregate_study",
     "per_group_metrics",
@@ -164,9 +165,29 @@ def fit_temperature(y: np.ndarray, logits: np.ndarray) -> float:
     return float(np.exp((lo + hi) / 2))
 
 
-def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """Calibrated probability ``sigmoid(logit / T)``."""
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=float) / float(temperature)))
+def fit_temperature_offset(y: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
+    """Temperature T and offset b minimising the validation NLL of ``sigmoid(logit / T + b)``.
+
+    Temperature alone rescales logits; it cannot undo a shift. A positive-class weight in the loss
+    (``bce`` with ``pos_weight``) shifts every logit by about ``log(pos_weight)``, so the offset is
+    what brings predicted rates back to observed rates. Ranking (ROC-AUC) is unchanged.
+    """
+    from scipy.optimize import minimize
+
+    y, z = np.asarray(y, dtype=float), np.asarray(logits, dtype=float)
+
+    def nll(params: np.ndarray) -> float:
+        q = z * np.exp(-params[0]) + params[1]  # T = exp(params[0]) keeps T positive
+        return float(np.mean(np.logaddexp(0, q) - y * q))
+
+    t0 = np.log(fit_temperature(y, z))
+    res = minimize(nll, x0=np.array([t0, 0.0]), method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9})
+    return float(np.exp(res.x[0])), float(res.x[1])
+
+
+def apply_temperature(logits: np.ndarray, temperature: float, offset: float = 0.0) -> np.ndarray:
+    """Calibrated probability ``sigmoid(logit / T + offset)``."""
+    return 1.0 / (1.0 + np.exp(-(np.asarray(logits, dtype=float) / float(temperature) + float(offset))))
 
 
 def aggregate_study(view_probabilities: Iterable[float], method: str = "mean") -> float:

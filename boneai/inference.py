@@ -152,7 +152,8 @@ class Predictor:
 
     def calibrate(self, logits: np.ndarray) -> np.ndarray:
         temperature = float(self.card.get("temperature", 1.0))
-        return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / temperature))
+        offset = float(self.card.get("logit_offset", 0.0))
+        return 1.0 / (1.0 + np.exp(-(np.asarray(logits, dtype=np.float64) / temperature + offset)))
 
     # -- prediction ------------------------------------------------------------------------------
     def raw_outputs(self, batch: torch.Tensor, male: torch.Tensor | None = None) -> np.ndarray:

@@ -472,8 +472,11 @@ def _finish(cfg, model, spec, pipeline, size, loss_name, val_df, val_ds, val_loa
     }
     if cfg.task == "fracture":
         y = val_ds.targets.astype(int)
-        temperature = ev.fit_temperature(y, raw)
-        prob = ev.apply_temperature(raw, temperature)
+        temperature, offset = ev.fit_temperature_offset(y, raw)
+        prob = ev.apply_temperature(raw, temperature, offset)
+        ece_before = {"uncalibrated": ev.expected_calibration_error(y, ev.apply_temperature(raw, 1.0)),
+                      "temperature_only": ev.expected_calibration_error(
+                          y, ev.apply_temperature(raw, ev.fit_temperature(y, raw)))}
         points = ev.operating_points(y, prob)
         metrics = ev.binary_metrics(y, prob, threshold=points["balanced"]["threshold"])
         preds = pd.DataFrame({"image": rel, "label": y, "region": val_df.get("region", "unknown"),
@@ -482,11 +485,15 @@ def _finish(cfg, model, spec, pipeline, size, loss_name, val_df, val_ds, val_loa
             preds["hardware"] = val_df["hardware"].to_numpy()
         card.update({
             "temperature": temperature,
+            "logit_offset": offset,
+            "calibration": "p = sigmoid(logit / temperature + logit_offset), fitted on the validation split",
             "operating_points": {k: {"threshold": v["threshold"], "sensitivity": v["sensitivity"],
                                      "specificity": v["specificity"], "ppv": v["ppv"], "npv": v["npv"]}
                                  for k, v in points.items()},
             "default_operating_point": "balanced",
-            "validation": {k: metrics[k] for k in ("n", "n_positive", "auc", "auc_ci95", "ap", "ece")},
+            "validation": {**{k: metrics[k] for k in ("n", "n_positive", "auc", "auc_ci95", "ap", "ece")},
+                           "ece_uncalibrated": ece_before["uncalibrated"],
+                           "ece_temperature_only": ece_before["temperature_only"]},
         })
         if "region" in val_df:
             card["validation"]["per_region"] = ev.per_group_metrics(

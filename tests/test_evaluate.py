@@ -91,3 +91,16 @@ def test_per_group_and_regression_metrics():
     assert table.loc["leg", "auc"] == pytest.approx(0.5)
     r = ev.regression_metrics([100, 120, 140], [110, 110, 150])
     assert r["mae"] == pytest.approx(10.0) and r["bias"] == pytest.approx(10 / 3)
+
+
+def test_temperature_with_offset_undoes_a_positive_weight_shift():
+    rng = np.random.default_rng(3)
+    y = (rng.random(4000) < 0.2).astype(int)
+    logit = (y * 2 - 1) * 1.2 + rng.normal(0, 1.0, 4000)
+    shifted = logit + np.log(4.0)  # what a pos_weight of 4 does to a model's logits
+    t_only = ev.apply_temperature(shifted, ev.fit_temperature(y, shifted))
+    t, b = ev.fit_temperature_offset(y, shifted)
+    both = ev.apply_temperature(shifted, t, b)
+    assert b < 0 and both.mean() == pytest.approx(y.mean(), abs=0.01)  # predicted rate = observed rate
+    assert ev.expected_calibration_error(y, both) < 0.03 < ev.expected_calibration_error(y, t_only)
+    assert skm.roc_auc_score(y, both) == pytest.approx(skm.roc_auc_score(y, shifted))
