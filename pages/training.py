@@ -153,7 +153,8 @@ st.write("Train a model in the background with the same `python -m boneai train`
          "One job runs at a time on this machine; it keeps running if you close or reload the page.")
 
 jobs = runner()
-job_id = st.session_state.get("train_job") or jobs.running_job_id()
+# A running job (from any session) first, then the one this session started, then the newest.
+job_id = jobs.running_job_id() or st.session_state.get("train_job")
 if job_id is None:
     current = jobs.current()
     job_id = current.id if current else None
