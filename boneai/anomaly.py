@@ -33,7 +33,9 @@ import torch
 from torch import nn
 
 from boneai import evaluate as ev
+from boneai._json import json_default
 from boneai.errors import BoneAIError, ModelNotFoundError
+from boneai.inference import CardOperatingPoints
 from boneai.io import Radiograph, read_radiograph
 from boneai.models import build_model, get_spec
 from boneai.preprocess import apply_pipeline, segment_foreground
@@ -122,7 +124,7 @@ def _operating_points(y: np.ndarray, score: np.ndarray, min_sensitivity: float =
                    if k in ("threshold", "sensitivity", "specificity", "ppv", "npv")} for name, t in points.items()}
 
 
-class AnomalyPredictor:
+class AnomalyPredictor(CardOperatingPoints):
     """A loaded anomaly model with the :class:`boneai.inference.Predictor` interface the app and CLI use."""
 
     def __init__(self, card: dict[str, Any], model: nn.Module, directory: Path) -> None:
@@ -144,23 +146,6 @@ class AnomalyPredictor:
     def input_tensor(self, image: Radiograph | np.ndarray) -> torch.Tensor:
         """(1, 1, S, S) grey tensor in [0, 1]."""
         return _unit_tensor([self.input_image(image)])
-
-    # -- decisions -------------------------------------------------------------------------------
-    @property
-    def operating_points(self) -> dict[str, float]:
-        return {k: float(v["threshold"]) for k, v in self.card.get("operating_points", {}).items()}
-
-    def threshold(self, operating_point: str | float | None = None) -> float:
-        """Score threshold of a named operating point from the card, or a custom number."""
-        if operating_point is None:
-            operating_point = self.card.get("default_operating_point", "balanced")
-        if isinstance(operating_point, (int, float)):
-            return float(operating_point)
-        points = self.operating_points
-        if operating_point not in points:
-            raise BoneAIError(f"Operating point {operating_point!r} is not in the model card; "
-                              f"available: {', '.join(points) or 'none'}.")
-        return points[operating_point]
 
     # -- maps and scores -------------------------------------------------------------------------
     @property
@@ -413,14 +398,7 @@ def train_autoencoder(args: argparse.Namespace, command: str = "") -> dict[str, 
     }
     if name not in _AUTOENCODERS:
         card["heatmap_model"] = getattr(args, "heatmap_model", None) or "anomaly_cae"
-    (out / "card.json").write_text(json.dumps(card, indent=2, default=_json_default))
+    (out / "card.json").write_text(json.dumps(card, indent=2, default=json_default))
     return card
 
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 

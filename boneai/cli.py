@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from boneai._json import json_default
 from boneai.errors import BoneAIError
 
 __all__ = ["main", "build_parser"]
@@ -118,18 +119,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate_folder(args.task, args.data, args.model, region=args.region, batch_size=args.batch_size,
                              predictions_csv=args.predictions)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2, default=_json_default))
+    Path(args.out).write_text(json.dumps(report, indent=2, default=json_default))
     keys = ("n", "auc", "auc_ci95", "ap", "sensitivity", "specificity", "threshold", "mae_months")
-    print(json.dumps({k: report[k] for k in keys if k in report}, default=_json_default))
+    print(json.dumps({k: report[k] for k in keys if k in report}, default=json_default))
     return 0
-
-
-def _json_default(o: object) -> object:
-    import numpy as np
-
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    return str(o)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -138,7 +131,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     results = predict_files(args.files, task=args.task, model=args.model, operating_point=args.operating_point,
                             sex=args.sex, heatmap_dir=args.heatmap_dir, cam_method=args.cam_method)
     if args.json:
-        print(json.dumps(results, default=_json_default))
+        print(json.dumps(results, default=json_default))
     else:
         for r in results:
             print(_result_line(r))

@@ -35,6 +35,7 @@ __all__ = [
     "WEIGHTS_DIR",
     "Prediction",
     "Predictor",
+    "CardOperatingPoints",
     "available_models",
     "default_model_name",
     "load_model",
@@ -112,7 +113,29 @@ def model_dir(name_or_path: str | Path, weights_dir: str | Path | None = None) -
     raise ModelNotFoundError(f"Model {name_or_path!r} not found (no card.json); available models: {known}.")
 
 
-class Predictor:
+class CardOperatingPoints:
+    """Named decision thresholds read from a model card (``card["operating_points"]``)."""
+
+    card: dict[str, Any]
+
+    @property
+    def operating_points(self) -> dict[str, float]:
+        return {k: float(v["threshold"]) for k, v in self.card.get("operating_points", {}).items()}
+
+    def threshold(self, operating_point: str | float | None = None) -> float:
+        """Threshold of a named operating point from the card, or a custom number."""
+        if operating_point is None:
+            operating_point = self.card.get("default_operating_point", "balanced")
+        if isinstance(operating_point, (int, float)):
+            return float(operating_point)
+        points = self.operating_points
+        if operating_point not in points:
+            raise BoneAIError(f"Operating point {operating_point!r} is not in the model card; "
+                              f"available: {', '.join(points) or 'none'}.")
+        return points[operating_point]
+
+
+class Predictor(CardOperatingPoints):
     """A loaded model with its card: preprocessing, forward pass, calibration and decisions."""
 
     def __init__(self, card: dict[str, Any], model: nn.Module, directory: Path) -> None:
@@ -132,23 +155,6 @@ class Predictor:
     def input_tensor(self, image: Radiograph | np.ndarray) -> torch.Tensor:
         """(1, 3, S, S) normalised tensor."""
         return to_tensor(self.input_image(image), self.mean, self.std).unsqueeze(0)
-
-    # -- decisions -------------------------------------------------------------------------------
-    @property
-    def operating_points(self) -> dict[str, float]:
-        return {k: float(v["threshold"]) for k, v in self.card.get("operating_points", {}).items()}
-
-    def threshold(self, operating_point: str | float | None = None) -> float:
-        """Threshold of a named operating point from the card, or a custom number."""
-        if operating_point is None:
-            operating_point = self.card.get("default_operating_point", "balanced")
-        if isinstance(operating_point, (int, float)):
-            return float(operating_point)
-        points = self.operating_points
-        if operating_point not in points:
-            raise BoneAIError(f"Operating point {operating_point!r} is not in the model card; "
-                              f"available: {', '.join(points) or 'none'}.")
-        return points[operating_point]
 
     def calibrate(self, logits: np.ndarray) -> np.ndarray:
         temperature = float(self.card.get("temperature", 1.0))

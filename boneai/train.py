@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from boneai import evaluate as ev
+from boneai._json import json_default
 from boneai.data import read_boneage, read_classification_dir, split_train_val
 from boneai.io import read_radiograph
 from boneai.losses import build_loss
@@ -504,16 +505,9 @@ def _finish(cfg, model, spec, pipeline, size, loss_name, val_df, val_ds, val_loa
                               "predicted_months": raw})
         card["validation"] = ev.regression_metrics(y, raw)
     preds.to_csv(out / "val_predictions.csv", index=False)
-    (out / "card.json").write_text(json.dumps(card, indent=2, default=_json_default))
+    (out / "card.json").write_text(json.dumps(card, indent=2, default=json_default))
     return card
 
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def command_line() -> str:
