@@ -165,17 +165,19 @@ class Predictor(CardOperatingPoints):
     def raw_outputs(self, batch: torch.Tensor, male: torch.Tensor | None = None) -> np.ndarray:
         """Model outputs (logits or months) for a batch, with the card's mirror averaging."""
         with torch.inference_mode():
-            x = batch.to(memory_format=torch.channels_last)
+            n = batch.shape[0]
+            tta = bool(self.card.get("tta_hflip"))
+            # The image and its mirror go through the network as one batch: one pass, not two.
+            x = torch.cat([batch, torch.flip(batch, dims=[3])]) if tta else batch
+            x = x.to(memory_format=torch.channels_last)
             if self.task == "boneage":
                 if male is None:
                     raise BoneAIError("Bone-age prediction needs the patient's sex (M or F).")
-                out = self.model(x, male)
-                if self.card.get("tta_hflip"):
-                    out = (out + self.model(torch.flip(x, dims=[3]), male)) / 2
+                out = self.model(x, torch.cat([male, male]) if tta else male).reshape(-1)
             else:
                 out = self.model(x).reshape(-1)
-                if self.card.get("tta_hflip"):
-                    out = (out + self.model(torch.flip(x, dims=[3])).reshape(-1)) / 2
+            if tta:
+                out = (out[:n] + out[n:]) / 2
         return out.float().numpy()
 
     def predict_many(self, images: Sequence[Radiograph | np.ndarray], operating_point: str | float | None = None,
