@@ -31,12 +31,12 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def test_short_training_lowers_validation_loss_and_writes_a_card(tmp_path):
-    data = fracture_folder(tmp_path / "data", per_class=24)
+    data = fracture_folder(tmp_path / "data", per_class=60)
     out = tmp_path / "run"
-    proc = _train(data, out, "--epochs", "3", "--lr", "3e-4", "--scheduler", "cosine")
+    proc = _train(data, out, "--epochs", "4", "--lr", "1e-3", "--scheduler", "cosine")
     assert proc.returncode == 0, proc.stderr[-2000:]
     history = _metrics(out)
-    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3, 4]
     assert min(h["val_loss"] for h in history[1:]) < history[0]["val_loss"]
     card = json.loads((out / "card.json").read_text())
     assert card["architecture"] == "efficientnet_lite0"
