@@ -19,6 +19,20 @@ ARTIFACTS = REPO / "test-artifacts"
 SAMPLE = REPO / "samples" / "fracatlas" / "IMG0000019.jpg"
 
 
+def _download(page, button: str, sync_api, attempts: int = 3) -> Path:
+    """Click a download button once the app is idle; a click during a rerun hits a replaced element."""
+    for attempt in range(attempts):
+        page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=60_000)
+        try:
+            with page.expect_download(timeout=40_000) as download:
+                page.get_by_role("button", name=button).click()
+            return Path(download.value.path())
+        except sync_api.TimeoutError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def test_upload_review_and_find_it_in_the_log(tmp_path: Path) -> None:
     if not CHROMIUM.is_file():
         pytest.skip(f"Chromium not installed at {CHROMIUM} (run `make browser-deps` or apt-get install chromium)")
@@ -69,13 +83,9 @@ def test_upload_review_and_find_it_in_the_log(tmp_path: Path) -> None:
             page.screenshot(path=str(ARTIFACTS / "browser_study_review.png"))
 
             # Both reports download, with the decision just recorded.
-            with page.expect_download(timeout=120_000) as html_download:
-                page.get_by_role("button", name="Download report (HTML)").click()
-            report = Path(html_download.value.path()).read_text()
+            report = _download(page, "Download report (HTML)", sync_api).read_text()
             assert SAMPLE.name in report and "agree" in report and "data:image/png;base64," in report
-            with page.expect_download(timeout=120_000) as pdf_download:
-                page.get_by_role("button", name="Download report (PDF)").click()
-            assert Path(pdf_download.value.path()).read_bytes().startswith(b"%PDF-")
+            assert _download(page, "Download report (PDF)", sync_api).read_bytes().startswith(b"%PDF-")
 
             # Find it on the review-log page.
             page.get_by_role("link", name="Review log").click()
