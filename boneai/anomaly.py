@@ -340,7 +340,7 @@ def train_autoencoder(args: argparse.Namespace, command: str = "") -> dict[str, 
         for key, c in candidates.items():
             score_rows[key] = np.array([image_score(e, mk, c["kind"], c.get("top_fraction", 0.05))
                                         for e, mk in zip(errors, masks)])
-        aucs = {k: float(ev.skm.roc_auc_score(y_val, s)) for k, s in score_rows.items()}
+        aucs = {k: ev.roc_auc(y_val, s) for k, s in score_rows.items()}
         chosen = max(aucs, key=aucs.get)
         score_spec = {**candidates[chosen], "error": "squared reconstruction error",
                       "definition": ("mean squared reconstruction error under the hand mask" if chosen == "mean" else

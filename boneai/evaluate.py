@@ -21,6 +21,7 @@ from sklearn import metrics as skm
 
 __all__ = [
     "confusion_at",
+    "roc_auc",
     "threshold_metrics",
     "binary_metrics",
     "bootstrap_auc_ci",
@@ -66,6 +67,12 @@ def threshold_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[st
     kappa = _ratio(acc - pe, 1 - pe) if n else float("nan")
     return {"threshold": float(threshold), **c, "sensitivity": sens, "specificity": spec, "ppv": ppv,
             "npv": npv, "precision": ppv, "recall": sens, "f1": f1, "accuracy": acc, "kappa": kappa}
+
+
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC-AUC, or NaN when only one class is present (a tiny or one-sided split)."""
+    y = np.asarray(y).astype(int)
+    return float(skm.roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
 
 
 def bootstrap_auc_ci(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:

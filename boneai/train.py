@@ -193,6 +193,19 @@ def _predict_loader(model: nn.Module, task: str, loader: DataLoader, device: tor
     return torch.cat(outs).numpy() if outs else np.zeros(0, np.float32)
 
 
+def _validate(model: nn.Module, task: str, loader: DataLoader, targets: np.ndarray, criterion: nn.Module,
+              device: torch.device) -> tuple[dict[str, float], float]:
+    """Validation loss plus AUC (fracture) or MAE (bone age); returns the record and the selection score."""
+    out = _predict_loader(model, task, loader, device, tta=False)
+    with torch.no_grad():
+        loss = float(criterion(torch.as_tensor(out, device=device), torch.as_tensor(targets, device=device)))
+    if task == "fracture":
+        score = ev.roc_auc(targets, out)
+        return {"val_loss": round(loss, 5), "val_auc": round(score, 5)}, score
+    score = float(np.abs(out - targets).mean())
+    return {"val_loss": round(loss, 5), "val_mae": round(score, 3)}, score
+
+
 def _read_task_data(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame, str, str | None]:
     if cfg.task == "fracture":
         df = read_classification_dir(cfg.data)
@@ -355,15 +368,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metrics_file = out / "metrics.jsonl"
     if start_epoch == 0 and not history:
         # Epoch 0: the untrained model on the validation split, the baseline every later epoch is compared to.
-        base_out = _predict_loader(core, cfg.task, val_loader, device, tta=False)
-        y0 = val_ds.targets
-        with torch.no_grad():
-            base_loss = float(criterion(torch.as_tensor(base_out, device=device), torch.as_tensor(y0, device=device)))
-        record0: dict[str, Any] = {"epoch": 0, "val_loss": round(base_loss, 5)}
-        if cfg.task == "fracture" and 0 < y0.sum() < len(y0):
-            record0["val_auc"] = round(float(ev.skm.roc_auc_score(y0, base_out)), 5)
-        elif cfg.task == "boneage":
-            record0["val_mae"] = round(float(np.abs(base_out - y0).mean()), 3)
+        record0, _ = _validate(core, cfg.task, val_loader, val_ds.targets, criterion, device)
+        record0 = {"epoch": 0, **record0}
         history.append(record0)
         if is_main:
             print(json.dumps(record0), flush=True)
@@ -394,18 +400,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             seen += len(x)
             bar.set_postfix(loss=f"{running / max(seen, 1):.4f}")
         train_loss = running / max(seen, 1)
-        val_out = _predict_loader(core, cfg.task, val_loader, device, tta=False)
-        y_val = val_ds.targets
-        with torch.no_grad():
-            val_loss = float(criterion(torch.as_tensor(val_out, device=device), torch.as_tensor(y_val, device=device)))
-        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5),
+        val_record, score = _validate(core, cfg.task, val_loader, val_ds.targets, criterion, device)
+        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), **val_record,
                                   "lr": optimizer.param_groups[0]["lr"]}
-        if cfg.task == "fracture":
-            score = float(ev.skm.roc_auc_score(y_val, val_out)) if 0 < y_val.sum() < len(y_val) else float("nan")
-            record["val_auc"] = round(score, 5)
-        else:
-            score = float(np.abs(val_out - y_val).mean())
-            record["val_mae"] = round(score, 3)
         if scheduler is not None and not per_step:
             scheduler.step(score) if cfg.scheduler == "plateau" else scheduler.step()
         improved = (score > best) if higher_better else (score < best)

@@ -173,3 +173,24 @@ def dicom_bytes() -> Callable[..., bytes]:
 @pytest.fixture(scope="session")
 def patient_identifiers() -> dict[str, str]:
     return dict(PATIENT_IDENTIFIERS)
+
+
+def shipped_model(task: str):
+    """The shipped default model of ``task`` from weights/, or a skip naming what is missing."""
+    from boneai.errors import ModelNotFoundError
+    from boneai.inference import load_model
+
+    try:
+        return load_model(task)
+    except ModelNotFoundError as exc:
+        pytest.skip(f"shipped {task} model not available: {exc}")
+
+
+@pytest.fixture(scope="module")
+def fracture():
+    return shipped_model("fracture")
+
+
+@pytest.fixture(scope="module")
+def boneage():
+    return shipped_model("boneage")

@@ -9,21 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from boneai.errors import ModelNotFoundError
 from boneai.io import read_radiograph
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
 
 
-@pytest.fixture(scope="module")
-def boneage():
-    from boneai.inference import load_model
-
-    try:
-        return load_model("boneage")
-    except ModelNotFoundError as exc:
-        pytest.skip(f"shipped bone-age model not available: {exc}")
 
 
 def _sample_cases() -> pd.DataFrame:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from boneai.errors import BoneAIError, ModelNotFoundError
+from boneai.errors import BoneAIError
 from boneai.explain import CAM_METHODS, DEFAULT_CAM_METHOD, explain, overlay, to_original
 from boneai.io import read_radiograph
 from boneai.preprocess import run_pipeline
@@ -87,14 +87,6 @@ def test_overlay_is_rgb_blend_with_an_outline_of_the_hottest_region():
 
 # -- real fracture model ----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def fracture():
-    from boneai.inference import load_model
-
-    try:
-        return load_model("fracture")
-    except ModelNotFoundError as exc:
-        pytest.skip(f"shipped fracture model not available: {exc}")
 
 
 def _sample(file: str):
