@@ -45,6 +45,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fp32", action="store_true", help="save float32 weights instead of float16")
     p.add_argument("--from-scratch", action="store_true", help="do not load ImageNet weights")
     p.add_argument("--freeze-blocks", type=int, default=0, help="EfficientNet: freeze stem + first N blocks")
+    p.add_argument("--init-from", default=None, metavar="MODEL_DIR",
+                   help="fine-tune a trained model folder (same architecture and validation split), "
+                        "e.g. at a higher --image-size")
     p.add_argument("--region", default=None, help="anomaly task: only this body region (e.g. hand)")
 
 
@@ -92,7 +95,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             val_fraction=args.val_fraction, seed=args.seed, patience=args.patience, limit=args.limit,
             workers=args.workers, device=args.device, resume=not args.no_resume, tta=not args.no_tta,
             fp16_weights=not args.fp32, pretrained=not args.from_scratch,
-            freeze_blocks=args.freeze_blocks, command=command_line(),
+            freeze_blocks=args.freeze_blocks, init_from=args.init_from, command=command_line(),
         )
         card = train(cfg)
     if card:

@@ -76,6 +76,7 @@ class TrainConfig:
     fp16_weights: bool = True
     pretrained: bool = True
     freeze_blocks: int = 0  # EfficientNet: keep the stem and the first N blocks fixed (about 2x faster on CPU)
+    init_from: str | None = None  # fine-tune: start from a trained model folder (card + weights) of this architecture
     command: str = field(default="")
 
 
@@ -96,6 +97,41 @@ def pipeline_for(task: str, size: int, crop: bool = True, use_clahe: bool = Fals
         steps.append({"step": "clahe", "params": {"clip_limit": 2.0, "tile_grid": 8}})
     steps.append({"step": "resize_pad", "params": {"size": size}})
     return steps
+
+
+def load_init_weights(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
+    """Load a trained model folder's weights into ``model`` for fine-tuning; returns its provenance.
+
+    The parent must have the same task and architecture, and must have been validated on the same
+    split (data, validation fraction, seed): otherwise its training images would sit in this run's
+    validation split and every figure of the new model would be optimistic.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(cfg.init_from)
+    card_path = directory / "card.json"
+    if not card_path.is_file():
+        raise ValueError(f"--init-from {directory}: no card.json there (expected a trained model folder)")
+    parent = json.loads(card_path.read_text())
+    if parent.get("architecture") != cfg.model or parent.get("task") != cfg.task:
+        raise ValueError(f"--init-from {directory} is a {parent.get('task')} {parent.get('architecture')} model; "
+                         f"this run trains a {cfg.task} {cfg.model}")
+    pcfg = parent.get("training", {}).get("config", {})
+    same_split = (Path(str(pcfg.get("data", ""))).resolve() == Path(cfg.data).resolve()
+                  and float(pcfg.get("val_fraction", -1)) == float(cfg.val_fraction)
+                  and int(pcfg.get("seed", -1)) == int(cfg.seed) and pcfg.get("limit") == cfg.limit)
+    if not same_split:
+        raise ValueError(f"--init-from {directory} was trained with another data split (data, --val-fraction, "
+                         f"--seed or --limit differ); its training images could leak into this validation split")
+    weights = directory / parent.get("weights_file", "model.safetensors")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+    model.load_state_dict(state)
+    training = parent.get("training", {})
+    return {"path": str(directory), "architecture": parent.get("architecture"),
+            "input_size": parent.get("input_size"), "commands": training.get("commands", [training.get("command")]),
+            "epochs_run": training.get("epochs_run"), "train_seconds": training.get("train_seconds"),
+            "validation": {k: parent.get("validation", {}).get(k) for k in ("auc", "ap", "mae_months")
+                           if k in parent.get("validation", {})}}
 
 
 def _load_pre_resize(path: str, pipeline: list[dict[str, Any]], max_side: int) -> np.ndarray:
@@ -305,7 +341,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                               num_workers=cfg.workers, drop_last=len(train_ds) > cfg.batch_size, generator=g)
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=cfg.workers)
 
-    model = build_model(cfg.model, pretrained=cfg.pretrained).to(device)
+    model = build_model(cfg.model, pretrained=cfg.pretrained and not cfg.init_from)
+    init_info = load_init_weights(model, cfg) if cfg.init_from else None
+    model = model.to(device)
     if cfg.freeze_blocks:
         _freeze_early_blocks(model, cfg.freeze_blocks)
     # channels_last doubles CPU throughput of the depthwise convolutions in EfficientNet.
@@ -368,9 +406,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metrics_file = out / "metrics.jsonl"
     if start_epoch == 0 and not history:
         # Epoch 0: the untrained model on the validation split, the baseline every later epoch is compared to.
-        record0, _ = _validate(core, cfg.task, val_loader, val_ds.targets, criterion, device)
+        record0, score0 = _validate(core, cfg.task, val_loader, val_ds.targets, criterion, device)
         record0 = {"epoch": 0, **record0}
         history.append(record0)
+        if cfg.init_from:
+            # Fine-tuning: the parent itself is the first candidate, so a run that only makes it worse
+            # ends with the parent's weights rather than its best worse epoch.
+            if not math.isnan(score0):
+                best = score0
+                if is_main:
+                    torch.save(core.state_dict(), out / "best_model.pt")
         if is_main:
             print(json.dumps(record0), flush=True)
             metrics_file.write_text(json.dumps(record0) + "\n")
@@ -432,7 +477,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     card: dict[str, Any] = {}
     if is_main:
         card = _finish(cfg, core, spec, pipeline, size, loss_name, val_df, val_ds, val_loader, device, history,
-                       train_seconds, data_seconds, len(train_df), commands)
+                       train_seconds, data_seconds, len(train_df), commands, init_info)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
@@ -440,7 +485,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _finish(cfg, model, spec, pipeline, size, loss_name, val_df, val_ds, val_loader, device, history,
-            train_seconds, data_seconds, n_train, commands) -> dict[str, Any]:
+            train_seconds, data_seconds, n_train, commands, init_info=None) -> dict[str, Any]:
     """Reload the best weights, calibrate, choose operating points, write weights, predictions and card."""
     from safetensors.torch import save_file
 
@@ -456,7 +501,8 @@ def _finish(cfg, model, spec, pipeline, size, loss_name, val_df, val_ds, val_loa
     rel = [os.path.relpath(p, data_root) for p in val_df["path"]]
     card: dict[str, Any] = {
         "name": out.name, "task": cfg.task, "architecture": cfg.model, "description": spec.description,
-        "initial_weights": spec.pretrained if cfg.pretrained else "none (trained from scratch)",
+        "initial_weights": (f"fine-tuned from {init_info['path']}" if init_info else
+                            spec.pretrained if cfg.pretrained else "none (trained from scratch)"),
         "input_size": size, "mean": list(spec.mean), "std": list(spec.std), "pipeline": pipeline,
         "tta_hflip": cfg.tta, "weights_file": "model.safetensors",
         "weights_dtype": "float16" if cfg.fp16_weights else "float32",
@@ -468,6 +514,9 @@ def _finish(cfg, model, spec, pipeline, size, loss_name, val_df, val_ds, val_loa
         },
         "data": {"root": str(cfg.data), "validation_split": f"{cfg.val_fraction:.0%} stratified, seed {cfg.seed}"},
     }
+    if init_info:
+        # The full provenance: the parent's own commands and figures, then this run's.
+        card["training"]["init_from"] = init_info
     if cfg.task == "fracture":
         y = val_ds.targets.astype(int)
         temperature, offset = ev.fit_temperature_offset(y, raw)

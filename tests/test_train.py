@@ -121,3 +121,29 @@ def test_resume_with_more_epochs_re_anneals_from_the_current_rate_to_zero():
     again = restore_scheduler(opt3, torch.optim.lr_scheduler.OneCycleLR(opt3, max_lr=1e-3, epochs=11, steps_per_epoch=10),
                               state2, epochs=11, start_epoch=11, steps_per_epoch=10)
     assert isinstance(again, torch.optim.lr_scheduler.CosineAnnealingLR) and again.last_epoch == resumed.last_epoch
+
+
+def test_fine_tuning_starts_from_the_parent_weights_and_refuses_another_split(tmp_path):
+    data = fracture_folder(tmp_path / "data", per_class=16)
+    parent, child = tmp_path / "parent", tmp_path / "child"
+    proc = _train(data, parent, "--epochs", "2", "--lr", "1e-3", "--image-size", "64")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    parent_best = min(h["val_loss"] for h in _metrics(parent)[1:])
+
+    proc = _train(data, child, "--epochs", "1", "--lr", "1e-4", "--image-size", "64", "--init-from", str(parent))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # Epoch 0 of the child is the parent's best model on the same split (float16 round trip aside).
+    history = _metrics(child)
+    assert abs(history[0]["val_loss"] - parent_best) < 0.01
+    # The parent is the first candidate: fine-tuning never ends worse than where it started.
+    assert history[1]["best"] == round(max(history[0]["val_auc"], history[1]["val_auc"]), 5)
+    card = json.loads((child / "card.json").read_text())
+    assert card["initial_weights"].startswith("fine-tuned from")
+    init = card["training"]["init_from"]
+    assert init["path"] == str(parent) and init["commands"][0].startswith("python -m boneai train")
+    assert "auc" in init["validation"]
+
+    # Another validation split would put the parent's training images into this run's validation.
+    proc = _train(data, tmp_path / "bad", "--epochs", "1", "--init-from", str(parent), "--seed", "3")
+    assert proc.returncode != 0
+    assert "another data split" in proc.stderr and "Traceback" not in proc.stderr
