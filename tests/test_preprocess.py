@@ -352,3 +352,15 @@ def test_core_package_does_not_import_streamlit():
             "assert 'streamlit' not in sys.modules, 'streamlit imported'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (300, 200), (4100, 4100)])
+def test_histogram_percentiles_equal_numpys(shape):
+    from boneai.preprocess import _percentiles_u8
+
+    rng = np.random.default_rng(sum(shape))
+    img = rng.integers(0, 256, shape, dtype=np.uint8)
+    if img.size > 100:
+        img[: shape[0] // 2] = 0  # a heavy bin, as the black border of a radiograph
+    qs = (0.0, 0.5, 2.0, 50.0, 98.0, 99.5, 100.0)
+    assert np.allclose(_percentiles_u8(img, qs), np.percentile(img, qs))
