@@ -78,6 +78,10 @@ class TrainRequest:
     lr: float = 1e-3
     loss: str | None = None
     limit: int | None = None
+    augment: str | None = None  # none | basic | strong; None: the command's default (strong)
+    clahe: bool = False
+    freeze_blocks: int = 0
+    init_from: str | None = None  # a trained model folder to fine-tune (same task and architecture)
     extra_args: list[str] = field(default_factory=list)
 
     def argv(self, out: str | Path) -> list[str]:
@@ -98,7 +102,32 @@ class TrainRequest:
             args += ["--loss", self.loss]
         if self.limit:
             args += ["--limit", str(int(self.limit))]
+        if self.augment:
+            if self.augment not in ("none", "basic", "strong"):
+                raise BoneAIError(f"Unknown augmentation {self.augment!r}; choose none, basic or strong.")
+            args += ["--augment", self.augment]
+        if self.clahe:
+            args.append("--clahe")
+        if self.freeze_blocks:
+            if self.freeze_blocks < 0:
+                raise BoneAIError("Frozen blocks cannot be negative.")
+            args += ["--freeze-blocks", str(int(self.freeze_blocks))]
+        if self.init_from:
+            args += ["--init-from", str(self._check_parent())]
         return args + list(self.extra_args)
+
+    def _check_parent(self) -> Path:
+        """The model folder to fine-tune, checked here so the form can say what is wrong at once."""
+        parent = Path(self.init_from)
+        card_path = parent / "card.json"
+        if not card_path.is_file():
+            raise BoneAIError(f"No trained model at {parent} (no card.json).")
+        card = json.loads(card_path.read_text())
+        if card.get("task") != self.task:
+            raise BoneAIError(f"{parent.name} is a {card.get('task')} model; this job trains {self.task}.")
+        if self.model and card.get("architecture") != self.model:
+            raise BoneAIError(f"{parent.name} is a {card.get('architecture')}; choose that architecture to fine-tune it.")
+        return parent
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from boneai.errors import BoneAIError
-from boneai.inference import register_run
+from boneai.inference import available_models, register_run
 from boneai.jobs import JobRunner, JobStatus, TrainRequest
 from boneai.models import get_spec, list_models
 from pages import charts
@@ -55,11 +55,28 @@ def job_form() -> None:
             lr = st.number_input("Learning rate", 1e-6, 1.0, 1e-3, format="%.5f", step=1e-4, key="train_lr")
             limit = st.number_input("Use only the first N images (0 = all)", 0, 1_000_000, 0, key="train_limit",
                                     help="For a quick trial run.")
+        parents = {c["dir"]: c for c in available_models(task) if c.get("architecture") in architectures}
+        with st.expander("Augmentation, preprocessing, fine-tuning"):
+            a1, a2 = st.columns(2)
+            with a1:
+                augment = st.selectbox("Augmentation", ["strong", "basic", "none"], key=f"train_augment_{task}",
+                                       help="strong: random crops, zoom, rotation, flips, gamma/contrast, CLAHE at "
+                                            "random, noise. basic: flips and small rotations.")
+                clahe = st.checkbox("CLAHE (clip 2.0, 8x8) in the input pipeline", key=f"train_clahe_{task}")
+            with a2:
+                freeze = st.number_input("Frozen EfficientNet blocks (stem + first N)", 0, 6, 0, key=f"train_freeze_{task}",
+                                         help="Faster on a CPU; EfficientNet architectures only.")
+                parent = st.selectbox(
+                    "Start from", [""] + list(parents), key=f"train_parent_{task}",
+                    format_func=lambda d: "its initial weights (ImageNet where available)" if not d else
+                    f"fine-tune {parents[d]['name']} ({parents[d].get('architecture')}, {parents[d].get('input_size')} px)",
+                    help="Fine-tuning keeps the parent's validation split; choose the parent's architecture above.")
         submitted = st.form_submit_button("Start training", type="primary")
     if submitted:
         request = TrainRequest(task=task, data=data.strip(), model=model, epochs=int(epochs), image_size=int(image_size),
                                batch_size=int(batch_size), lr=float(lr),
-                               loss=None if loss == "(default)" else loss, limit=int(limit) or None)
+                               loss=None if loss == "(default)" else loss, limit=int(limit) or None,
+                               augment=augment, clahe=bool(clahe), freeze_blocks=int(freeze), init_from=parent or None)
         try:
             job = runner().start(request)
         except BoneAIError as exc:  # busy machine, missing folder, bad numbers

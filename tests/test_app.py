@@ -378,6 +378,23 @@ def test_training_form_refuses_a_missing_data_folder() -> None:
     assert at.error[0].value == plain("Data folder not found: /no/such/folder.")
 
 
+def test_training_form_offers_the_shipped_model_for_fine_tuning_and_refuses_a_mismatch() -> None:
+    at = _app("pages/training.py")
+    at.radio(key="train_task").set_value("fracture").run()
+    parent = at.selectbox(key="train_parent_fracture")
+    assert parent.options[0].startswith("its initial weights")
+    assert "fine-tune fracture (efficientnet_lite0, 224 px)" in parent.options
+    from boneai.inference import available_models
+
+    shipped = next(c["dir"] for c in available_models("fracture") if c["name"] == "fracture")
+    at.text_input(key="train_data_fracture").input(str(REPO / "samples"))
+    at.selectbox(key="train_model_fracture").set_value("resnet18")
+    parent.set_value(shipped)
+    _button(at, "Start training").click().run()
+    _no_exception(at)
+    assert "choose that architecture" in at.error[0].value
+
+
 def test_training_page_follows_a_running_job_and_cancels_it(isolated_state) -> None:
     from boneai.jobs import JobRunner
 

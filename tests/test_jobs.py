@@ -13,6 +13,8 @@ import pytest
 from boneai.errors import BoneAIError
 from boneai.jobs import JobBusyError, JobNotFoundError, JobRunner, TrainRequest
 
+REPO = Path(__file__).resolve().parents[1]
+
 sys.path.insert(0, str(Path(__file__).parent))
 from _fixtures_train import fracture_folder  # noqa: E402
 
@@ -51,7 +53,25 @@ def test_train_request_builds_the_cli_command(tmp_path: Path) -> None:
     assert (args.epochs, args.image_size, args.loss, args.limit) == (3, 192, "focal", 40)
 
 
-@pytest.mark.parametrize("bad", [dict(data="/no/such/folder"), dict(task="segmentation"), dict(epochs=0)])
+def test_fine_tuning_options_reach_the_command_and_a_wrong_parent_is_refused(tmp_path: Path) -> None:
+    shipped = REPO / "weights" / "fracture"
+    req = TrainRequest(task="fracture", data=str(tmp_path), model="efficientnet_lite0", augment="basic", clahe=True,
+                       freeze_blocks=2, init_from=str(shipped))
+    argv = req.argv(out="OUT")
+    from boneai.cli import build_parser
+
+    args = build_parser().parse_args(argv[2:])
+    assert (args.augment, args.clahe, args.freeze_blocks, args.init_from) == ("basic", True, 2, str(shipped))
+    with pytest.raises(BoneAIError, match="choose that architecture"):
+        TrainRequest(task="fracture", data=str(tmp_path), model="resnet18", init_from=str(shipped)).argv("OUT")
+    with pytest.raises(BoneAIError, match="bone-age|boneage"):
+        TrainRequest(task="boneage", data=str(tmp_path), init_from=str(shipped)).argv("OUT")
+    with pytest.raises(BoneAIError, match="No trained model"):
+        TrainRequest(task="fracture", data=str(tmp_path), init_from=str(tmp_path)).argv("OUT")
+
+
+@pytest.mark.parametrize("bad", [dict(data="/no/such/folder"), dict(task="segmentation"), dict(epochs=0),
+                                 dict(augment="extreme")])
 def test_bad_requests_are_refused_before_anything_starts(tmp_path: Path, bad: dict) -> None:
     runner = JobRunner(tmp_path / "jobs")
     with pytest.raises(BoneAIError):
