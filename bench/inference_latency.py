@@ -1,8 +1,9 @@
 """CPU inference latency of a shipped model: one view (read + preprocessing + forward) and batch throughput.
 
 Usage:  .venv/bin/python bench/inference_latency.py [--model fracture] [--repeats 30]
-Prints a table and writes bench/results/inference_latency.json. Run it on an idle machine:
-other processes on the same cores inflate every figure.
+Prints a table and writes bench/results/inference_latency.json (or ``--out``). Run it on an idle
+machine: other processes on the same cores inflate every figure. ``BONEAI_INFERENCE_DTYPE=bfloat16``
+measures the bfloat16 forward pass (see boneai.inference.inference_dtype).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--model", default="fracture")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "inference_latency.json"))
     args = parser.parse_args()
     files = sorted((REPO / "samples" / "fracatlas").glob("*.jpg"))
     data = [f.read_bytes() for f in files]
@@ -73,12 +75,13 @@ def main() -> None:
         "forward_ms_median": round(statistics.median(forward_only), 1),
         "batch_size": args.batch, "batch_images_per_s": round(throughput, 1),
         "model_load_s": round(load_s, 2), "repeats": args.repeats,
+        "inference_dtype": str(predictor.dtype).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "torch": torch.__version__,
     }
     for k, v in result.items():
         print(f"{k:22s} {v}")
-    out = REPO / "bench" / "results" / "inference_latency.json"
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
