@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     sub.add_parser("models", help="list registered architectures and the models in weights/")
 
+    en = sub.add_parser("ensemble", help="average finished training runs (same task and validation split) into one model")
+    en.add_argument("runs", nargs="+", help="training run folders (card.json, model.safetensors, val_predictions.csv)")
+    en.add_argument("--task", choices=["fracture", "boneage"], required=True)
+    en.add_argument("--out", required=True, help="output folder, e.g. runs/NAME (register it like a training run)")
+
     e = sub.add_parser("evaluate", help="evaluate a model on a labelled folder and write a JSON report")
     e.add_argument("--task", choices=["fracture", "boneage", "anomaly"], default="fracture")
     e.add_argument("--data", required=True, help="FracAtlas or image-folder layout (fracture, anomaly); boneage.csv + images/ (boneage)")
@@ -100,6 +105,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         card = train(cfg)
     if card:
         print(json.dumps({"event": "done", "out": args.out, "validation": card.get("validation")}, default=str))
+    return 0
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from boneai.ensemble import build_ensemble
+    from boneai.train import command_line
+
+    card = build_ensemble(args.runs, args.out, args.task, command=command_line())
+    print(json.dumps({"event": "done", "out": args.out, "validation": card.get("validation"),
+                      "members": [m.get("validation") for m in card["members"]]}, default=str))
     return 0
 
 
@@ -154,7 +169,8 @@ def _result_line(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"train": _cmd_train, "models": _cmd_models, "evaluate": _cmd_evaluate, "predict": _cmd_predict}
+    handlers = {"train": _cmd_train, "models": _cmd_models, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
+                "ensemble": _cmd_ensemble}
     try:
         return handlers[args.command](args)
     except BoneAIError as exc:

@@ -119,7 +119,8 @@ def cam_on_input(predictor: Any, image: Radiograph | np.ndarray, method: str | N
     if method not in CAM_METHODS:
         raise BoneAIError(f"Unknown heatmap method {method!r}; available: {', '.join(CAM_METHODS)}.")
     model: nn.Module = predictor.model
-    layer = cam_target_layer(model, predictor.card["architecture"])
+    # An ensemble explains its first member (the model whose input the heatmap is drawn on).
+    layer = cam_target_layer(model, getattr(predictor, "cam_architecture", predictor.card["architecture"]))
     if predictor.task == "boneage":
         if male is None:
             raise BoneAIError("A bone-age heatmap needs the patient's sex (M or F).")

@@ -256,6 +256,10 @@ def load_model(name_or_path: str | Path = "fracture", weights_dir: str | Path | 
         from boneai.anomaly import load_anomaly_model
 
         return load_anomaly_model(card, directory)
+    if card.get("members"):
+        from boneai.ensemble import load_ensemble
+
+        return load_ensemble(card, directory)
     weights = directory / card.get("weights_file", "model.safetensors")
     if not weights.is_file():
         raise ModelNotFoundError(f"Model {card['name']!r} has a card but no weights file ({weights.name}).")

@@ -518,33 +518,13 @@ def _finish(cfg, model, spec, pipeline, size, loss_name, val_df, val_ds, val_loa
         # The full provenance: the parent's own commands and figures, then this run's.
         card["training"]["init_from"] = init_info
     if cfg.task == "fracture":
-        y = val_ds.targets.astype(int)
-        temperature, offset = ev.fit_temperature_offset(y, raw)
-        prob = ev.apply_temperature(raw, temperature, offset)
-        ece_before = {"uncalibrated": ev.expected_calibration_error(y, ev.apply_temperature(raw, 1.0)),
-                      "temperature_only": ev.expected_calibration_error(
-                          y, ev.apply_temperature(raw, ev.fit_temperature(y, raw)))}
-        points = ev.operating_points(y, prob)
-        metrics = ev.binary_metrics(y, prob, threshold=points["balanced"]["threshold"])
-        preds = pd.DataFrame({"image": rel, "label": y, "region": val_df.get("region", "unknown"),
-                              "logit": raw, "probability": prob})
+        preds = pd.DataFrame({"image": rel, "label": val_ds.targets.astype(int),
+                              "region": val_df.get("region", "unknown"), "logit": raw})
         if "hardware" in val_df:
             preds["hardware"] = val_df["hardware"].to_numpy()
-        card.update({
-            "temperature": temperature,
-            "logit_offset": offset,
-            "calibration": "p = sigmoid(logit / temperature + logit_offset), fitted on the validation split",
-            "operating_points": {k: {"threshold": v["threshold"], "sensitivity": v["sensitivity"],
-                                     "specificity": v["specificity"], "ppv": v["ppv"], "npv": v["npv"]}
-                                 for k, v in points.items()},
-            "default_operating_point": "balanced",
-            "validation": {**{k: metrics[k] for k in ("n", "n_positive", "auc", "auc_ci95", "ap", "ece")},
-                           "ece_uncalibrated": ece_before["uncalibrated"],
-                           "ece_temperature_only": ece_before["temperature_only"]},
-        })
-        if "region" in val_df:
-            card["validation"]["per_region"] = ev.per_group_metrics(
-                preds, "region", points["balanced"]["threshold"]).to_dict(orient="records")
+        fields, prob = classifier_validation(preds, has_region="region" in val_df)
+        preds.insert(4, "probability", prob)
+        card.update(fields)
     else:
         y = val_ds.targets
         preds = pd.DataFrame({"image": rel, "boneage_months": y, "male": val_df["male"].to_numpy(),
@@ -554,6 +534,37 @@ def _finish(cfg, model, spec, pipeline, size, loss_name, val_df, val_ds, val_loa
     (out / "card.json").write_text(json.dumps(card, indent=2, default=json_default))
     return card
 
+
+
+def classifier_validation(preds: pd.DataFrame, has_region: bool = True) -> tuple[dict[str, Any], np.ndarray]:
+    """Calibration, operating points and validation metrics of a classifier from its validation
+    logits (``preds`` with ``label``, ``logit`` and optionally ``region``); card fields and the
+    calibrated probabilities."""
+    y, raw = preds["label"].to_numpy().astype(int), preds["logit"].to_numpy(dtype=float)
+    temperature, offset = ev.fit_temperature_offset(y, raw)
+    prob = ev.apply_temperature(raw, temperature, offset)
+    ece_before = {"uncalibrated": ev.expected_calibration_error(y, ev.apply_temperature(raw, 1.0)),
+                  "temperature_only": ev.expected_calibration_error(
+                      y, ev.apply_temperature(raw, ev.fit_temperature(y, raw)))}
+    points = ev.operating_points(y, prob)
+    metrics = ev.binary_metrics(y, prob, threshold=points["balanced"]["threshold"])
+    fields: dict[str, Any] = {
+        "temperature": temperature,
+        "logit_offset": offset,
+        "calibration": "p = sigmoid(logit / temperature + logit_offset), fitted on the validation split",
+        "operating_points": {k: {"threshold": v["threshold"], "sensitivity": v["sensitivity"],
+                                 "specificity": v["specificity"], "ppv": v["ppv"], "npv": v["npv"]}
+                             for k, v in points.items()},
+        "default_operating_point": "balanced",
+        "validation": {**{k: metrics[k] for k in ("n", "n_positive", "auc", "auc_ci95", "ap", "ece")},
+                       "ece_uncalibrated": ece_before["uncalibrated"],
+                       "ece_temperature_only": ece_before["temperature_only"]},
+    }
+    if has_region and "region" in preds:
+        with_prob = preds.assign(probability=prob)
+        fields["validation"]["per_region"] = ev.per_group_metrics(
+            with_prob, "region", points["balanced"]["threshold"]).to_dict(orient="records")
+    return fields, prob
 
 
 def command_line() -> str:

@@ -1,0 +1,186 @@
+"""Ensembles: several trained models of one task averaged into one shipped model.
+
+``python -m boneai ensemble --task boneage --out runs/NAME RUN_DIR RUN_DIR ...`` takes finished
+training runs (each a folder with ``card.json``, ``model.safetensors`` and ``val_predictions.csv``)
+that were validated on the same split, averages their validation outputs (months for bone age,
+logits for a classifier, each member with its own input size, pipeline and mirror averaging),
+scores the average on that split, fits the calibration and operating points of a classifier anew,
+and writes one model folder: ``model.safetensors`` holds every member's weights under the prefix
+``m<i>.``, and ``card.json`` lists the members with their pipelines, commands and own figures.
+:func:`boneai.inference.load_model` turns such a folder into an :class:`EnsemblePredictor`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from boneai import evaluate as ev
+from boneai.errors import BoneAIError
+from boneai.inference import Prediction, Predictor
+from boneai.io import Radiograph
+
+__all__ = ["build_ensemble", "EnsemblePredictor", "load_ensemble"]
+
+_MEMBER_KEYS = ("architecture", "input_size", "mean", "std", "pipeline", "tta_hflip", "description",
+                "initial_weights", "weights_dtype")
+
+
+def _split_key(card: dict[str, Any]) -> tuple:
+    cfg = card.get("training", {}).get("config", {})
+    return (str(Path(str(cfg.get("data", ""))).resolve()), cfg.get("val_fraction"), cfg.get("seed"), cfg.get("limit"))
+
+
+def build_ensemble(run_dirs: Sequence[str | Path], out: str | Path, task: str, command: str = "") -> dict[str, Any]:
+    """Write an ensemble model folder from finished runs validated on one split; returns its card."""
+    from safetensors.torch import load_file, save_file
+
+    from boneai.train import classifier_validation
+
+    if len(run_dirs) < 2:
+        raise BoneAIError("An ensemble needs at least two trained models.")
+    cards, preds = [], []
+    for d in map(Path, run_dirs):
+        for fname in ("card.json", "model.safetensors", "val_predictions.csv"):
+            if not (d / fname).is_file():
+                raise BoneAIError(f"{d} is not a finished training run (no {fname}).")
+        card = json.loads((d / "card.json").read_text())
+        if card.get("task") != task:
+            raise BoneAIError(f"{d} is a {card.get('task')} model, not {task}.")
+        if card.get("members"):
+            raise BoneAIError(f"{d} is already an ensemble; list its runs instead.")
+        cards.append(card)
+        preds.append(pd.read_csv(d / "val_predictions.csv"))
+    if len({_split_key(c) for c in cards}) != 1:
+        raise BoneAIError("The models were validated on different splits (data, --val-fraction, --seed or --limit "
+                          "differ); an average scored on either split would be optimistic.")
+    if any(not p["image"].equals(preds[0]["image"]) for p in preds[1:]):
+        raise BoneAIError("The models' validation predictions list different images.")
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state: dict[str, torch.Tensor] = {}
+    members = []
+    for i, (d, card) in enumerate(zip(map(Path, run_dirs), cards)):
+        for k, v in load_file(str(d / "model.safetensors")).items():
+            state[f"m{i}.{k}"] = v.contiguous()
+        training = card.get("training", {})
+        members.append({**{k: card[k] for k in _MEMBER_KEYS if k in card}, "prefix": f"m{i}.", "source": str(d),
+                        "commands": training.get("commands", [training.get("command")]),
+                        "epochs_run": training.get("epochs_run"), "train_seconds": training.get("train_seconds"),
+                        "validation": card.get("validation")})
+    save_file(state, str(out / "model.safetensors"))
+
+    first = preds[0]
+    ensemble_card: dict[str, Any] = {
+        "name": out.name, "task": task, "architecture": "ensemble",
+        "description": f"Average of {len(cards)} models: " + ", ".join(
+            f"{m['architecture']} at {m['input_size']} px" for m in members),
+        "members": members, "weights_file": "model.safetensors",
+        "input_size": members[0]["input_size"], "mean": members[0]["mean"], "std": members[0]["std"],
+        "pipeline": members[0]["pipeline"], "tta_hflip": members[0].get("tta_hflip", False),
+        "training": {"command": command, "commands": [command] if command else [],
+                     "member_commands": [m["commands"] for m in members],
+                     "n_train": cards[0].get("training", {}).get("n_train"),
+                     "n_val": int(len(first))},
+        "data": cards[0].get("data", {}),
+    }
+    if task == "boneage":
+        avg = np.mean([p["predicted_months"].to_numpy(dtype=float) for p in preds], axis=0)
+        table = first[["image", "boneage_months", "male"]].assign(predicted_months=avg)
+        ensemble_card["validation"] = ev.regression_metrics(table["boneage_months"].to_numpy(), avg)
+    else:
+        avg = np.mean([p["logit"].to_numpy(dtype=float) for p in preds], axis=0)
+        keep = [c for c in ("image", "label", "region", "hardware") if c in first]
+        table = first[keep].assign(logit=avg)
+        fields, prob = classifier_validation(table, has_region="region" in first)
+        table.insert(table.columns.get_loc("logit") + 1, "probability", prob)
+        ensemble_card.update(fields)
+    table.to_csv(out / "val_predictions.csv", index=False)
+    (out / "card.json").write_text(json.dumps(ensemble_card, indent=2, default=str))
+    return ensemble_card
+
+
+def load_ensemble(card: dict[str, Any], directory: Path):
+    """An :class:`EnsemblePredictor` from an ensemble folder (see :func:`build_ensemble`)."""
+    from safetensors.torch import load_file
+
+    from boneai.models import build_model, get_spec
+
+    state = load_file(str(directory / card.get("weights_file", "model.safetensors")))
+    members = []
+    for m in card["members"]:
+        get_spec(m["architecture"])
+        model = build_model(m["architecture"], pretrained=False)
+        prefix = m["prefix"]
+        sub = {k[len(prefix):]: (v.float() if v.is_floating_point() else v) for k, v in state.items()
+               if k.startswith(prefix)}
+        model.load_state_dict(sub)
+        model = model.to(memory_format=torch.channels_last).eval()
+        member_card = {**{k: m[k] for k in _MEMBER_KEYS if k in m}, "task": card["task"],
+                       "name": f"{card.get('name', directory.name)}[{prefix.rstrip('.')}]"}
+        members.append(Predictor(member_card, model, directory))
+    return EnsemblePredictor(card, members, directory)
+
+
+class EnsemblePredictor(Predictor):
+    """Averages its members' outputs (months, or logits before the ensemble's own calibration).
+
+    Heatmaps, the preprocessing shown and ``input_image`` come from the first member; every member
+    sees the upload through its own pipeline.
+    """
+
+    def __init__(self, card: dict[str, Any], members: list, directory: Path) -> None:
+        self.members = members
+        super().__init__(card, members[0].model, directory)
+        self._forward_model = members[0]._forward_model
+        self.dtype = members[0].dtype
+        self.cam_architecture = card["members"][0]["architecture"]
+
+    def raw_outputs(self, batch: torch.Tensor, male: torch.Tensor | None = None) -> np.ndarray:
+        """Only for batches in the first member's input format: use :meth:`member_outputs`."""
+        raise BoneAIError("An ensemble's members need their own inputs; call predict or predict_many.")
+
+    def member_outputs(self, images: Sequence[Radiograph | np.ndarray], male: torch.Tensor | None) -> np.ndarray:
+        """(members, views) raw outputs, each member on its own preprocessing of the views."""
+        from boneai.transforms import to_tensor
+
+        rows = []
+        for m in self.members:
+            batch = torch.stack([to_tensor(m.input_image(im), m.mean, m.std) for im in images])
+            rows.append(m.raw_outputs(batch, male))
+        return np.stack(rows)
+
+    def predict_many(self, images: Sequence[Radiograph | np.ndarray], operating_point: str | float | None = None,
+                     male: bool | Sequence[bool] | None = None) -> list[Prediction]:
+        if not images:
+            return []
+        sex = None
+        if self.task == "boneage" and male is not None:
+            flags = [bool(male)] * len(images) if isinstance(male, (bool, np.bool_)) else [bool(m) for m in male]
+            sex = torch.tensor(flags, dtype=torch.float32)
+        if self.task == "boneage" and sex is None:
+            raise BoneAIError("Bone-age prediction needs the patient's sex (M or F).")
+        per_member = self.member_outputs(images, sex)
+        raw = per_member.mean(axis=0)
+        results = []
+        for j, (value, im) in enumerate(zip(raw, images)):
+            inp = self.members[0].input_image(im)
+            spread = {"member_outputs": [float(v) for v in per_member[:, j]]}
+            if self.task == "boneage":
+                results.append(Prediction(task="boneage", model=self.name, boneage_months=float(value),
+                                          input_image=inp, extras=spread))
+            else:
+                prob = float(self.calibrate(np.array([value]))[0])
+                thr = self.threshold(operating_point)
+                name = operating_point if isinstance(operating_point, str) else (
+                    "custom" if operating_point is not None else self.card.get("default_operating_point", "balanced"))
+                results.append(Prediction(task=self.task, model=self.name, probability=prob, logit=float(value),
+                                          threshold=thr, operating_point=name, decision=prob >= thr, input_image=inp,
+                                          extras=spread))
+        return results
