@@ -84,10 +84,11 @@ def test_upload_size_does_not_change_the_prediction(boneage):
 def test_full_resolution_cases_agree_with_their_100px_copies(boneage, boneage_full_root):
     """The same cases as full-resolution uploads and as 100x100 copies.
 
-    The two are framed differently (the full-resolution files are tighter crops, not the source of
-    the 100x100 copies), so they agree only to about the model's own error: about 12 months on average
-    for the shipped model (bench/results/boneage_full_resolution.json). This guards against a broken
-    upload path (which gives differences of several years), not a few months.
+    The two are rendered differently (the full-resolution files are tight, contrast-processed crops
+    of the hand, not the source of the 100x100 copies), so the shipped model reads them about 9
+    months older on median (bench/results/boneage_full_resolution.json) while ranking them almost
+    identically. This guards the upload path: a broken one (no squash, inverted grey, lost sex
+    input) scrambles the ranking or moves predictions by years.
     """
     from boneai.data import read_boneage
 
@@ -96,12 +97,13 @@ def test_full_resolution_cases_agree_with_their_100px_copies(boneage, boneage_fu
     full = full[[(small_dir / Path(p).name).is_file() for p in full["path"]]]
     male = [bool(m) for m in full["male"]]
     # One batch per path: per-call overhead dominates on a busy CPU.
-    a = [p.boneage_months for p in boneage.predict_many([read_radiograph(p) for p in full["path"]], male=male)]
-    b = [p.boneage_months for p in boneage.predict_many([read_radiograph(small_dir / Path(p).name)
-                                                         for p in full["path"]], male=male)]
-    diffs = np.abs(np.array(a) - np.array(b)).tolist()
-    assert len(diffs) >= 8
-    assert float(np.median(diffs)) < 15.0, diffs
+    a = np.array([p.boneage_months for p in boneage.predict_many([read_radiograph(p) for p in full["path"]],
+                                                                  male=male)])
+    b = np.array([p.boneage_months for p in boneage.predict_many([read_radiograph(small_dir / Path(p).name)
+                                                                   for p in full["path"]], male=male)])
+    assert len(a) >= 8
+    assert np.corrcoef(a, b)[0, 1] > 0.9, (a, b)
+    assert float(np.median(np.abs(a - b))) < 24.0, (a, b)
 
 
 def test_predict_boneage_with_sex_and_heatmap(tmp_path, boneage, capsys):
