@@ -227,6 +227,11 @@ for start in range(0, len(views), per_row):
                 finding = finding_text(task, pred.decision)
                 m2.metric("Decision", finding or "-",
                           help=None if pred.threshold is None else f"At threshold {fmt_score(task, pred.threshold)}")
+            members = pred.extras.get("member_outputs")
+            if members:  # an ensemble: show how far its members agree
+                unit = " months" if pred.boneage_months is not None else " (logit)"
+                st.caption(f"Ensemble of {len(members)} models; members: "
+                           + ", ".join(f"{v:.1f}" for v in members) + unit)
             meta = {"format": view.radiograph.source_format,
                     "size (px)": f"{view.radiograph.width} x {view.radiograph.height}",
                     **{k: v for k, v in view.radiograph.metadata.items() if v not in (None, "")}}

@@ -26,8 +26,14 @@ def _sample_cases() -> pd.DataFrame:
 
 def test_card_records_the_validation_mae_and_command(boneage):
     card = boneage.card
-    assert card["task"] == "boneage" and card["architecture"].startswith("boneage_")
-    assert card["training"]["command"].startswith("python -m boneai train --task boneage")
+    assert card["task"] == "boneage"
+    # A single model, or an ensemble of models each recorded with its own training command.
+    members = card.get("members") or [card]
+    assert all(m["architecture"].startswith("boneage_") for m in members)
+    commands = [c for m in card.get("members", []) for c in m["commands"]] or card["training"]["commands"]
+    assert commands and all(c.startswith("python -m boneai train --task boneage") for c in commands)
+    if card.get("members"):
+        assert card["training"]["command"].startswith("python -m boneai ensemble --task boneage")
     assert card["validation"]["n"] > 1000
     assert card["validation"]["mae"] < 15.0  # the mean predictor is ~33 months
     assert [s["step"] for s in card["pipeline"]][:2] == ["standardise", "squash_resize"]

@@ -47,30 +47,62 @@ def test_an_ensemble_of_one_model_twice_predicts_like_the_model(tmp_path, fractu
     assert heat.map.shape == views[0].pixels.shape[:2] and heat.map.max() > heat.map.min()
 
 
-def test_a_bone_age_ensemble_averages_its_members(tmp_path, boneage):
-    a, b = _copy(boneage, tmp_path / "a"), _copy(boneage, tmp_path / "b")
-    # Make member b a different model: shift its output offset by 12 months, and its saved
-    # validation predictions with it.
+def _bone_age_run(model, dest: Path, shift_months: float) -> Path:
+    """A single-model bone-age run folder from the shipped model (its first member when it is an
+    ensemble), with its output and saved validation predictions shifted by ``shift_months``."""
+    import pandas as pd
     from safetensors.torch import load_file, save_file
 
-    state = load_file(str(b / "model.safetensors"))
-    state["offset"] = state["offset"] + 12
-    save_file(state, str(b / "model.safetensors"))
-    preds = (b / "val_predictions.csv")
+    dest.mkdir()
+    state = load_file(str(model.directory / "model.safetensors"))
+    card = json.loads((model.directory / "card.json").read_text())
+    if card.get("members"):
+        member = card["members"][0]
+        state = {k[len(member["prefix"]):]: v for k, v in state.items() if k.startswith(member["prefix"])}
+        card = {**{k: v for k, v in member.items() if k not in ("prefix", "commands", "validation")},
+                "task": "boneage", "name": dest.name,
+                "training": {"commands": member["commands"], "config": {"data": "boneage", "val_fraction": 0.2,
+                                                                         "seed": 0, "limit": None}}}
+    state["offset"] = state["offset"] + shift_months
+    save_file(state, str(dest / "model.safetensors"))
+    (dest / "card.json").write_text(json.dumps(card))
+    df = pd.read_csv(model.directory / "val_predictions.csv")
+    df["predicted_months"] += shift_months
+    df.to_csv(dest / "val_predictions.csv", index=False)
+    return dest
+
+
+def test_a_bone_age_ensemble_averages_its_members(tmp_path, boneage):
+    a = _bone_age_run(boneage, tmp_path / "a", 0.0)
+    b = _bone_age_run(boneage, tmp_path / "b", 12.0)
+    card = build_ensemble([a, b], tmp_path / "ens", "boneage")
     import pandas as pd
 
-    df = pd.read_csv(preds)
-    df["predicted_months"] += 12
-    df.to_csv(preds, index=False)
-    card = build_ensemble([a, b], tmp_path / "ens", "boneage")
-    assert card["validation"]["bias"] == pytest.approx(boneage.card["validation"]["bias"] + 6, abs=0.01)
+    va = pd.read_csv(a / "val_predictions.csv")
+    bias_a = float((va["predicted_months"] - va["boneage_months"]).mean())
+    assert card["validation"]["bias"] == pytest.approx(bias_a + 6, abs=1e-6)
+    base = load_model(a)
     ens = load_model(tmp_path / "ens")
     views = _views("samples/boneage/*.png")
-    single = np.array([p.boneage_months for p in boneage.predict_many(views, male=True)])
-    avg = np.array([p.boneage_months for p in ens.predict_many(views, male=True)])
-    assert np.allclose(avg, single + 6, atol=0.2)
+    single = np.array([p.boneage_months for p in base.predict_many(views, male=True)])
+    avg = ens.predict_many(views, male=True)
+    assert np.allclose([p.boneage_months for p in avg], single + 6, atol=0.2)
+    assert np.allclose([p.extras["member_outputs"] for p in avg], np.c_[single, single + 12], atol=0.2)
     with pytest.raises(BoneAIError, match="sex"):
         ens.predict_many(views)
+
+
+def test_the_shipped_bone_age_model_is_the_mean_of_its_members(boneage):
+    if not boneage.card.get("members"):
+        pytest.skip("the shipped bone-age model is a single model")
+    views = _views("samples/boneage/*.png")
+    preds = boneage.predict_many(views, male=False)
+    for p in preds:
+        assert p.boneage_months == pytest.approx(np.mean(p.extras["member_outputs"]), abs=1e-4)
+        assert 0 <= p.boneage_months <= 240
+    # The members are different models, each on its own input size.
+    sizes = {m.card["input_size"] for m in boneage.members}
+    assert len(sizes) == len(boneage.members)
 
 
 def test_runs_from_different_splits_or_tasks_are_refused(tmp_path, fracture, boneage):
