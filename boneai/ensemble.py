@@ -22,7 +22,7 @@ import torch
 
 from boneai import evaluate as ev
 from boneai.errors import BoneAIError
-from boneai.inference import Prediction, Predictor
+from boneai.inference import Predictor
 from boneai.io import Radiograph
 
 __all__ = ["build_ensemble", "EnsemblePredictor", "load_ensemble"]
@@ -156,31 +156,10 @@ class EnsemblePredictor(Predictor):
             rows.append(m.raw_outputs(batch, male))
         return np.stack(rows)
 
-    def predict_many(self, images: Sequence[Radiograph | np.ndarray], operating_point: str | float | None = None,
-                     male: bool | Sequence[bool] | None = None) -> list[Prediction]:
-        if not images:
-            return []
-        sex = None
-        if self.task == "boneage" and male is not None:
-            flags = [bool(male)] * len(images) if isinstance(male, (bool, np.bool_)) else [bool(m) for m in male]
-            sex = torch.tensor(flags, dtype=torch.float32)
-        if self.task == "boneage" and sex is None:
-            raise BoneAIError("Bone-age prediction needs the patient's sex (M or F).")
+    def _outputs(self, images: Sequence[Radiograph | np.ndarray], sex: torch.Tensor | None
+                 ) -> tuple[np.ndarray, list[np.ndarray], list[dict[str, Any]]]:
+        """The members' mean; each view's extras keep every member's own output."""
         per_member = self.member_outputs(images, sex)
-        raw = per_member.mean(axis=0)
-        results = []
-        for j, (value, im) in enumerate(zip(raw, images)):
-            inp = self.members[0].input_image(im)
-            spread = {"member_outputs": [float(v) for v in per_member[:, j]]}
-            if self.task == "boneage":
-                results.append(Prediction(task="boneage", model=self.name, boneage_months=float(value),
-                                          input_image=inp, extras=spread))
-            else:
-                prob = float(self.calibrate(np.array([value]))[0])
-                thr = self.threshold(operating_point)
-                name = operating_point if isinstance(operating_point, str) else (
-                    "custom" if operating_point is not None else self.card.get("default_operating_point", "balanced"))
-                results.append(Prediction(task=self.task, model=self.name, probability=prob, logit=float(value),
-                                          threshold=thr, operating_point=name, decision=prob >= thr, input_image=inp,
-                                          extras=spread))
-        return results
+        inputs = [self.members[0].input_image(im) for im in images]
+        extras = [{"member_outputs": [float(v) for v in per_member[:, j]]} for j in range(len(images))]
+        return per_member.mean(axis=0), inputs, extras

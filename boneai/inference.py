@@ -217,27 +217,35 @@ class Predictor(CardOperatingPoints):
     def predict_many(self, images: Sequence[Radiograph | np.ndarray], operating_point: str | float | None = None,
                      male: bool | Sequence[bool] | None = None) -> list[Prediction]:
         """Predict several views in one batch (a study)."""
-        inputs = [self.input_image(im) for im in images]
-        if not inputs:
+        if not len(images):
             return []
+        raw, inputs, extras = self._outputs(images, self._sex_tensor(male, len(images)))
+        return [self._prediction(value, inp, operating_point, ex) for value, inp, ex in zip(raw, inputs, extras)]
+
+    def _sex_tensor(self, male: bool | Sequence[bool] | None, n: int) -> torch.Tensor | None:
+        if self.task != "boneage" or male is None:
+            return None
+        flags = [bool(male)] * n if isinstance(male, (bool, np.bool_)) else [bool(m) for m in male]
+        return torch.tensor(flags, dtype=torch.float32)
+
+    def _outputs(self, images: Sequence[Radiograph | np.ndarray], sex: torch.Tensor | None
+                 ) -> tuple[np.ndarray, list[np.ndarray], list[dict[str, Any]]]:
+        """Raw outputs, the model inputs shown to the user, and extras per view."""
+        inputs = [self.input_image(im) for im in images]
         batch = torch.stack([to_tensor(im, self.mean, self.std) for im in inputs])
-        sex = None
-        if self.task == "boneage" and male is not None:
-            flags = [bool(male)] * len(inputs) if isinstance(male, (bool, np.bool_)) else [bool(m) for m in male]
-            sex = torch.tensor(flags, dtype=torch.float32)
-        raw = self.raw_outputs(batch, sex)
-        results = []
-        for value, inp in zip(raw, inputs):
-            if self.task == "boneage":
-                results.append(Prediction(task="boneage", model=self.name, boneage_months=float(value), input_image=inp))
-            else:
-                prob = float(self.calibrate(np.array([value]))[0])
-                thr = self.threshold(operating_point)
-                name = operating_point if isinstance(operating_point, str) else (
-                    "custom" if operating_point is not None else self.card.get("default_operating_point", "balanced"))
-                results.append(Prediction(task=self.task, model=self.name, probability=prob, logit=float(value),
-                                          threshold=thr, operating_point=name, decision=prob >= thr, input_image=inp))
-        return results
+        return self.raw_outputs(batch, sex), inputs, [{} for _ in inputs]
+
+    def _prediction(self, value: float, inp: np.ndarray, operating_point: str | float | None,
+                    extras: dict[str, Any]) -> Prediction:
+        if self.task == "boneage":
+            return Prediction(task="boneage", model=self.name, boneage_months=float(value), input_image=inp,
+                              extras=extras)
+        prob = float(self.calibrate(np.array([value]))[0])
+        thr = self.threshold(operating_point)
+        name = operating_point if isinstance(operating_point, str) else (
+            "custom" if operating_point is not None else self.card.get("default_operating_point", "balanced"))
+        return Prediction(task=self.task, model=self.name, probability=prob, logit=float(value), threshold=thr,
+                          operating_point=name, decision=prob >= thr, input_image=inp, extras=extras)
 
     def predict(self, image: Radiograph | np.ndarray, operating_point: str | float | None = None,
                 male: bool | None = None) -> Prediction:
