@@ -31,16 +31,11 @@ _MEMBER_KEYS = ("architecture", "input_size", "mean", "std", "pipeline", "tta_hf
                 "initial_weights", "weights_dtype")
 
 
-def _split_key(card: dict[str, Any]) -> tuple:
-    cfg = card.get("training", {}).get("config", {})
-    return (str(Path(str(cfg.get("data", ""))).resolve()), cfg.get("val_fraction"), cfg.get("seed"), cfg.get("limit"))
-
-
 def build_ensemble(run_dirs: Sequence[str | Path], out: str | Path, task: str, command: str = "") -> dict[str, Any]:
     """Write an ensemble model folder from finished runs validated on one split; returns its card."""
     from safetensors.torch import load_file, save_file
 
-    from boneai.train import classifier_validation
+    from boneai.train import classifier_validation, validation_split_key
 
     if len(run_dirs) < 2:
         raise BoneAIError("An ensemble needs at least two trained models.")
@@ -56,7 +51,7 @@ def build_ensemble(run_dirs: Sequence[str | Path], out: str | Path, task: str, c
             raise BoneAIError(f"{d} is already an ensemble; list its runs instead.")
         cards.append(card)
         preds.append(pd.read_csv(d / "val_predictions.csv"))
-    if len({_split_key(c) for c in cards}) != 1:
+    if len({validation_split_key(c.get("training", {}).get("config", {})) for c in cards}) != 1:
         raise BoneAIError("The models were validated on different splits (data, --val-fraction, --seed or --limit "
                           "differ); an average scored on either split would be optimistic.")
     if any(not p["image"].equals(preds[0]["image"]) for p in preds[1:]):

@@ -99,6 +99,14 @@ def pipeline_for(task: str, size: int, crop: bool = True, use_clahe: bool = Fals
     return steps
 
 
+def validation_split_key(config: dict[str, Any]) -> tuple:
+    """What decides a run's validation split (from its ``TrainConfig`` as a dict): two runs with the
+    same key validated on the same images."""
+    val_fraction = config.get("val_fraction")
+    return (str(Path(str(config.get("data", ""))).resolve()), None if val_fraction is None else float(val_fraction),
+            config.get("seed"), config.get("limit"))
+
+
 def load_init_weights(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
     """Load a trained model folder's weights into ``model`` for fine-tuning; returns its provenance.
 
@@ -116,11 +124,7 @@ def load_init_weights(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
     if parent.get("architecture") != cfg.model or parent.get("task") != cfg.task:
         raise ValueError(f"--init-from {directory} is a {parent.get('task')} {parent.get('architecture')} model; "
                          f"this run trains a {cfg.task} {cfg.model}")
-    pcfg = parent.get("training", {}).get("config", {})
-    same_split = (Path(str(pcfg.get("data", ""))).resolve() == Path(cfg.data).resolve()
-                  and float(pcfg.get("val_fraction", -1)) == float(cfg.val_fraction)
-                  and int(pcfg.get("seed", -1)) == int(cfg.seed) and pcfg.get("limit") == cfg.limit)
-    if not same_split:
+    if validation_split_key(parent.get("training", {}).get("config", {})) != validation_split_key(asdict(cfg)):
         raise ValueError(f"--init-from {directory} was trained with another data split (data, --val-fraction, "
                          f"--seed or --limit differ); its training images could leak into this validation split")
     weights = directory / parent.get("weights_file", "model.safetensors")
@@ -130,7 +134,7 @@ def load_init_weights(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
     return {"path": str(directory), "architecture": parent.get("architecture"),
             "input_size": parent.get("input_size"), "commands": training.get("commands", [training.get("command")]),
             "epochs_run": training.get("epochs_run"), "train_seconds": training.get("train_seconds"),
-            "validation": {k: parent.get("validation", {}).get(k) for k in ("auc", "ap", "mae_months")
+            "validation": {k: parent.get("validation", {}).get(k) for k in ("auc", "ap", "mae")
                            if k in parent.get("validation", {})}}
 
 
