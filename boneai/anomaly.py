@@ -205,7 +205,7 @@ class AnomalyPredictor(CardOperatingPoints):
 
 def load_anomaly_model(card: dict[str, Any], directory: str | Path) -> AnomalyPredictor:
     """Build the card's architecture and load its safetensors weights (called by ``inference.load_model``)."""
-    from safetensors.torch import load_file
+    from boneai.inference import read_weights
 
     directory = Path(directory)
     weights = directory / card.get("weights_file", "model.safetensors")
@@ -215,7 +215,7 @@ def load_anomaly_model(card: dict[str, Any], directory: str | Path) -> AnomalyPr
     if spec.task != "anomaly":
         raise ModelNotFoundError(f"Architecture {spec.name!r} is not an anomaly model.")
     model = build_model(card["architecture"], pretrained=False, **card.get("architecture_params", {}))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+    state = read_weights(weights)
     # The feature Gaussian ships only its fitted statistics; the backbone comes from the ImageNet package.
     strict = card["architecture"] in _AUTOENCODERS
     result = model.load_state_dict(state, strict=strict)

@@ -103,19 +103,16 @@ def build_ensemble(run_dirs: Sequence[str | Path], out: str | Path, task: str, c
 
 def load_ensemble(card: dict[str, Any], directory: Path):
     """An :class:`EnsemblePredictor` from an ensemble folder (see :func:`build_ensemble`)."""
-    from safetensors.torch import load_file
-
+    from boneai.inference import read_weights
     from boneai.models import build_model, get_spec
 
-    state = load_file(str(directory / card.get("weights_file", "model.safetensors")))
+    weights = directory / card.get("weights_file", "model.safetensors")
     members = []
     for m in card["members"]:
         get_spec(m["architecture"])
         model = build_model(m["architecture"], pretrained=False)
         prefix = m["prefix"]
-        sub = {k[len(prefix):]: (v.float() if v.is_floating_point() else v) for k, v in state.items()
-               if k.startswith(prefix)}
-        model.load_state_dict(sub)
+        model.load_state_dict(read_weights(weights, prefix))
         model = model.to(memory_format=torch.channels_last).eval()
         member_card = {**{k: m[k] for k in _MEMBER_KEYS if k in m}, "task": card["task"],
                        "name": f"{card.get('name', directory.name)}[{prefix.rstrip('.')}]"}
@@ -133,28 +130,18 @@ class EnsemblePredictor(Predictor):
     def __init__(self, card: dict[str, Any], members: list, directory: Path) -> None:
         self.members = members
         super().__init__(card, members[0].model, directory)
-        self._forward_model = members[0]._forward_model
-        self.dtype = members[0].dtype
+        self.dtype = members[0].dtype  # the members run the forward passes
         self.cam_architecture = card["members"][0]["architecture"]
 
     def raw_outputs(self, batch: torch.Tensor, male: torch.Tensor | None = None) -> np.ndarray:
-        """Only for batches in the first member's input format: use :meth:`member_outputs`."""
+        """Not defined for an ensemble: its members need inputs of their own sizes."""
         raise BoneAIError("An ensemble's members need their own inputs; call predict or predict_many.")
-
-    def member_outputs(self, images: Sequence[Radiograph | np.ndarray], male: torch.Tensor | None) -> np.ndarray:
-        """(members, views) raw outputs, each member on its own preprocessing of the views."""
-        from boneai.transforms import to_tensor
-
-        rows = []
-        for m in self.members:
-            batch = torch.stack([to_tensor(m.input_image(im), m.mean, m.std) for im in images])
-            rows.append(m.raw_outputs(batch, male))
-        return np.stack(rows)
 
     def _outputs(self, images: Sequence[Radiograph | np.ndarray], sex: torch.Tensor | None
                  ) -> tuple[np.ndarray, list[np.ndarray], list[dict[str, Any]]]:
-        """The members' mean; each view's extras keep every member's own output."""
-        per_member = self.member_outputs(images, sex)
-        inputs = [self.members[0].input_image(im) for im in images]
+        """The members' mean, each member on its own preprocessing of the views; the inputs shown are
+        the first member's, and each view's extras keep every member's own output."""
+        outs = [m._outputs(images, sex) for m in self.members]
+        per_member = np.stack([raw for raw, _, _ in outs])
         extras = [{"member_outputs": [float(v) for v in per_member[:, j]]} for j in range(len(images))]
-        return per_member.mean(axis=0), inputs, extras
+        return per_member.mean(axis=0), outs[0][1], extras

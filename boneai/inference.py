@@ -42,6 +42,7 @@ __all__ = [
     "register_run",
     "model_dir",
     "inference_dtype",
+    "read_weights",
 ]
 
 #: Folder of shipped and registered models; ``BONEAI_WEIGHTS_DIR`` overrides it.
@@ -253,10 +254,19 @@ class Predictor(CardOperatingPoints):
         return self.predict_many([image], operating_point, male)[0]
 
 
-def load_model(name_or_path: str | Path = "fracture", weights_dir: str | Path | None = None) -> Predictor:
-    """Load a model folder (card + safetensors weights) into a :class:`Predictor` on the CPU."""
+def read_weights(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A safetensors state dict with floating tensors in float32 (weights ship as float16).
+
+    With ``prefix``, only the keys that start with it, the prefix removed (an ensemble's member).
+    """
     from safetensors.torch import load_file
 
+    return {k[len(prefix):]: v.float() if v.is_floating_point() else v
+            for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+
+
+def load_model(name_or_path: str | Path = "fracture", weights_dir: str | Path | None = None) -> Predictor:
+    """Load a model folder (card + safetensors weights) into a :class:`Predictor` on the CPU."""
     directory = model_dir(name_or_path, weights_dir)
     card = json.loads((directory / "card.json").read_text())
     card.setdefault("name", directory.name)
@@ -273,8 +283,7 @@ def load_model(name_or_path: str | Path = "fracture", weights_dir: str | Path | 
         raise ModelNotFoundError(f"Model {card['name']!r} has a card but no weights file ({weights.name}).")
     get_spec(card["architecture"])  # clear error for an unknown architecture
     model = build_model(card["architecture"], pretrained=False)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
-    model.load_state_dict(state)
+    model.load_state_dict(read_weights(weights))
     model = model.to(memory_format=torch.channels_last).eval()
     return Predictor(card, model, directory)
 

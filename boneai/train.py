@@ -114,7 +114,7 @@ def load_init_weights(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
     split (data, validation fraction, seed): otherwise its training images would sit in this run's
     validation split and every figure of the new model would be optimistic.
     """
-    from safetensors.torch import load_file
+    from boneai.inference import read_weights
 
     directory = Path(cfg.init_from)
     card_path = directory / "card.json"
@@ -128,8 +128,7 @@ def load_init_weights(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"--init-from {directory} was trained with another data split (data, --val-fraction, "
                          f"--seed or --limit differ); its training images could leak into this validation split")
     weights = directory / parent.get("weights_file", "model.safetensors")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
-    model.load_state_dict(state)
+    model.load_state_dict(read_weights(weights))
     training = parent.get("training", {})
     return {"path": str(directory), "architecture": parent.get("architecture"),
             "input_size": parent.get("input_size"), "commands": training.get("commands", [training.get("command")]),
