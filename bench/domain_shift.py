@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--model", default="fracture")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--skip-shortcuts", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "domain_shift.json"))
     args = ap.parse_args()
     data = Path(args.data)
     result: dict[str, object] = {}
@@ -83,7 +84,7 @@ def main() -> None:
     result["fracatlas_val_normal_hands"] = flag_rates(predictor, normal_hands)
     for k in ("rsna_hands_other_hospitals", "fracatlas_val_normal_hands"):
         print(k, result[k])
-    out = REPO / "bench" / "results" / "domain_shift.json"
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -37,6 +37,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock budget; training stops before an epoch that would overrun it")
     p.add_argument("--limit", type=int, default=None, help="use only N images (quick runs)")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -61,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("runs", nargs="+", help="training run folders (card.json, model.safetensors, val_predictions.csv)")
     en.add_argument("--task", choices=["fracture", "boneage"], required=True)
     en.add_argument("--out", required=True, help="output folder, e.g. runs/NAME (register it like a training run)")
+
+    rv = sub.add_parser("revalidate", help="validate a finished run again on another copy of its data "
+                        "(same split) and refit its calibration and operating points")
+    rv.add_argument("run", help="training run folder (card.json, model.safetensors, val_predictions.csv)")
+    rv.add_argument("--data", required=True, help="the data folder to validate on, e.g. the original files")
 
     e = sub.add_parser("evaluate", help="evaluate a model on a labelled folder and write a JSON report")
     e.add_argument("--task", choices=["fracture", "boneage", "anomaly"], default="fracture")
@@ -97,7 +104,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             image_size=args.image_size, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
             optimizer=args.optimizer, scheduler=args.scheduler, loss=args.loss, augment=args.augment,
             crop=not args.no_crop, clahe=args.clahe, weighted_sampler=args.weighted_sampler,
-            val_fraction=args.val_fraction, seed=args.seed, patience=args.patience, limit=args.limit,
+            val_fraction=args.val_fraction, seed=args.seed, patience=args.patience, max_minutes=args.max_minutes, limit=args.limit,
             workers=args.workers, device=args.device, resume=not args.no_resume, tta=not args.no_tta,
             fp16_weights=not args.fp32, pretrained=not args.from_scratch,
             freeze_blocks=args.freeze_blocks, init_from=args.init_from, command=command_line(),
@@ -115,6 +122,15 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
     card = build_ensemble(args.runs, args.out, args.task, command=command_line())
     print(json.dumps({"event": "done", "out": args.out, "validation": card.get("validation"),
                       "members": [m.get("validation") for m in card["members"]]}, default=str))
+    return 0
+
+
+def _cmd_revalidate(args: argparse.Namespace) -> int:
+    from boneai.train import command_line, revalidate
+
+    card = revalidate(args.run, args.data, command=command_line())
+    print(json.dumps({"event": "done", "out": args.run, "validation": card.get("validation"),
+                      "previous": (card["revalidation"]["previous"]["validation"] or {}).get("auc")}, default=str))
     return 0
 
 
@@ -170,7 +186,7 @@ def _result_line(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": _cmd_train, "models": _cmd_models, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
-                "ensemble": _cmd_ensemble}
+                "ensemble": _cmd_ensemble, "revalidate": _cmd_revalidate}
     try:
         return handlers[args.command](args)
     except BoneAIError as exc:

@@ -35,7 +35,7 @@ def build_ensemble(run_dirs: Sequence[str | Path], out: str | Path, task: str, c
     """Write an ensemble model folder from finished runs validated on one split; returns its card."""
     from safetensors.torch import load_file, save_file
 
-    from boneai.train import classifier_validation, validation_split_key
+    from boneai.train import card_split_key, classifier_validation
 
     if len(run_dirs) < 2:
         raise BoneAIError("An ensemble needs at least two trained models.")
@@ -51,7 +51,7 @@ def build_ensemble(run_dirs: Sequence[str | Path], out: str | Path, task: str, c
             raise BoneAIError(f"{d} is already an ensemble; list its runs instead.")
         cards.append(card)
         preds.append(pd.read_csv(d / "val_predictions.csv"))
-    if len({validation_split_key(c.get("training", {}).get("config", {})) for c in cards}) != 1:
+    if len({card_split_key(c) for c in cards}) != 1:
         raise BoneAIError("The models were validated on different splits (data, --val-fraction, --seed or --limit "
                           "differ); an average scored on either split would be optimistic.")
     if any(not p["image"].equals(preds[0]["image"]) for p in preds[1:]):
@@ -68,7 +68,9 @@ def build_ensemble(run_dirs: Sequence[str | Path], out: str | Path, task: str, c
         members.append({**{k: card[k] for k in _MEMBER_KEYS if k in card}, "prefix": f"m{i}.", "source": str(d),
                         "commands": training.get("commands", [training.get("command")]),
                         "epochs_run": training.get("epochs_run"), "train_seconds": training.get("train_seconds"),
-                        "validation": card.get("validation")})
+                        "validation": card.get("validation"),
+                        **({"revalidation": {k: card["revalidation"][k] for k in ("data", "command")}}
+                           if card.get("revalidation") else {})})
     save_file(state, str(out / "model.safetensors"))
 
     first = preds[0]

@@ -125,6 +125,8 @@ class TrainRequest:
         card = json.loads(card_path.read_text())
         if card.get("task") != self.task:
             raise BoneAIError(f"{parent.name} is a {card.get('task')} model; this job trains {self.task}.")
+        if card.get("members"):
+            raise BoneAIError(f"{parent.name} is an ensemble; fine-tune one of its members' training runs instead.")
         if self.model and card.get("architecture") != self.model:
             raise BoneAIError(f"{parent.name} is a {card.get('architecture')}; choose that architecture to fine-tune it.")
         return parent

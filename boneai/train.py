@@ -68,6 +68,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     patience: int = 10
+    max_minutes: float | None = None  # wall-clock budget: no new epoch starts once it would be exceeded
     limit: int | None = None  # use only this many images (quick runs, tests)
     workers: int = 0
     device: str = "auto"
@@ -107,6 +108,15 @@ def validation_split_key(config: dict[str, Any]) -> tuple:
             config.get("seed"), config.get("limit"))
 
 
+def card_split_key(card: dict[str, Any]) -> tuple:
+    """:func:`validation_split_key` of a model card: the split its current validation figures come
+    from (after ``revalidate``, the same split of the data it was validated on again)."""
+    config = dict(card.get("training", {}).get("config", {}))
+    if card.get("revalidation"):
+        config["data"] = card["revalidation"]["data"]
+    return validation_split_key(config)
+
+
 def load_init_weights(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
     """Load a trained model folder's weights into ``model`` for fine-tuning; returns its provenance.
 
@@ -124,7 +134,7 @@ def load_init_weights(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
     if parent.get("architecture") != cfg.model or parent.get("task") != cfg.task:
         raise ValueError(f"--init-from {directory} is a {parent.get('task')} {parent.get('architecture')} model; "
                          f"this run trains a {cfg.task} {cfg.model}")
-    if validation_split_key(parent.get("training", {}).get("config", {})) != validation_split_key(asdict(cfg)):
+    if card_split_key(parent) != validation_split_key(asdict(cfg)):
         raise ValueError(f"--init-from {directory} was trained with another data split (data, --val-fraction, "
                          f"--seed or --limit differ); its training images could leak into this validation split")
     weights = directory / parent.get("weights_file", "model.safetensors")
@@ -422,8 +432,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if is_main:
             print(json.dumps(record0), flush=True)
             metrics_file.write_text(json.dumps(record0) + "\n")
+    t_loop, epoch_seconds = time.time(), 0.0
     for epoch in range(start_epoch, cfg.epochs):
         if bad_epochs >= cfg.patience:
+            break
+        if cfg.max_minutes and (time.time() - t_loop + epoch_seconds) > 60 * cfg.max_minutes:
+            # Another epoch would overrun the budget: stop here and finish with the best epoch so far.
+            if is_main:
+                print(json.dumps({"event": "time_budget", "max_minutes": cfg.max_minutes, "stopped_before_epoch": epoch + 1}),
+                      flush=True)
             break
         t0 = time.time()
         train_ds.set_epoch(epoch)
@@ -460,7 +477,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 torch.save(core.state_dict(), out / "best_model.pt")
         else:
             bad_epochs += 1
-        train_seconds += time.time() - t0
+        epoch_seconds = time.time() - t0
+        train_seconds += epoch_seconds
         record.update({"best": round(best, 5), "seconds": round(time.time() - t0, 1), "device": device.type})
         history.append(record)
         if is_main:
@@ -537,6 +555,59 @@ def _finish(cfg, model, spec, pipeline, size, loss_name, val_df, val_ds, val_loa
     (out / "card.json").write_text(json.dumps(card, indent=2, default=json_default))
     return card
 
+
+
+def revalidate(run_dir: str | Path, data: str | Path, command: str = "", batch_size: int = 32) -> dict[str, Any]:
+    """Validate a finished run again on another copy of its data (e.g. the original files after
+    training on a compressed copy on a remote GPU) and refit what depends on validation outputs.
+
+    The run's own split is rebuilt from ``data`` (same validation fraction, seed and limit) and must
+    list the very images of ``val_predictions.csv``; the validation predictions, calibration,
+    operating points and metrics in the card are replaced, and the previous figures are kept under
+    ``revalidation``. The weights are not touched.
+    """
+    from boneai.inference import read_weights
+
+    run = Path(run_dir)
+    card_path, preds_path = run / "card.json", run / "val_predictions.csv"
+    for path in (card_path, preds_path, run / "model.safetensors"):
+        if not path.is_file():
+            raise ValueError(f"{run} is not a finished training run (no {path.name})")
+    card = json.loads(card_path.read_text())
+    if card.get("members") or card.get("task") not in ("fracture", "boneage"):
+        raise ValueError("revalidate applies to single fracture or bone-age runs; rebuild ensembles from revalidated runs")
+    config = card["training"]["config"]
+    cfg = TrainConfig(**{**{k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__},
+                         "data": str(data)})
+    _, val_df, target, _ = _read_task_data(cfg)
+    old = pd.read_csv(preds_path)
+    rel = [os.path.relpath(p, Path(data)) for p in val_df["path"]]
+    if rel != old["image"].astype(str).tolist():
+        raise ValueError(f"{data} does not give this run's validation split (other images or order); "
+                         f"revalidating there would mix training and validation images")
+    pipeline = card["pipeline"]
+    val_ds = RadiographDataset(val_df["path"].tolist(), val_df[target].to_numpy(), pipeline, card["mean"], card["std"],
+                               None, val_df["male"].to_numpy() if card["task"] == "boneage" else None)
+    loader = DataLoader(val_ds, batch_size=batch_size, shuffle=False)
+    model = build_model(card["architecture"], pretrained=False)
+    model.load_state_dict(read_weights(run / card.get("weights_file", "model.safetensors")))
+    model = model.to(memory_format=torch.channels_last)
+    raw = _predict_loader(model, card["task"], loader, torch.device("cpu"), tta=bool(card.get("tta_hflip")))
+    previous = {"data": card.get("data", {}).get("root", config.get("data")), "validation": card.get("validation"),
+                "temperature": card.get("temperature"), "operating_points": card.get("operating_points")}
+    if card["task"] == "fracture":
+        preds = old.drop(columns=[c for c in ("logit", "probability") if c in old]).assign(logit=raw)
+        fields, prob = classifier_validation(preds, has_region="region" in preds)
+        preds.insert(preds.columns.get_loc("logit") + 1, "probability", prob)
+        card.update(fields)
+    else:
+        preds = old.assign(predicted_months=raw)
+        card["validation"] = ev.regression_metrics(val_ds.targets, raw)
+    card["revalidation"] = {"data": str(data), "command": command, "previous": previous}
+    card.setdefault("data", {})["root"] = str(data)
+    preds.to_csv(preds_path, index=False)
+    card_path.write_text(json.dumps(card, indent=2, default=json_default))
+    return card
 
 
 def classifier_validation(preds: pd.DataFrame, has_region: bool = True) -> tuple[dict[str, Any], np.ndarray]:

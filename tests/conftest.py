@@ -192,5 +192,11 @@ def fracture():
 
 
 @pytest.fixture(scope="module")
+def fracture_fast():
+    """The shipped single-model fracture classifier (224 px); the default ``fracture`` is an ensemble."""
+    return shipped_model("fracture_fast")
+
+
+@pytest.fixture(scope="module")
 def boneage():
     return shipped_model("boneage")

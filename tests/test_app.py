@@ -383,10 +383,11 @@ def test_training_form_offers_the_shipped_model_for_fine_tuning_and_refuses_a_mi
     at.radio(key="train_task").set_value("fracture").run()
     parent = at.selectbox(key="train_parent_fracture")
     assert parent.options[0].startswith("its initial weights")
-    assert "fine-tune fracture (efficientnet_lite0, 224 px)" in parent.options
+    assert "fine-tune fracture_fast (efficientnet_lite0, 224 px)" in parent.options
+    assert not any(o.startswith("fine-tune fracture (") for o in parent.options)  # an ensemble is not fine-tuned
     from boneai.inference import available_models
 
-    shipped = next(c["dir"] for c in available_models("fracture") if c["name"] == "fracture")
+    shipped = next(c["dir"] for c in available_models("fracture") if c["name"] == "fracture_fast")
     at.text_input(key="train_data_fracture").input(str(REPO / "samples"))
     at.selectbox(key="train_model_fracture").set_value("resnet18")
     parent.set_value(shipped)

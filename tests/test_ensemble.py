@@ -30,7 +30,8 @@ def _copy(model, dest: Path) -> Path:
     return dest
 
 
-def test_an_ensemble_of_one_model_twice_predicts_like_the_model(tmp_path, fracture):
+def test_an_ensemble_of_one_model_twice_predicts_like_the_model(tmp_path, fracture_fast):
+    fracture = fracture_fast
     a, b = _copy(fracture, tmp_path / "a"), _copy(fracture, tmp_path / "b")
     card = build_ensemble([a, b], tmp_path / "ens", "fracture", command="python -m boneai ensemble ...")
     assert card["architecture"] == "ensemble" and len(card["members"]) == 2
@@ -105,7 +106,8 @@ def test_the_shipped_bone_age_model_is_the_mean_of_its_members(boneage):
     assert len(sizes) == len(boneage.members)
 
 
-def test_runs_from_different_splits_or_tasks_are_refused(tmp_path, fracture, boneage):
+def test_runs_from_different_splits_or_tasks_are_refused(tmp_path, fracture_fast, boneage):
+    fracture = fracture_fast
     a, b = _copy(fracture, tmp_path / "a"), _copy(fracture, tmp_path / "b")
     card = json.loads((b / "card.json").read_text())
     card["training"]["config"]["seed"] = 7
@@ -118,3 +120,21 @@ def test_runs_from_different_splits_or_tasks_are_refused(tmp_path, fracture, bon
         build_ensemble([a], tmp_path / "z", "fracture")
     with pytest.raises(BoneAIError, match="not a finished training run"):
         build_ensemble([a, tmp_path], tmp_path / "w", "fracture")
+
+
+def test_the_shipped_fracture_ensemble_was_validated_on_the_original_files(fracture):
+    """Its members trained on a compressed copy on a GPU machine; every figure must come from the originals."""
+    import pandas as pd
+
+    from boneai.evaluate import roc_auc
+
+    assert isinstance(fracture, EnsemblePredictor)
+    card = fracture.card
+    for member in card["members"]:
+        assert member["revalidation"]["command"].startswith("python -m boneai revalidate")
+        assert Path(member["revalidation"]["data"]).name == "fracatlas" and ".gpu" not in member["revalidation"]["data"]
+        assert member["commands"][0].startswith("python -m boneai train")
+    preds = pd.read_csv(fracture.directory / "val_predictions.csv")
+    assert len(preds) == card["validation"]["n"] == 693
+    assert roc_auc(preds["label"].to_numpy(), preds["logit"].to_numpy()) == pytest.approx(card["validation"]["auc"])
+    assert card["validation"]["auc"] >= 0.92

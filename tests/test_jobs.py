@@ -54,7 +54,7 @@ def test_train_request_builds_the_cli_command(tmp_path: Path) -> None:
 
 
 def test_fine_tuning_options_reach_the_command_and_a_wrong_parent_is_refused(tmp_path: Path) -> None:
-    shipped = REPO / "weights" / "fracture"
+    shipped = REPO / "weights" / "fracture_fast"
     req = TrainRequest(task="fracture", data=str(tmp_path), model="efficientnet_lite0", augment="basic", clahe=True,
                        freeze_blocks=2, init_from=str(shipped))
     argv = req.argv(out="OUT")
@@ -68,6 +68,8 @@ def test_fine_tuning_options_reach_the_command_and_a_wrong_parent_is_refused(tmp
         TrainRequest(task="boneage", data=str(tmp_path), init_from=str(shipped)).argv("OUT")
     with pytest.raises(BoneAIError, match="No trained model"):
         TrainRequest(task="fracture", data=str(tmp_path), init_from=str(tmp_path)).argv("OUT")
+    with pytest.raises(BoneAIError, match="is an ensemble"):
+        TrainRequest(task="fracture", data=str(tmp_path), init_from=str(REPO / "weights" / "fracture")).argv("OUT")
 
 
 @pytest.mark.parametrize("bad", [dict(data="/no/such/folder"), dict(task="segmentation"), dict(epochs=0),

@@ -147,3 +147,42 @@ def test_fine_tuning_starts_from_the_parent_weights_and_refuses_another_split(tm
     proc = _train(data, tmp_path / "bad", "--epochs", "1", "--init-from", str(parent), "--seed", "3")
     assert proc.returncode != 0
     assert "another data split" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_time_budget_stops_training_and_a_compressed_copy_run_is_revalidated_on_the_originals(tmp_path):
+    """The GPU workflow in small: train on a compact copy under a time budget, validate again on the originals."""
+    from boneai.train import card_split_key, validation_split_key
+
+    original = fracture_folder(tmp_path / "orig", per_class=14, layout="fracatlas")
+    copy = tmp_path / "copy"
+    proc = subprocess.run([sys.executable, "bench/transfer_copy.py", str(original), str(copy), "--quality", "60"],
+                          cwd=REPO, env=_ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sum(f.stat().st_size for f in copy.rglob("*.jpg")) < sum(f.stat().st_size for f in original.rglob("*.jpg"))
+
+    out = tmp_path / "run"
+    proc = _train(copy, out, "--epochs", "5", "--image-size", "64", "--max-minutes", "0.0001")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '"event": "time_budget"' in proc.stdout
+    assert [h["epoch"] for h in _metrics(out)] == [0, 1]  # the first epoch always runs; the budget stops the rest
+    before = json.loads((out / "card.json").read_text())
+    logits_before = (out / "val_predictions.csv").read_text()
+
+    cmd = [sys.executable, "-m", "boneai", "revalidate", str(out), "--data", str(original)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    card = json.loads((out / "card.json").read_text())
+    assert card["revalidation"]["data"] == str(original)
+    assert card["revalidation"]["previous"]["validation"]["auc"] == before["validation"]["auc"]
+    assert card["revalidation"]["command"].startswith("python -m boneai revalidate")
+    assert set(card["operating_points"]) == {"sensitive", "balanced"}
+    assert (out / "val_predictions.csv").read_text() != logits_before  # other pixels, other logits
+    assert card["training"]["config"]["data"] == str(copy)  # the training record is left as it was
+    # Fine-tuning and ensembles now match this run with runs made on the original files.
+    assert card_split_key(card) == validation_split_key({**card["training"]["config"], "data": str(original)})
+
+    # A folder that does not reproduce the split is refused, and the card is left alone.
+    (original / "images" / "Fractured" / "IMG1000000.jpg").unlink()
+    proc = subprocess.run(cmd, cwd=REPO, env=_ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "validation split" in proc.stderr and "Traceback" not in proc.stderr
+    assert json.loads((out / "card.json").read_text()) == card
