@@ -48,6 +48,7 @@ def main() -> None:
             "balanced": {k: round(ops["balanced"][k], 3) for k in ("threshold", "sensitivity", "specificity")},
             "epochs_run": training.get("epochs_run"), "train_seconds": training.get("train_seconds"),
             "device": training.get("device"),
+            "fracatlas_val_normal_hands_mean_probability": round(float(normal_hands.mean()), 3),
             "fracatlas_val_normal_hands_flagged": {name: round(float((normal_hands >= op["threshold"]).mean()), 3)
                                                    for name, op in ops.items()},
         }

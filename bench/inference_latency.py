@@ -42,6 +42,7 @@ def main() -> None:
     t0 = time.perf_counter()
     predictor = load_model(args.model)
     load_s = time.perf_counter() - t0
+    members = getattr(predictor, "members", [predictor])
 
     def one_view(raw: bytes) -> None:
         with warnings.catch_warnings():
@@ -58,9 +59,10 @@ def main() -> None:
         raw = data[i % len(data)]
         t = time.perf_counter()
         rg = read_radiograph(raw, name="bench")
-        tensor = predictor.input_tensor(rg)
+        tensors = [m.input_tensor(rg) for m in members]  # each ensemble member has its own pipeline
         t_pre = time.perf_counter()
-        predictor.raw_outputs(tensor)
+        for m, tensor in zip(members, tensors):
+            m.raw_outputs(tensor)
         t_end = time.perf_counter()
         per_view.append((t_end - t) * 1000)
         pre_only.append((t_pre - t) * 1000)
@@ -75,7 +77,7 @@ def main() -> None:
     throughput = reps * args.batch / (time.perf_counter() - t)
     result = {
         "model": predictor.name, "architecture": predictor.card.get("architecture"),
-        "input_size": predictor.card.get("input_size"), "tta_hflip": predictor.card.get("tta_hflip"),
+        "input_size": [m.card.get("input_size") for m in members] if len(members) > 1 else predictor.card.get("input_size"), "tta_hflip": predictor.card.get("tta_hflip"),
         "per_view_ms_median": round(statistics.median(per_view), 1),
         "per_view_ms_p90": round(sorted(per_view)[int(0.9 * (len(per_view) - 1))], 1),
         "per_view_ms_median_of_each_run": run_medians,
