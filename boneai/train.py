@@ -566,7 +566,7 @@ def revalidate(run_dir: str | Path, data: str | Path, command: str = "", batch_s
     operating points and metrics in the card are replaced, and the previous figures are kept under
     ``revalidation``. The weights are not touched.
     """
-    from boneai.inference import read_weights
+    from boneai.inference import load_model
 
     run = Path(run_dir)
     card_path, preds_path = run / "card.json", run / "val_predictions.csv"
@@ -589,9 +589,7 @@ def revalidate(run_dir: str | Path, data: str | Path, command: str = "", batch_s
     val_ds = RadiographDataset(val_df["path"].tolist(), val_df[target].to_numpy(), pipeline, card["mean"], card["std"],
                                None, val_df["male"].to_numpy() if card["task"] == "boneage" else None)
     loader = DataLoader(val_ds, batch_size=batch_size, shuffle=False)
-    model = build_model(card["architecture"], pretrained=False)
-    model.load_state_dict(read_weights(run / card.get("weights_file", "model.safetensors")))
-    model = model.to(memory_format=torch.channels_last)
+    model = load_model(run).model  # the float32 weights, as the card's own loader reads them
     raw = _predict_loader(model, card["task"], loader, torch.device("cpu"), tta=bool(card.get("tta_hflip")))
     previous = {"data": card.get("data", {}).get("root", config.get("data")), "validation": card.get("validation"),
                 "temperature": card.get("temperature"), "operating_points": card.get("operating_points")}
