@@ -479,7 +479,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             bad_epochs += 1
         epoch_seconds = time.time() - t0
         train_seconds += epoch_seconds
-        record.update({"best": round(best, 5), "seconds": round(time.time() - t0, 1), "device": device.type})
+        record.update({"best": round(best, 5), "seconds": round(epoch_seconds, 1), "device": device.type})
         history.append(record)
         if is_main:
             print(json.dumps(record), flush=True)
