@@ -77,7 +77,8 @@ def main() -> None:
     throughput = reps * args.batch / (time.perf_counter() - t)
     result = {
         "model": predictor.name, "architecture": predictor.card.get("architecture"),
-        "input_size": [m.card.get("input_size") for m in members] if len(members) > 1 else predictor.card.get("input_size"), "tta_hflip": predictor.card.get("tta_hflip"),
+        "input_size": [m.card.get("input_size") for m in members] if len(members) > 1 else predictor.card.get("input_size"),
+        "tta_hflip": predictor.card.get("tta_hflip"),
         "per_view_ms_median": round(statistics.median(per_view), 1),
         "per_view_ms_p90": round(sorted(per_view)[int(0.9 * (len(per_view) - 1))], 1),
         "per_view_ms_median_of_each_run": run_medians,

@@ -31,16 +31,15 @@ def _copy(model, dest: Path) -> Path:
 
 
 def test_an_ensemble_of_one_model_twice_predicts_like_the_model(tmp_path, fracture_fast):
-    fracture = fracture_fast
-    a, b = _copy(fracture, tmp_path / "a"), _copy(fracture, tmp_path / "b")
+    a, b = _copy(fracture_fast, tmp_path / "a"), _copy(fracture_fast, tmp_path / "b")
     card = build_ensemble([a, b], tmp_path / "ens", "fracture", command="python -m boneai ensemble ...")
     assert card["architecture"] == "ensemble" and len(card["members"]) == 2
-    assert card["validation"]["auc"] == pytest.approx(fracture.card["validation"]["auc"], abs=1e-9)
+    assert card["validation"]["auc"] == pytest.approx(fracture_fast.card["validation"]["auc"], abs=1e-9)
     assert set(card["operating_points"]) == {"sensitive", "balanced"}
     ens = load_model(tmp_path / "ens")
     assert isinstance(ens, EnsemblePredictor)
     views = _views("samples/fracatlas/*.jpg")
-    single = [p.probability for p in fracture.predict_many(views)]
+    single = [p.probability for p in fracture_fast.predict_many(views)]
     both = ens.predict_many(views)
     assert np.allclose([p.probability for p in both], single, atol=1e-5)
     assert all(len(p.extras["member_outputs"]) == 2 for p in both)
@@ -107,8 +106,7 @@ def test_the_shipped_bone_age_model_is_the_mean_of_its_members(boneage):
 
 
 def test_runs_from_different_splits_or_tasks_are_refused(tmp_path, fracture_fast, boneage):
-    fracture = fracture_fast
-    a, b = _copy(fracture, tmp_path / "a"), _copy(fracture, tmp_path / "b")
+    a, b = _copy(fracture_fast, tmp_path / "a"), _copy(fracture_fast, tmp_path / "b")
     card = json.loads((b / "card.json").read_text())
     card["training"]["config"]["seed"] = 7
     (b / "card.json").write_text(json.dumps(card))
