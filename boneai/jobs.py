@@ -82,6 +82,9 @@ class TrainRequest:
     clahe: bool = False
     freeze_blocks: int = 0
     init_from: str | None = None  # a trained model folder to fine-tune (same task and architecture)
+    init_member: int | None = None  # with an ensemble as init_from: the member to start from
+    distill_from: str | None = None  # a trained model folder (an ensemble too) to distil into this run
+    distill_weight: float = 0.5  # share of the teacher's output in the training target
     extra_args: list[str] = field(default_factory=list)
 
     def argv(self, out: str | Path) -> list[str]:
@@ -114,7 +117,26 @@ class TrainRequest:
             args += ["--freeze-blocks", str(int(self.freeze_blocks))]
         if self.init_from:
             args += ["--init-from", str(self._check_parent())]
+            if self.init_member is not None:
+                args += ["--init-member", str(int(self.init_member))]
+        if self.distill_from:
+            args += ["--distill-from", str(self._check_teacher()), "--distill-weight", repr(float(self.distill_weight))]
         return args + list(self.extra_args)
+
+    def _check_teacher(self) -> Path:
+        """The teacher of a distillation run: a trained model folder of this task."""
+        if self.task == "anomaly":
+            raise BoneAIError("Distillation applies to the fracture and bone-age tasks.")
+        if not 0.0 <= float(self.distill_weight) <= 1.0:
+            raise BoneAIError("The teacher's weight must lie between 0 and 1.")
+        teacher = Path(self.distill_from)
+        card_path = teacher / "card.json"
+        if not card_path.is_file():
+            raise BoneAIError(f"No trained model at {teacher} (no card.json).")
+        card = json.loads(card_path.read_text())
+        if card.get("task") != self.task:
+            raise BoneAIError(f"{teacher.name} is a {card.get('task')} model; this job trains {self.task}.")
+        return teacher
 
     def _check_parent(self) -> Path:
         """The model folder to fine-tune, checked here so the form can say what is wrong at once."""
@@ -125,10 +147,17 @@ class TrainRequest:
         card = json.loads(card_path.read_text())
         if card.get("task") != self.task:
             raise BoneAIError(f"{parent.name} is a {card.get('task')} model; this job trains {self.task}.")
+        architecture = card.get("architecture")
         if card.get("members"):
-            raise BoneAIError(f"{parent.name} is an ensemble; fine-tune one of its members' training runs instead.")
-        if self.model and card.get("architecture") != self.model:
-            raise BoneAIError(f"{parent.name} is a {card.get('architecture')}; choose that architecture to fine-tune it.")
+            members = card["members"]
+            if self.init_member is None or not 0 <= int(self.init_member) < len(members):
+                raise BoneAIError(f"{parent.name} is an ensemble of {len(members)} models; choose which member to "
+                                  f"fine-tune.")
+            architecture = members[int(self.init_member)].get("architecture")
+        elif self.init_member is not None:
+            raise BoneAIError(f"{parent.name} is a single model, not an ensemble; it has no members to choose from.")
+        if self.model and architecture != self.model:
+            raise BoneAIError(f"{parent.name} is a {architecture}; choose that architecture to fine-tune it.")
         return parent
 
 

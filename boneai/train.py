@@ -78,6 +78,9 @@ class TrainConfig:
     pretrained: bool = True
     freeze_blocks: int = 0  # EfficientNet: keep the stem and the first N blocks fixed (about 2x faster on CPU)
     init_from: str | None = None  # fine-tune: start from a trained model folder (card + weights) of this architecture
+    init_member: int | None = None  # with an ensemble as init_from: which member's weights (0-based)
+    distill_from: str | None = None  # knowledge distillation: a trained model folder (single or ensemble) as teacher
+    distill_weight: float = 0.5  # share of the teacher's output in the training target (0: labels only, 1: teacher only)
     command: str = field(default="")
 
 
@@ -117,12 +120,35 @@ def card_split_key(card: dict[str, Any]) -> tuple:
     return validation_split_key(config)
 
 
-def load_init_weights(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
+def check_same_validation_split(directory: Path, card: dict[str, Any], cfg: TrainConfig,
+                                 val_images: list[str] | None, role: str) -> None:
+    """Refuse a parent or teacher model whose training images could sit in this run's validation split.
+
+    The other model must have been validated on exactly this run's validation images (its
+    ``val_predictions.csv`` lists them, in order; the check that works for revalidated runs and
+    ensembles too). Without that file, its recorded split (data, validation fraction, seed, limit)
+    must be this run's.
+    """
+    preds = directory / "val_predictions.csv"
+    if preds.is_file() and val_images is not None:
+        theirs = pd.read_csv(preds, usecols=["image"])["image"].astype(str).tolist()
+        if theirs != list(val_images):
+            raise ValueError(f"{role} {directory} was validated on another data split (other images than this "
+                             f"run's validation split: data, --val-fraction, --seed or --limit differ); its "
+                             f"training images could leak into this validation split")
+        return
+    if card_split_key(card) != validation_split_key(asdict(cfg)):
+        raise ValueError(f"{role} {directory} was trained with another data split (data, --val-fraction, "
+                         f"--seed or --limit differ); its training images could leak into this validation split")
+
+
+def load_init_weights(model: nn.Module, cfg: TrainConfig, val_images: list[str] | None = None) -> dict[str, Any]:
     """Load a trained model folder's weights into ``model`` for fine-tuning; returns its provenance.
 
     The parent must have the same task and architecture, and must have been validated on the same
-    split (data, validation fraction, seed): otherwise its training images would sit in this run's
-    validation split and every figure of the new model would be optimistic.
+    split (see :func:`check_same_validation_split`): otherwise its training images would sit in
+    this run's validation split and every figure of the new model would be optimistic. An ensemble
+    parent needs ``cfg.init_member``: the member whose weights start this run.
     """
     from boneai.inference import read_weights
 
@@ -131,20 +157,88 @@ def load_init_weights(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
     if not card_path.is_file():
         raise ValueError(f"--init-from {directory}: no card.json there (expected a trained model folder)")
     parent = json.loads(card_path.read_text())
-    if parent.get("architecture") != cfg.model or parent.get("task") != cfg.task:
-        raise ValueError(f"--init-from {directory} is a {parent.get('task')} {parent.get('architecture')} model; "
+    source, prefix = parent, ""
+    if parent.get("members"):
+        members = parent["members"]
+        if cfg.init_member is None or not 0 <= cfg.init_member < len(members):
+            raise ValueError(f"--init-from {directory} is an ensemble of {len(members)} models; choose one with "
+                             f"--init-member 0..{len(members) - 1}")
+        source, prefix = members[cfg.init_member], members[cfg.init_member]["prefix"]
+    elif cfg.init_member is not None:
+        raise ValueError(f"--init-member applies to an ensemble; {directory} is a single model")
+    if source.get("architecture") != cfg.model or parent.get("task") != cfg.task:
+        raise ValueError(f"--init-from {directory} is a {parent.get('task')} {source.get('architecture')} model; "
                          f"this run trains a {cfg.task} {cfg.model}")
-    if card_split_key(parent) != validation_split_key(asdict(cfg)):
-        raise ValueError(f"--init-from {directory} was trained with another data split (data, --val-fraction, "
-                         f"--seed or --limit differ); its training images could leak into this validation split")
+    check_same_validation_split(directory, parent, cfg, val_images, "--init-from")
     weights = directory / parent.get("weights_file", "model.safetensors")
-    model.load_state_dict(read_weights(weights))
-    training = parent.get("training", {})
-    return {"path": str(directory), "architecture": parent.get("architecture"),
-            "input_size": parent.get("input_size"), "commands": training.get("commands", [training.get("command")]),
+    model.load_state_dict(read_weights(weights, prefix))
+    training = source.get("training", source)  # an ensemble member keeps its commands and figures at top level
+    info = {"path": str(directory), "architecture": source.get("architecture"),
+            "input_size": source.get("input_size"), "commands": training.get("commands", [training.get("command")]),
             "epochs_run": training.get("epochs_run"), "train_seconds": training.get("train_seconds"),
-            "validation": {k: parent.get("validation", {}).get(k) for k in ("auc", "ap", "mae")
-                           if k in parent.get("validation", {})}}
+            "validation": {k: source.get("validation", {}).get(k) for k in ("auc", "ap", "mae")
+                           if k in source.get("validation", {})}}
+    if prefix:
+        info["member"] = cfg.init_member
+    return info
+
+
+def teacher_targets(cfg: TrainConfig, train_df: pd.DataFrame, target: str, val_images: list[str],
+                    out: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """Knowledge distillation: the training targets mixed with a teacher model's outputs.
+
+    The teacher (a fracture or bone-age model folder, an ensemble included) predicts every training
+    image through its own card pipeline: calibrated probabilities for a classifier, months for bone
+    age. The target becomes ``(1 - w) * label + w * teacher`` with ``w = cfg.distill_weight``. The
+    teacher must have been validated on this run's validation images, so it never saw them. Its
+    outputs are cached in ``out/teacher_outputs.csv`` (a resumed run reuses them).
+    """
+    import warnings
+
+    from boneai.inference import load_model
+
+    directory = Path(cfg.distill_from)
+    card_path = directory / "card.json"
+    if not card_path.is_file():
+        raise ValueError(f"--distill-from {directory}: no card.json there (expected a trained model folder)")
+    card = json.loads(card_path.read_text())
+    if card.get("task") != cfg.task:
+        raise ValueError(f"--distill-from {directory} is a {card.get('task')} model; this run trains {cfg.task}")
+    if not 0.0 <= cfg.distill_weight <= 1.0:
+        raise ValueError("--distill-weight must lie between 0 and 1")
+    check_same_validation_split(directory, card, cfg, val_images, "--distill-from")
+    rel = [os.path.relpath(p, Path(cfg.data)) for p in train_df["path"]]
+    cache = out / "teacher_outputs.csv"
+    column = "teacher_probability" if cfg.task == "fracture" else "teacher_months"
+    cached = pd.read_csv(cache) if cache.is_file() else None
+    t0 = time.time()
+    if cached is not None and cached["image"].astype(str).tolist() == rel and column in cached:
+        teacher = cached[column].to_numpy(dtype=np.float64)
+    else:
+        predictor = load_model(directory)
+        teacher_list: list[float] = []
+        from tqdm import tqdm
+
+        paths, batch = train_df["path"].tolist(), 8
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # truncated FracAtlas JPEGs are read with a warning
+            for i in tqdm(range(0, len(paths), batch), desc="teacher", file=sys.stderr, mininterval=10):
+                images = [read_radiograph(p) for p in paths[i:i + batch]]
+                male = train_df["male"].iloc[i:i + batch].tolist() if cfg.task == "boneage" else None
+                for pred in predictor.predict_many(images, male=male):
+                    teacher_list.append(pred.probability if cfg.task == "fracture" else pred.boneage_months)
+        teacher = np.asarray(teacher_list, dtype=np.float64)
+        pd.DataFrame({"image": rel, column: teacher}).to_csv(cache, index=False)
+    labels = train_df[target].to_numpy(dtype=np.float64)
+    mixed = (1 - cfg.distill_weight) * labels + cfg.distill_weight * teacher
+    info = {"teacher": str(directory), "teacher_name": card.get("name", directory.name),
+            "teacher_description": card.get("description"), "weight": cfg.distill_weight,
+            "teacher_output": column.replace("teacher_", ""), "teacher_seconds": round(time.time() - t0, 1),
+            "teacher_validation": {k: card.get("validation", {}).get(k) for k in ("auc", "ap", "mae")
+                                   if k in card.get("validation", {})}}
+    if cfg.task == "fracture":
+        info["teacher_train_auc"] = round(float(ev.roc_auc(labels.astype(int), teacher)), 4)
+    return mixed.astype(np.float32), info
 
 
 def _load_pre_resize(path: str, pipeline: list[dict[str, Any]], max_side: int) -> np.ndarray:
@@ -330,10 +424,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     train_df, val_df, target, _ = _read_task_data(cfg)
     pipeline = pipeline_for(cfg.task, size, cfg.crop, cfg.clahe)
     aux_col = "male" if cfg.task == "boneage" else None
+    val_images = [os.path.relpath(p, Path(cfg.data)) for p in val_df["path"]]
+    train_targets, distill_info = train_df[target].to_numpy(), None
+    if cfg.distill_from:
+        # One process computes the teacher's outputs; the others read its cache.
+        if distributed and not is_main:
+            dist.barrier()
+        train_targets, distill_info = teacher_targets(cfg, train_df, target, val_images, out)
+        if distributed and is_main:
+            dist.barrier()
+        if is_main:
+            print(json.dumps({"event": "teacher", **{k: v for k, v in distill_info.items()
+                                                     if k not in ("teacher_description",)}}), flush=True)
     aug = Augment(size=size, level=cfg.augment) if cfg.augment != "none" else Augment(size=size, level="none")
     if cfg.task == "boneage":
         aug.crop_scale, aug.zoom_out = (0.8, 1.0), (0.9, 1.0)
-    train_ds = RadiographDataset(train_df["path"].tolist(), train_df[target].to_numpy(), pipeline, spec.mean, spec.std,
+    train_ds = RadiographDataset(train_df["path"].tolist(), train_targets, pipeline, spec.mean, spec.std,
                                  aug, None if aux_col is None else train_df[aux_col].to_numpy(), seed=cfg.seed)
     val_ds = RadiographDataset(val_df["path"].tolist(), val_df[target].to_numpy(), pipeline, spec.mean, spec.std,
                                None, None if aux_col is None else val_df[aux_col].to_numpy(), seed=cfg.seed)
@@ -355,7 +461,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=cfg.workers)
 
     model = build_model(cfg.model, pretrained=cfg.pretrained and not cfg.init_from)
-    init_info = load_init_weights(model, cfg) if cfg.init_from else None
+    init_info = load_init_weights(model, cfg, val_images) if cfg.init_from else None
     model = model.to(device)
     if cfg.freeze_blocks:
         _freeze_early_blocks(model, cfg.freeze_blocks)
@@ -498,7 +604,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     card: dict[str, Any] = {}
     if is_main:
         card = _finish(cfg, core, spec, pipeline, size, loss_name, val_df, val_ds, val_loader, device, history,
-                       train_seconds, data_seconds, len(train_df), commands, init_info)
+                       train_seconds, data_seconds, len(train_df), commands, init_info, distill_info)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
@@ -506,7 +612,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _finish(cfg, model, spec, pipeline, size, loss_name, val_df, val_ds, val_loader, device, history,
-            train_seconds, data_seconds, n_train, commands, init_info=None) -> dict[str, Any]:
+            train_seconds, data_seconds, n_train, commands, init_info=None, distill_info=None) -> dict[str, Any]:
     """Reload the best weights, calibrate, choose operating points, write weights, predictions and card."""
     from safetensors.torch import save_file
 
@@ -538,6 +644,8 @@ def _finish(cfg, model, spec, pipeline, size, loss_name, val_df, val_ds, val_loa
     if init_info:
         # The full provenance: the parent's own commands and figures, then this run's.
         card["training"]["init_from"] = init_info
+    if distill_info:
+        card["training"]["distillation"] = distill_info
     if cfg.task == "fracture":
         preds = pd.DataFrame({"image": rel, "label": val_ds.targets.astype(int),
                               "region": val_df.get("region", "unknown"), "logit": raw})

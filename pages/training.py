@@ -55,28 +55,51 @@ def job_form() -> None:
             lr = st.number_input("Learning rate", 1e-6, 1.0, 1e-3, format="%.5f", step=1e-4, key="train_lr")
             limit = st.number_input("Use only the first N images (0 = all)", 0, 1_000_000, 0, key="train_limit",
                                     help="For a quick trial run.")
-        parents = {c["dir"]: c for c in available_models(task) if c.get("architecture") in architectures}
-        with st.expander("Augmentation, preprocessing, fine-tuning"):
+        models = available_models(task)
+        # Fine-tuning parents: single models, and each member of an ensemble ("<dir>#<member>").
+        parents: dict[str, str] = {}
+        for c in models:
+            if c.get("members"):
+                for k, m in enumerate(c["members"]):
+                    if m.get("architecture") in architectures:
+                        parents[f"{c['dir']}#{k}"] = (f"member {k} of {c['name']} ({m.get('architecture')}, "
+                                                      f"{m.get('input_size')} px)")
+            elif c.get("architecture") in architectures:
+                parents[c["dir"]] = f"{c['name']} ({c.get('architecture')}, {c.get('input_size')} px)"
+        teachers = {c["dir"]: f"{c['name']} ({c.get('description') or c.get('architecture')})"[:90]
+                    for c in models} if task != "anomaly" else {}
+        with st.expander("Augmentation, preprocessing, fine-tuning, distillation"):
             a1, a2 = st.columns(2)
             with a1:
                 augment = st.selectbox("Augmentation", ["strong", "basic", "none"], key=f"train_augment_{task}",
                                        help="strong: random crops, zoom, rotation, flips, gamma/contrast, CLAHE at "
                                             "random, noise. basic: flips and small rotations.")
                 clahe = st.checkbox("CLAHE (clip 2.0, 8x8) in the input pipeline", key=f"train_clahe_{task}")
+                teacher = st.selectbox(
+                    "Distil from (teacher)", [""] + list(teachers), key=f"train_teacher_{task}",
+                    format_func=lambda d: "no teacher: labels only" if not d else teachers[d],
+                    help="Knowledge distillation: the training targets mix the labels with this model's outputs, "
+                         "e.g. to train a small, fast model from a slower ensemble. The teacher must have been "
+                         "validated on the same split.") if teachers else ""
+                teacher_weight = st.slider("Teacher's share of the target", 0.0, 1.0, 0.5, 0.05,
+                                           key=f"train_teacher_weight_{task}") if teachers else 0.5
             with a2:
                 freeze = st.number_input("Frozen EfficientNet blocks (stem + first N)", 0, 6, 0, key=f"train_freeze_{task}",
                                          help="Faster on a CPU; EfficientNet architectures only.")
                 parent = st.selectbox(
                     "Start from", [""] + list(parents), key=f"train_parent_{task}",
                     format_func=lambda d: "its initial weights (ImageNet where available)" if not d else
-                    f"fine-tune {parents[d]['name']} ({parents[d].get('architecture')}, {parents[d].get('input_size')} px)",
+                    f"fine-tune {parents[d]}",
                     help="Fine-tuning keeps the parent's validation split; choose the parent's architecture above.")
         submitted = st.form_submit_button("Start training", type="primary")
     if submitted:
         request = TrainRequest(task=task, data=data.strip(), model=model, epochs=int(epochs), image_size=int(image_size),
                                batch_size=int(batch_size), lr=float(lr),
                                loss=None if loss == "(default)" else loss, limit=int(limit) or None,
-                               augment=augment, clahe=bool(clahe), freeze_blocks=int(freeze), init_from=parent or None)
+                               augment=augment, clahe=bool(clahe), freeze_blocks=int(freeze),
+                               init_from=parent.split("#")[0] if parent else None,
+                               init_member=int(parent.split("#")[1]) if "#" in parent else None,
+                               distill_from=teacher or None, distill_weight=float(teacher_weight))
         try:
             job = runner().start(request)
         except BoneAIError as exc:  # busy machine, missing folder, bad numbers

@@ -192,6 +192,12 @@ def fracture():
 
 
 @pytest.fixture(scope="module")
+def fracture_ensemble():
+    """The shipped two-model fracture ensemble (448 + 384 px), the most accurate and slowest model."""
+    return shipped_model("fracture_ensemble")
+
+
+@pytest.fixture(scope="module")
 def fracture_fast():
     """The shipped single-model fracture classifier (224 px); the default ``fracture`` is an ensemble."""
     return shipped_model("fracture_fast")

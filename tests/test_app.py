@@ -384,7 +384,12 @@ def test_training_form_offers_the_shipped_model_for_fine_tuning_and_refuses_a_mi
     parent = at.selectbox(key="train_parent_fracture")
     assert parent.options[0].startswith("its initial weights")
     assert "fine-tune fracture_fast (efficientnet_lite0, 224 px)" in parent.options
-    assert not any(o.startswith("fine-tune fracture (") for o in parent.options)  # an ensemble is not fine-tuned
+    # An ensemble is fine-tuned one member at a time, never as a whole; it can teach a whole student.
+    assert "fine-tune member 1 of fracture_ensemble (efficientnet_lite0, 384 px)" in parent.options
+    assert not any(o.startswith("fine-tune fracture_ensemble") for o in parent.options)
+    teacher = at.selectbox(key="train_teacher_fracture")
+    assert teacher.options[0].startswith("no teacher") and any(o.startswith("fracture_ensemble (Average of 2")
+                                                                 for o in teacher.options)
     from boneai.inference import available_models
 
     shipped = next(c["dir"] for c in available_models("fracture") if c["name"] == "fracture_fast")

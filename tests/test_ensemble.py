@@ -120,12 +120,13 @@ def test_runs_from_different_splits_or_tasks_are_refused(tmp_path, fracture_fast
         build_ensemble([a, tmp_path], tmp_path / "w", "fracture")
 
 
-def test_the_shipped_fracture_ensemble_was_validated_on_the_original_files(fracture):
+def test_the_shipped_fracture_ensemble_was_validated_on_the_original_files(fracture_ensemble):
     """Its members trained on a compressed copy on a GPU machine; every figure must come from the originals."""
     import pandas as pd
 
     from boneai.evaluate import roc_auc
 
+    fracture = fracture_ensemble
     assert isinstance(fracture, EnsemblePredictor)
     card = fracture.card
     for member in card["members"]:

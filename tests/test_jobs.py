@@ -14,6 +14,7 @@ from boneai.errors import BoneAIError
 from boneai.jobs import JobBusyError, JobNotFoundError, JobRunner, TrainRequest
 
 REPO = Path(__file__).resolve().parents[1]
+ENSEMBLE = REPO / "weights" / "fracture_ensemble"  # the shipped two-model fracture ensemble
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _fixtures_train import fracture_folder  # noqa: E402
@@ -69,7 +70,28 @@ def test_fine_tuning_options_reach_the_command_and_a_wrong_parent_is_refused(tmp
     with pytest.raises(BoneAIError, match="No trained model"):
         TrainRequest(task="fracture", data=str(tmp_path), init_from=str(tmp_path)).argv("OUT")
     with pytest.raises(BoneAIError, match="is an ensemble"):
-        TrainRequest(task="fracture", data=str(tmp_path), init_from=str(REPO / "weights" / "fracture")).argv("OUT")
+        TrainRequest(task="fracture", data=str(tmp_path), init_from=str(ENSEMBLE)).argv("OUT")
+    with pytest.raises(BoneAIError, match="is an ensemble"):
+        TrainRequest(task="fracture", data=str(tmp_path), init_from=str(ENSEMBLE), init_member=7).argv("OUT")
+    with pytest.raises(BoneAIError, match="not an ensemble"):
+        TrainRequest(task="fracture", data=str(tmp_path), init_from=str(shipped), init_member=0).argv("OUT")
+
+
+def test_distillation_from_an_ensemble_member_reaches_the_command(tmp_path: Path) -> None:
+    """A fast student: one member of the shipped ensemble as the start, the whole ensemble as teacher."""
+    from boneai.cli import build_parser
+
+    req = TrainRequest(task="fracture", data=str(tmp_path), model="efficientnet_lite0", image_size=320,
+                       init_from=str(ENSEMBLE), init_member=1, distill_from=str(ENSEMBLE), distill_weight=0.7)
+    args = build_parser().parse_args(req.argv(out="OUT")[2:])
+    assert (args.init_from, args.init_member, args.distill_from, args.distill_weight) == (
+        str(ENSEMBLE), 1, str(ENSEMBLE), 0.7)
+    with pytest.raises(BoneAIError, match="is a fracture model"):
+        TrainRequest(task="boneage", data=str(tmp_path), distill_from=str(ENSEMBLE)).argv("OUT")
+    with pytest.raises(BoneAIError, match="between 0 and 1"):
+        TrainRequest(task="fracture", data=str(tmp_path), distill_from=str(ENSEMBLE), distill_weight=1.5).argv("OUT")
+    with pytest.raises(BoneAIError, match="No trained model"):
+        TrainRequest(task="fracture", data=str(tmp_path), distill_from=str(tmp_path)).argv("OUT")
 
 
 @pytest.mark.parametrize("bad", [dict(data="/no/such/folder"), dict(task="segmentation"), dict(epochs=0),

@@ -186,3 +186,50 @@ def test_time_budget_stops_training_and_a_compressed_copy_run_is_revalidated_on_
     proc = subprocess.run(cmd, cwd=REPO, env=_ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "validation split" in proc.stderr and "Traceback" not in proc.stderr
     assert json.loads((out / "card.json").read_text()) == card
+
+
+def test_distillation_from_an_ensemble_starts_from_one_member_and_mixes_the_teachers_outputs(tmp_path):
+    """A student starts from one ensemble member and learns towards the whole ensemble's probabilities."""
+    import pandas as pd
+
+    from boneai.train import TrainConfig, _read_task_data, teacher_targets
+
+    data = fracture_folder(tmp_path / "data", per_class=16)
+    members = [tmp_path / "a", tmp_path / "b"]
+    for run, lr in zip(members, ("1e-3", "3e-3")):
+        proc = _train(data, run, "--epochs", "1", "--lr", lr, "--image-size", "64")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    ens = tmp_path / "ens"
+    proc = subprocess.run([sys.executable, "-m", "boneai", "ensemble", "--task", "fracture", "--out", str(ens),
+                           *map(str, members)], cwd=REPO, env=_ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    student = tmp_path / "student"
+    proc = _train(data, student, "--epochs", "1", "--lr", "1e-4", "--image-size", "64", "--init-from", str(ens),
+                  "--init-member", "1", "--distill-from", str(ens), "--distill-weight", "0.7")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # Epoch 0 is member 1 (run b) itself on the same validation images.
+    assert abs(_metrics(student)[0]["val_loss"] - _metrics(members[1])[-1]["val_loss"]) < 0.01
+    card = json.loads((student / "card.json").read_text())
+    assert card["training"]["init_from"]["member"] == 1
+    assert card["training"]["init_from"]["commands"][0].startswith("python -m boneai train")
+    distil = card["training"]["distillation"]
+    assert distil["teacher"] == str(ens) and distil["weight"] == 0.7 and 0 <= distil["teacher_train_auc"] <= 1
+
+    # One teacher probability per training image, and the targets are the stated mixture.
+    cached = pd.read_csv(student / "teacher_outputs.csv")
+    cfg = TrainConfig(**{k: v for k, v in card["training"]["config"].items() if k in TrainConfig.__dataclass_fields__})
+    train_df, val_df, _, _ = _read_task_data(cfg)
+    assert len(cached) == len(train_df) and cached["teacher_probability"].between(0, 1).all()
+    val_images = [os.path.relpath(p, data) for p in val_df["path"]]
+    mixed, _ = teacher_targets(cfg, train_df, "label", val_images, student)
+    labels = train_df["label"].to_numpy()
+    assert abs(mixed - (0.3 * labels + 0.7 * cached["teacher_probability"].to_numpy())).max() < 1e-6
+    assert 0 < mixed.min() and mixed.max() < 1  # soft targets, not labels
+
+    # An ensemble parent needs a member; a teacher from another split is refused (it trained on these images).
+    proc = _train(data, tmp_path / "bad1", "--epochs", "1", "--image-size", "64", "--init-from", str(ens))
+    assert proc.returncode != 0 and "--init-member" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _train(data, tmp_path / "bad2", "--epochs", "1", "--image-size", "64", "--distill-from", str(ens),
+                  "--seed", "3")
+    assert proc.returncode != 0 and "another data split" in proc.stderr and "Traceback" not in proc.stderr
