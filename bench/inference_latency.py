@@ -3,7 +3,8 @@
 Usage:  .venv/bin/python bench/inference_latency.py [--model fracture] [--repeats 30] [--runs 5 --pause 10]
 Prints a table and writes bench/results/inference_latency.json (or ``--out``). Run it on an idle
 machine: other processes on the same cores inflate every figure. ``BONEAI_INFERENCE_DTYPE=bfloat16``
-measures the bfloat16 forward pass (see boneai.inference.inference_dtype).
+measures the bfloat16 forward pass (see boneai.inference.inference_dtype); ``BONEAI_FOLD_BN=0`` the
+forward pass without batch norms folded into the convolutions.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def main() -> None:
         "batch_size": args.batch, "batch_images_per_s": round(throughput, 1),
         "model_load_s": round(load_s, 2), "repeats": args.repeats, "runs": args.runs,
         "inference_dtype": str(predictor.dtype).replace("torch.", ""),
+        "batchnorm_folded": predictor.batchnorm_folded,
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "torch": torch.__version__,
     }

@@ -135,6 +135,11 @@ class EnsemblePredictor(Predictor):
         self.dtype = members[0].dtype  # the members run the forward passes
         self.cam_architecture = card["members"][0]["architecture"]
 
+    def _inference_copy(self):
+        """None of its own: each member runs its forward pass on its own (folded) copy."""
+        self._bn_folded = all(m.batchnorm_folded for m in self.members)
+        return self.model
+
     def raw_outputs(self, batch: torch.Tensor, male: torch.Tensor | None = None) -> np.ndarray:
         """Not defined for an ensemble: its members need inputs of their own sizes."""
         raise BoneAIError("An ensemble's members need their own inputs; call predict or predict_many.")

@@ -83,5 +83,6 @@ def test_predictors_run_the_folded_network_and_give_the_card_model_outputs(monke
     monkeypatch.setenv("BONEAI_FOLD_BN", "0")
     plain = load_model("fracture_fast")
     assert plain._forward_model is plain.model and folded._forward_model is not folded.model
+    assert folded.batchnorm_folded and not plain.batchnorm_folded
     a, b = folded.predict(image), plain.predict(image)
     assert np.isclose(a.logit, b.logit, atol=1e-4) and a.decision == b.decision
