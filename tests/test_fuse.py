@@ -86,3 +86,26 @@ def test_predictors_run_the_folded_network_and_give_the_card_model_outputs(monke
     assert folded.batchnorm_folded and not plain.batchnorm_folded
     a, b = folded.predict(image), plain.predict(image)
     assert np.isclose(a.logit, b.logit, atol=1e-4) and a.decision == b.decision
+
+
+@pytest.mark.parametrize("size", [64, 65, 96, 97, 100])
+def test_symmetric_padding_replaces_tensorflow_same_padding_exactly(size):
+    """EfficientNet-Lite's strided convolutions (3x3 and 5x5, TensorFlow SAME), on even and odd sizes."""
+    from boneai.models.fuse import _SymmetricSameConv, inference_copy, symmetric_same_padding
+
+    model = build_model("efficientnet_lite0", pretrained=False).eval()
+    _randomise_batchnorm(model)
+    strided = [m for m in model.modules() if type(m).__name__ == "Conv2dSame"]
+    assert {m.kernel_size for m in strided} == {(3, 3), (5, 5)}
+    x = torch.randn(2, 3, size, size + 3)
+    with torch.no_grad():
+        reference = model(x)
+        replaced = symmetric_same_padding(fold_batchnorm(model, torch.zeros(1, 3, 64, 64)))
+        assert sum(isinstance(m, _SymmetricSameConv) for m in replaced.modules()) == len(strided)
+        assert torch.allclose(replaced(x), reference, atol=1e-4)
+        fast, changed = inference_copy(model, torch.zeros(1, 3, 64, 64))
+        assert changed and torch.allclose(fast(x), reference, atol=1e-4)
+        # Every strided feature map: the same values as timm's padded convolution, not shifted by a row.
+        for conv in strided[1:]:
+            feat = torch.randn(1, conv.in_channels, size, size + 1)
+            assert torch.allclose(_SymmetricSameConv(conv)(feat), conv(feat), atol=1e-5)
