@@ -130,23 +130,23 @@ class TrainRequest:
         if not 0.0 <= float(self.distill_weight) <= 1.0:
             raise BoneAIError("The teacher's weight must lie between 0 and 1.")
         teacher = Path(self.distill_from)
-        card_path = teacher / "card.json"
+        self._task_card(teacher)
+        return teacher
+
+    def _task_card(self, folder: Path) -> dict:
+        """The card of a trained model folder the form names, checked to be of this job's task."""
+        card_path = folder / "card.json"
         if not card_path.is_file():
-            raise BoneAIError(f"No trained model at {teacher} (no card.json).")
+            raise BoneAIError(f"No trained model at {folder} (no card.json).")
         card = json.loads(card_path.read_text())
         if card.get("task") != self.task:
-            raise BoneAIError(f"{teacher.name} is a {card.get('task')} model; this job trains {self.task}.")
-        return teacher
+            raise BoneAIError(f"{folder.name} is a {card.get('task')} model; this job trains {self.task}.")
+        return card
 
     def _check_parent(self) -> Path:
         """The model folder to fine-tune, checked here so the form can say what is wrong at once."""
         parent = Path(self.init_from)
-        card_path = parent / "card.json"
-        if not card_path.is_file():
-            raise BoneAIError(f"No trained model at {parent} (no card.json).")
-        card = json.loads(card_path.read_text())
-        if card.get("task") != self.task:
-            raise BoneAIError(f"{parent.name} is a {card.get('task')} model; this job trains {self.task}.")
+        card = self._task_card(parent)
         architecture = card.get("architecture")
         if card.get("members"):
             members = card["members"]

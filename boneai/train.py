@@ -120,6 +120,22 @@ def card_split_key(card: dict[str, Any]) -> tuple:
     return validation_split_key(config)
 
 
+def _read_model_card(directory: Path, option: str, task: str) -> dict[str, Any]:
+    """The card of a trained model folder named by a command-line option, checked to be of ``task``."""
+    card_path = directory / "card.json"
+    if not card_path.is_file():
+        raise ValueError(f"{option} {directory}: no card.json there (expected a trained model folder)")
+    card = json.loads(card_path.read_text())
+    if card.get("task") != task:
+        raise ValueError(f"{option} {directory} is a {card.get('task')} model; this run trains {task}")
+    return card
+
+
+def _headline(validation: dict[str, Any]) -> dict[str, Any]:
+    """The figures of a card's validation block that a derived model's card repeats."""
+    return {k: validation[k] for k in ("auc", "ap", "mae") if k in validation}
+
+
 def check_same_validation_split(directory: Path, card: dict[str, Any], cfg: TrainConfig,
                                  val_images: list[str] | None, role: str) -> None:
     """Refuse a parent or teacher model whose training images could sit in this run's validation split.
@@ -153,10 +169,7 @@ def load_init_weights(model: nn.Module, cfg: TrainConfig, val_images: list[str] 
     from boneai.inference import read_weights
 
     directory = Path(cfg.init_from)
-    card_path = directory / "card.json"
-    if not card_path.is_file():
-        raise ValueError(f"--init-from {directory}: no card.json there (expected a trained model folder)")
-    parent = json.loads(card_path.read_text())
+    parent = _read_model_card(directory, "--init-from", cfg.task)
     source, prefix = parent, ""
     if parent.get("members"):
         members = parent["members"]
@@ -166,7 +179,7 @@ def load_init_weights(model: nn.Module, cfg: TrainConfig, val_images: list[str] 
         source, prefix = members[cfg.init_member], members[cfg.init_member]["prefix"]
     elif cfg.init_member is not None:
         raise ValueError(f"--init-member applies to an ensemble; {directory} is a single model")
-    if source.get("architecture") != cfg.model or parent.get("task") != cfg.task:
+    if source.get("architecture") != cfg.model:
         raise ValueError(f"--init-from {directory} is a {parent.get('task')} {source.get('architecture')} model; "
                          f"this run trains a {cfg.task} {cfg.model}")
     check_same_validation_split(directory, parent, cfg, val_images, "--init-from")
@@ -176,8 +189,7 @@ def load_init_weights(model: nn.Module, cfg: TrainConfig, val_images: list[str] 
     info = {"path": str(directory), "architecture": source.get("architecture"),
             "input_size": source.get("input_size"), "commands": training.get("commands", [training.get("command")]),
             "epochs_run": training.get("epochs_run"), "train_seconds": training.get("train_seconds"),
-            "validation": {k: source.get("validation", {}).get(k) for k in ("auc", "ap", "mae")
-                           if k in source.get("validation", {})}}
+            "validation": _headline(source.get("validation", {}))}
     if prefix:
         info["member"] = cfg.init_member
     return info
@@ -198,12 +210,7 @@ def teacher_targets(cfg: TrainConfig, train_df: pd.DataFrame, target: str, val_i
     from boneai.inference import load_model
 
     directory = Path(cfg.distill_from)
-    card_path = directory / "card.json"
-    if not card_path.is_file():
-        raise ValueError(f"--distill-from {directory}: no card.json there (expected a trained model folder)")
-    card = json.loads(card_path.read_text())
-    if card.get("task") != cfg.task:
-        raise ValueError(f"--distill-from {directory} is a {card.get('task')} model; this run trains {cfg.task}")
+    card = _read_model_card(directory, "--distill-from", cfg.task)
     if not 0.0 <= cfg.distill_weight <= 1.0:
         raise ValueError("--distill-weight must lie between 0 and 1")
     check_same_validation_split(directory, card, cfg, val_images, "--distill-from")
@@ -234,8 +241,7 @@ def teacher_targets(cfg: TrainConfig, train_df: pd.DataFrame, target: str, val_i
     info = {"teacher": str(directory), "teacher_name": card.get("name", directory.name),
             "teacher_description": card.get("description"), "weight": cfg.distill_weight,
             "teacher_output": column.replace("teacher_", ""), "teacher_seconds": round(time.time() - t0, 1),
-            "teacher_validation": {k: card.get("validation", {}).get(k) for k in ("auc", "ap", "mae")
-                                   if k in card.get("validation", {})}}
+            "teacher_validation": _headline(card.get("validation", {}))}
     if cfg.task == "fracture":
         info["teacher_train_auc"] = round(float(ev.roc_auc(labels.astype(int), teacher)), 4)
     return mixed.astype(np.float32), info
