@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from boneai._json import json_default
+from boneai.config import LocaliserConfig, add_config_arguments
 from boneai.errors import BoneAIError
 
 __all__ = ["main", "build_parser"]
@@ -75,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(same split) and refit its calibration and operating points")
     rv.add_argument("run", help="training run folder (card.json, model.safetensors, val_predictions.csv)")
     rv.add_argument("--data", required=True, help="the data folder to validate on, e.g. the original files")
+
+    sp = sub.add_parser("split", help="FracAtlas train/validation/test split with near-duplicate views grouped")
+    sp.add_argument("--data", required=True, help="FracAtlas folder")
+    sp.add_argument("--out", required=True, help="split file to write, e.g. weights/splits/fracatlas.csv")
+    sp.add_argument("--max-bits", type=int, default=None, help="near-duplicate threshold (difference-hash bits)")
+    sp.add_argument("--test-share", type=float, default=0.5,
+                    help="share of the earlier validation split's clean groups drawn for the test split")
+
+    tl = sub.add_parser("train-localiser", help="train the fracture localiser (boxes + image logit) on a split file")
+    add_config_arguments(tl, LocaliserConfig)
 
     e = sub.add_parser("evaluate", help="evaluate a model on a labelled folder and write a JSON report")
     e.add_argument("--task", choices=["fracture", "boneage", "anomaly"], default="fracture")
@@ -155,6 +166,22 @@ def _cmd_models(_: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_split(args: argparse.Namespace) -> int:
+    from boneai.data import write_protocol_split
+
+    summary = write_protocol_split(args.data, args.out, max_bits=args.max_bits, test_share=args.test_share)
+    print(json.dumps(summary, default=json_default))
+    return 0
+
+
+def _cmd_train_localiser(args: argparse.Namespace) -> int:
+    from boneai.localisation import train_localiser
+
+    card = train_localiser(LocaliserConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
+    print(json.dumps({"out": args.out, "epochs": len(card["training"]["history"])}))
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from boneai.batch import evaluate_folder
 
@@ -194,7 +221,8 @@ def _result_line(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": _cmd_train, "models": _cmd_models, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
-                "ensemble": _cmd_ensemble, "revalidate": _cmd_revalidate}
+                "ensemble": _cmd_ensemble, "revalidate": _cmd_revalidate,
+                "split": _cmd_split, "train-localiser": _cmd_train_localiser}
     try:
         return handlers[args.command](args)
     except BoneAIError as exc:

@@ -31,6 +31,12 @@ __all__ = [
     "read_classification_dir",
     "fracture_boxes",
     "split_train_val",
+    "image_fingerprints",
+    "near_duplicate_groups",
+    "protocol_split",
+    "read_split_file",
+    "write_protocol_split",
+    "DUPLICATE_MAX_BITS",
 ]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff"}
@@ -245,3 +251,114 @@ def split_train_val(
         val_groups.update(names[taken].tolist())
     is_val = groups.isin(val_groups).to_numpy()
     return df[~is_val].reset_index(drop=True), df[is_val].reset_index(drop=True)
+
+
+#: Near-duplicate threshold for :func:`near_duplicate_groups`: two images whose 256-bit difference
+#: hashes differ in at most this many bits are one group. Measured on FracAtlas (3,469 images): 188
+#: pairs lie within 20 bits, then the count jumps (2,001 pairs within 30). At 20 bits the largest group
+#: has 6 images; at 24 bits chaining already builds a group of 37 unrelated views (docs/localisation.md).
+DUPLICATE_MAX_BITS = 20
+
+
+def image_fingerprints(paths: list[str], hash_size: int = 16) -> np.ndarray:
+    """Difference hash (dHash) of each image: ``hash_size``**2 bits as a bool array (n, bits).
+
+    The image is standardised to grey, Otsu-cropped to the radiograph and shrunk to
+    (hash_size + 1) x hash_size; each bit says whether a pixel is brighter than its right neighbour.
+    Robust to scale, compression and small contrast changes, which is what near-duplicate views need.
+    """
+    import warnings
+
+    import cv2
+
+    from boneai.io import read_radiograph
+    from boneai.preprocess import otsu_crop, standardise
+
+    out = np.zeros((len(paths), hash_size * hash_size), dtype=bool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # truncated FracAtlas JPEGs
+        for i, path in enumerate(paths):
+            img = otsu_crop(standardise(read_radiograph(path).pixels).image).image
+            small = cv2.resize(img, (hash_size + 1, hash_size), interpolation=cv2.INTER_AREA).astype(np.int16)
+            out[i] = (small[:, 1:] > small[:, :-1]).ravel()
+    return out
+
+
+def near_duplicate_groups(fingerprints: np.ndarray, max_bits: int = DUPLICATE_MAX_BITS) -> np.ndarray:
+    """Group index per image: connected components of the "at most ``max_bits`` apart" graph."""
+    bits = np.asarray(fingerprints, dtype=np.float32)
+    dist = bits @ (1 - bits).T + (1 - bits) @ bits.T
+    n = len(bits)
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in zip(*np.nonzero(np.triu(dist <= max_bits, k=1))):
+        ri, rj = find(int(i)), find(int(j))
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    return np.array([find(i) for i in range(n)])
+
+
+def protocol_split(df: pd.DataFrame, groups: np.ndarray, legacy_val: set[str], test_share: float = 0.5,
+                   seed: int = 0) -> pd.Series:
+    """Assign each image to ``train``, ``val`` or ``test``, keeping near-duplicate groups whole.
+
+    ``legacy_val`` holds the image ids of the earlier 80/20 validation split, which no shipped model
+    trained on. Test groups are drawn (stratified by label, seeded) only among groups that lie wholly
+    inside it, so no model that trained on the earlier split has seen a test image or its near-duplicate.
+    The rest of that earlier split is the new validation split; everything else is training.
+    """
+    frame = pd.DataFrame({"image_id": df["image_id"].to_numpy(), "label": df["label"].to_numpy(),
+                          "group": np.asarray(groups)})
+    in_val = frame["image_id"].isin(legacy_val)
+    clean = frame.groupby("group")["image_id"].transform(lambda ids: ids.isin(legacy_val).all())
+    candidates = frame[in_val & clean]
+    _, test = split_train_val(candidates, val_fraction=test_share, seed=seed)
+    split = pd.Series("train", index=frame.index)
+    split[in_val.to_numpy()] = "val"
+    split[frame["image_id"].isin(set(test["image_id"])).to_numpy()] = "test"
+    return split
+
+
+def read_split_file(path: str | Path) -> pd.DataFrame:
+    """Read a committed split file (``image_id, group, split``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"Split file not found: {path}.")
+    split = pd.read_csv(path)
+    missing = {"image_id", "split"} - set(split.columns)
+    if missing:
+        raise DatasetError(f"Split file {path} lacks the columns {sorted(missing)}.")
+    return split
+
+
+def write_protocol_split(root: str | Path, out: str | Path, max_bits: int | None = None, test_share: float = 0.5,
+                         legacy_val_fraction: float = 0.2, seed: int = 0) -> dict[str, Any]:
+    """Compute the grouped train/val/test split of a FracAtlas folder and write it as a csv.
+
+    The earlier validation split is ``split_train_val(df, legacy_val_fraction, seed)``, on which the
+    shipped classifiers were validated (and never trained). Returns a summary of the split.
+    """
+    df = read_fracatlas(root)
+    _, legacy_val = split_train_val(df, val_fraction=legacy_val_fraction, seed=seed)
+    fingerprints = image_fingerprints(df["path"].tolist())
+    threshold = DUPLICATE_MAX_BITS if max_bits is None else int(max_bits)
+    groups = near_duplicate_groups(fingerprints, threshold)
+    split = protocol_split(df, groups, set(legacy_val["image_id"]), test_share=test_share, seed=seed)
+    frame = pd.DataFrame({"image_id": df["image_id"], "label": df["label"], "region": df["region"],
+                          "group": [f"g{g:04d}" for g in groups], "split": split.to_numpy()})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out, index=False)
+    sizes = frame.groupby("group")["image_id"].transform("size")
+    return {"max_bits": threshold, "n_images": len(frame), "n_groups": int(frame["group"].nunique()),
+            "images_in_multi_image_groups": int((sizes > 1).sum()),
+            "largest_group": int(sizes.max()),
+            "splits": {k: {"images": int((frame["split"] == k).sum()),
+                           "fractured": int(((frame["split"] == k) & (frame["label"] == 1)).sum())}
+                       for k in ("train", "val", "test")}}

@@ -20,6 +20,13 @@ import pandas as pd
 from sklearn import metrics as skm
 
 __all__ = [
+    "box_iou",
+    "hit_rate",
+    "froc",
+    "average_precision_at",
+    "localisation_figures",
+    "point_hit_rate",
+    "froc_curve",
     "confusion_at",
     "roc_auc",
     "threshold_metrics",
@@ -229,3 +236,152 @@ def regression_metrics(y_true: Sequence[float], y_pred: Sequence[float]) -> dict
     r = float(np.corrcoef(t, p)[0, 1]) if len(t) > 1 and t.std() > 0 and p.std() > 0 else float("nan")
     return {"n": int(len(t)), "mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err**2).mean())),
             "bias": float(err.mean()), "pearson_r": r}
+
+
+# --- Localisation: boxes (x0, y0, x1, y1[, score]) per image ------------------------------------
+
+#: IoU at which a predicted box counts as finding an annotated fracture box (hit rate and FROC).
+HIT_IOU = 0.2
+FROC_RATES = (0.5, 1.0, 2.0)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of every box in ``a`` (n, 4+) with every box in ``b`` (m, 4+)."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, np.shape(a)[-1] if np.size(a) else 4)[:, :4]
+    b = np.asarray(b, dtype=np.float64).reshape(-1, np.shape(b)[-1] if np.size(b) else 4)[:, :4]
+    if not len(a) or not len(b):
+        return np.zeros((len(a), len(b)))
+    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def _top_box(pred: np.ndarray) -> np.ndarray | None:
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1, 5)
+    return pred[int(np.argmax(pred[:, 4]))] if len(pred) else None
+
+
+def hit_rate(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], iou: float = HIT_IOU) -> float | None:
+    """Share of images with annotated boxes whose top-scoring predicted box finds one.
+
+    Found means IoU >= ``iou`` with an annotated box, or the predicted box's centre inside one.
+    An image without predicted boxes is a miss. ``None`` when no image has an annotated box.
+    """
+    hits, n = 0, 0
+    for pred, truth in zip(preds, truths):
+        truth = np.asarray(truth, dtype=np.float64).reshape(-1, 4)
+        if not len(truth):
+            continue
+        n += 1
+        top = _top_box(pred)
+        if top is None:
+            continue
+        cx, cy = (top[0] + top[2]) / 2, (top[1] + top[3]) / 2
+        inside = (truth[:, 0] <= cx) & (cx <= truth[:, 2]) & (truth[:, 1] <= cy) & (cy <= truth[:, 3])
+        hits += bool(inside.any() or (box_iou(top[None], truth) >= iou).any())
+    return hits / n if n else None
+
+
+def point_hit_rate(points: Sequence[tuple[float, float] | None], truths: Sequence[np.ndarray]) -> float | None:
+    """Share of images with annotated boxes whose point (a heatmap peak) lies inside one of them."""
+    hits, n = 0, 0
+    for point, truth in zip(points, truths):
+        truth = np.asarray(truth, dtype=np.float64).reshape(-1, 4)
+        if not len(truth):
+            continue
+        n += 1
+        if point is not None:
+            x, y = point
+            hits += bool(((truth[:, 0] <= x) & (x <= truth[:, 2]) & (truth[:, 1] <= y) & (y <= truth[:, 3])).any())
+    return hits / n if n else None
+
+
+def _matched(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], iou: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every predicted box's score and whether it is a true positive (greedy by score per image,
+    each annotated box found at most once; a second box on it is a false positive), and the
+    number of annotated boxes."""
+    scores, tps, n_truth = [], [], 0
+    for pred, truth in zip(preds, truths):
+        pred = np.asarray(pred, dtype=np.float64).reshape(-1, 5)
+        truth = np.asarray(truth, dtype=np.float64).reshape(-1, 4)
+        n_truth += len(truth)
+        order = np.argsort(-pred[:, 4], kind="stable")
+        overlaps = box_iou(pred[order], truth)
+        used = np.zeros(len(truth), bool)
+        for k, i in enumerate(order):
+            tp = False
+            if len(truth):
+                cand = np.where(~used & (overlaps[k] >= iou))[0]
+                if len(cand):
+                    used[cand[np.argmax(overlaps[k][cand])]] = True
+                    tp = True
+            scores.append(pred[i, 4])
+            tps.append(tp)
+    return np.asarray(scores), np.asarray(tps, bool), n_truth
+
+
+def froc(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], rates: Sequence[float] = FROC_RATES,
+         iou: float = HIT_IOU) -> dict[str, float | None]:
+    """Share of annotated boxes found at a score threshold allowing at most ``rate`` false-positive
+    boxes per image (over all images, normal ones included), for each rate."""
+    scores, tps, n_truth = _matched(preds, truths, iou)
+    n_images = len(preds)
+    if not n_truth or not n_images:
+        return {_rate_key(r): None for r in rates}
+    order = np.argsort(-scores, kind="stable")
+    tp_cum, fp_cum = np.cumsum(tps[order]), np.cumsum(~tps[order])
+    # Only cut between distinct scores: boxes with equal scores are kept or dropped together.
+    last_of_score = np.r_[scores[order][1:] != scores[order][:-1], True] if len(order) else np.array([], bool)
+    out = {}
+    for r in rates:
+        ok = (fp_cum / n_images <= r) & last_of_score
+        out[_rate_key(r)] = float(tp_cum[ok].max() / n_truth) if ok.any() else 0.0
+    return out
+
+
+def froc_curve(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], iou: float = HIT_IOU) -> pd.DataFrame:
+    """The whole FROC curve: false positives per image and sensitivity at every score threshold."""
+    scores, tps, n_truth = _matched(preds, truths, iou)
+    order = np.argsort(-scores, kind="stable")
+    n_images = max(1, len(preds))
+    return pd.DataFrame({"score": scores[order], "fp_per_image": np.cumsum(~tps[order]) / n_images,
+                         "sensitivity": np.cumsum(tps[order]) / max(1, n_truth)})
+
+
+def _rate_key(rate: float) -> str:
+    return str(int(rate)) if float(rate).is_integer() else str(rate)
+
+
+def average_precision_at(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], iou: float = 0.5) -> float | None:
+    """Average precision of the boxes at an IoU (all-point interpolation, as PASCAL VOC 2010+)."""
+    scores, tps, n_truth = _matched(preds, truths, iou)
+    if not n_truth:
+        return None
+    if not len(scores):
+        return 0.0
+    order = np.argsort(-scores, kind="stable")
+    tp_cum = np.cumsum(tps[order])
+    precision = tp_cum / np.arange(1, len(order) + 1)
+    recall = tp_cum / n_truth
+    precision = np.maximum.accumulate(np.r_[precision, 0.0][::-1])[::-1]
+    recall = np.r_[0.0, recall]
+    return float(np.sum((recall[1:] - recall[:-1]) * precision[:-1]))
+
+
+def localisation_figures(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray],
+                         labels: Sequence[int] | None = None) -> dict[str, Any]:
+    """Hit rate, FROC at 0.5/1/2 false positives per image and mAP@0.5 of predicted boxes."""
+    n_fractured = sum(1 for t in truths if np.size(t)) if labels is None else int(np.sum(np.asarray(labels) == 1))
+    rate = hit_rate(preds, truths)
+    ap = average_precision_at(preds, truths, 0.5)
+    return {"n_images": len(preds), "n_fractured_images": n_fractured,
+            "n_boxes": int(sum(np.asarray(t).reshape(-1, 4).shape[0] for t in truths)),
+            "hit_rate": None if rate is None else round(rate, 4),
+            "froc": {k: (None if v is None else round(v, 4)) for k, v in froc(preds, truths).items()},
+            "map50": None if ap is None else round(ap, 4)}

@@ -30,7 +30,7 @@ from torch import nn
 from boneai.errors import BoneAIError
 from boneai.io import Radiograph
 from boneai.models import cam_target_layer
-from boneai.preprocess import Stage, run_pipeline, standardise
+from boneai.preprocess import Stage, map_to_original, run_pipeline, standardise
 
 __all__ = ["CAM_METHODS", "DEFAULT_CAM_METHOD", "COLORMAPS", "Heatmap", "LogitTarget", "explain", "cam_on_input",
            "to_original", "overlay", "heatmap_png"]
@@ -154,41 +154,8 @@ def _unit(a: np.ndarray) -> np.ndarray:
 
 
 def to_original(square_map: np.ndarray, stages: list[Stage], original_shape: tuple[int, int]) -> np.ndarray:
-    """Map a model-input-square map back onto the original pixel grid through the pipeline stages.
-
-    Inverts ``resize_pad`` (cut the letterbox content, resize), ``squash_resize`` (resize back),
-    ``otsu_crop`` (paste into the crop box, undo the deskew rotation; outside the crop is 0);
-    intensity-only steps keep the geometry.
-    """
-    m = np.asarray(square_map, dtype=np.float32)
-    shapes = [tuple(original_shape[:2])] + [tuple(s.result.image.shape[:2]) for s in stages]
-    for i in reversed(range(len(stages))):
-        stage, (in_h, in_w) = stages[i], shapes[i]
-        ex = stage.result.extras
-        if stage.step == "resize_pad":
-            out_h, out_w = shapes[i + 1]
-            if m.shape != (out_h, out_w):
-                m = cv2.resize(m, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
-            x0, y0 = ex["offset"]
-            nw, nh = ex.get("content_size", (round(in_w * ex["scale"]), round(in_h * ex["scale"])))
-            m = cv2.resize(np.ascontiguousarray(m[y0:y0 + nh, x0:x0 + nw]), (in_w, in_h), interpolation=cv2.INTER_LINEAR)
-        elif stage.step == "otsu_crop" and ex.get("crop") is not None:
-            x0, y0, x1, y1 = ex["crop"]
-            if m.shape != (y1 - y0, x1 - x0):
-                m = cv2.resize(m, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
-            full = np.zeros((in_h, in_w), np.float32)
-            full[y0:y1, x0:x1] = m
-            angle = float(ex.get("angle", 0.0))
-            if abs(angle) > 0.5 and ex.get("box"):
-                # otsu_crop rotated about the carrier's centre (the centre of its box) before cutting.
-                cx, cy = np.asarray(ex["box"], dtype=np.float64).mean(axis=0)
-                rot = cv2.getRotationMatrix2D((float(cx), float(cy)), angle, 1.0)
-                full = cv2.warpAffine(full, rot, (in_w, in_h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                                      borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-            m = full
-        elif m.shape != (in_h, in_w):  # squash_resize, or any other step that changed the size
-            m = cv2.resize(m, (in_w, in_h), interpolation=cv2.INTER_LINEAR)
-    return m
+    """Map a model-input-square map back onto the original pixel grid (each step's own inverse)."""
+    return map_to_original(square_map, stages, original_shape)
 
 
 def _peak(m: np.ndarray) -> tuple[int, int]:

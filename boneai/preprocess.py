@@ -25,6 +25,10 @@ __all__ = [
     "StepResult",
     "Stage",
     "STEPS",
+    "Step",
+    "map_points",
+    "map_boxes",
+    "map_to_original",
     "standardise",
     "clahe",
     "equalize_hist",
@@ -338,19 +342,177 @@ def to_three_channels(image: np.ndarray) -> StepResult:
     return StepResult(np.repeat(img[:, :, None], 3, axis=2))
 
 
-STEPS: dict[str, Callable[..., StepResult]] = {
-    "standardise": standardise,
-    "clahe": clahe,
-    "equalize_hist": equalize_hist,
-    "otsu_crop": otsu_crop,
-    "segment_foreground": segment_foreground,
-    "remove_background": remove_background,
-    "laplacian_sharpen": laplacian_sharpen,
-    "low_contrast": low_contrast,
-    "resize_pad": resize_pad,
-    "squash_resize": squash_resize,
-    "to_three_channels": to_three_channels,
+# --- Geometry: each step that moves pixels carries its own forward and inverse mapping -----------
+#
+# A geometric step maps points (x, y) of its input onto its output. Heatmaps and boxes found on the
+# model's input square are mapped back onto the original file by walking the executed stages in
+# reverse (as MONAI's ``Compose.inverse`` does), so a new cropping step cannot silently misplace them:
+# a step that changes the image size without declaring its mapping is refused.
+
+
+def _otsu_rotation(extras: dict[str, Any]) -> np.ndarray | None:
+    angle = float(extras.get("angle", 0.0))
+    if abs(angle) <= 0.5 or not extras.get("box"):
+        return None
+    # otsu_crop rotated about the carrier's centre (the centre of its box) before cutting.
+    cx, cy = np.asarray(extras["box"], dtype=np.float64).mean(axis=0)
+    return cv2.getRotationMatrix2D((float(cx), float(cy)), angle, 1.0)
+
+
+def _otsu_points(points: np.ndarray, extras: dict[str, Any], inverse: bool) -> np.ndarray:
+    if extras.get("crop") is None:
+        return points
+    x0, y0 = extras["crop"][:2]
+    rot = _otsu_rotation(extras)
+    if not inverse:
+        if rot is not None:
+            points = points @ rot[:, :2].T + rot[:, 2]
+        return points - np.array([x0, y0], dtype=np.float64)
+    points = points + np.array([x0, y0], dtype=np.float64)
+    if rot is not None:
+        inv = cv2.invertAffineTransform(rot)
+        points = points @ inv[:, :2].T + inv[:, 2]
+    return points
+
+
+def _otsu_map(m: np.ndarray, extras: dict[str, Any], in_shape: tuple[int, int]) -> np.ndarray:
+    in_h, in_w = in_shape
+    if extras.get("crop") is None:
+        return m if m.shape == (in_h, in_w) else cv2.resize(m, (in_w, in_h), interpolation=cv2.INTER_LINEAR)
+    x0, y0, x1, y1 = extras["crop"]
+    if m.shape != (y1 - y0, x1 - x0):
+        m = cv2.resize(m, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+    full = np.zeros((in_h, in_w), np.float32)
+    full[y0:y1, x0:x1] = m
+    rot = _otsu_rotation(extras)
+    if rot is not None:
+        full = cv2.warpAffine(full, rot, (in_w, in_h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return full
+
+
+def _letterbox_scale(extras: dict[str, Any], in_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    in_h, in_w = in_shape
+    nw, nh = extras.get("content_size", (round(in_w * extras["scale"]), round(in_h * extras["scale"])))
+    return np.array([nw / in_w, nh / in_h], dtype=np.float64), np.array(extras["offset"], dtype=np.float64)
+
+
+def _resize_pad_points(points: np.ndarray, extras: dict[str, Any], in_shape: tuple[int, int], inverse: bool) -> np.ndarray:
+    scale, offset = _letterbox_scale(extras, in_shape)
+    return (points - offset) / scale if inverse else points * scale + offset
+
+
+def _resize_pad_map(m: np.ndarray, extras: dict[str, Any], in_shape: tuple[int, int], out_shape: tuple[int, int]) -> np.ndarray:
+    in_h, in_w = in_shape
+    if m.shape != tuple(out_shape):
+        m = cv2.resize(m, (out_shape[1], out_shape[0]), interpolation=cv2.INTER_LINEAR)
+    x0, y0 = extras["offset"]
+    nw, nh = extras.get("content_size", (round(in_w * extras["scale"]), round(in_h * extras["scale"])))
+    return cv2.resize(np.ascontiguousarray(m[y0:y0 + nh, x0:x0 + nw]), (in_w, in_h), interpolation=cv2.INTER_LINEAR)
+
+
+def _stretch_points(points: np.ndarray, in_shape: tuple[int, int], out_shape: tuple[int, int], inverse: bool) -> np.ndarray:
+    factor = np.array([out_shape[1] / in_shape[1], out_shape[0] / in_shape[0]], dtype=np.float64)
+    return points / factor if inverse else points * factor
+
+
+def _stretch_map(m: np.ndarray, in_shape: tuple[int, int]) -> np.ndarray:
+    return m if m.shape == tuple(in_shape) else cv2.resize(m, (in_shape[1], in_shape[0]), interpolation=cv2.INTER_LINEAR)
+
+
+@dataclass(frozen=True)
+class Step:
+    """A named preprocessing step and, when it moves pixels, how to map points and maps through it.
+
+    ``points(points, extras, in_shape, out_shape, inverse)`` maps an (n, 2) array of (x, y) pixel
+    coordinates from the step's input to its output (or back with ``inverse=True``).
+    ``invert_map(map, extras, in_shape, out_shape)`` brings a map on the step's output grid back onto
+    its input grid. Intensity-only steps leave both as ``None``: the geometry is unchanged.
+    """
+
+    fn: Callable[..., StepResult]
+    points: Callable[..., np.ndarray] | None = None
+    invert_map: Callable[..., np.ndarray] | None = None
+
+    def __call__(self, image: np.ndarray, **params: Any) -> StepResult:
+        return self.fn(image, **params)
+
+
+_STRETCH = dict(points=lambda p, ex, i, o, inverse: _stretch_points(p, i, o, inverse),
+                invert_map=lambda m, ex, i, o: _stretch_map(m, i))
+
+STEPS: dict[str, Step] = {
+    "standardise": Step(standardise),
+    "clahe": Step(clahe),
+    "equalize_hist": Step(equalize_hist),
+    "otsu_crop": Step(otsu_crop, points=lambda p, ex, i, o, inverse: _otsu_points(p, ex, inverse),
+                      invert_map=lambda m, ex, i, o: _otsu_map(m, ex, i)),
+    "segment_foreground": Step(segment_foreground),
+    "remove_background": Step(remove_background),
+    "laplacian_sharpen": Step(laplacian_sharpen),
+    "low_contrast": Step(low_contrast),
+    "resize_pad": Step(resize_pad, points=lambda p, ex, i, o, inverse: _resize_pad_points(p, ex, i, inverse),
+                       invert_map=_resize_pad_map),
+    "squash_resize": Step(squash_resize, **_STRETCH),
+    "to_three_channels": Step(to_three_channels),
 }
+
+
+def _stage_shapes(stages: list[Stage], original_shape: tuple[int, int]) -> list[tuple[int, int]]:
+    return [tuple(original_shape[:2])] + [tuple(s.result.image.shape[:2]) for s in stages]
+
+
+def _geometry(stage: Stage, in_shape: tuple[int, int], out_shape: tuple[int, int]) -> Step | None:
+    step = STEPS[stage.step]
+    if step.points is None and in_shape != out_shape:
+        raise ValueError(f"pipeline step {stage.step!r} changed the image size but declares no mapping")
+    return step if step.points is not None else None
+
+
+def map_points(points: np.ndarray, stages: list[Stage], original_shape: tuple[int, int],
+               inverse: bool = False) -> np.ndarray:
+    """Map (n, 2) pixel coordinates (x, y) through the executed stages, or back with ``inverse=True``."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    shapes = _stage_shapes(stages, original_shape)
+    order = reversed(range(len(stages))) if inverse else range(len(stages))
+    for i in order:
+        step = _geometry(stages[i], shapes[i], shapes[i + 1])
+        if step is not None:
+            pts = step.points(pts, stages[i].result.extras, shapes[i], shapes[i + 1], inverse)
+    return pts
+
+
+def map_boxes(boxes: np.ndarray, stages: list[Stage], original_shape: tuple[int, int],
+              inverse: bool = False) -> np.ndarray:
+    """Map (n, 4) boxes (x0, y0, x1, y1) through the stages: the bounding box of the mapped corners.
+
+    With ``inverse=True`` the result is clipped to the original image.
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if not len(b):
+        return b
+    corners = np.stack([b[:, [0, 1]], b[:, [2, 1]], b[:, [0, 3]], b[:, [2, 3]]], axis=1).reshape(-1, 2)
+    mapped = map_points(corners, stages, original_shape, inverse).reshape(-1, 4, 2)
+    out = np.concatenate([mapped.min(axis=1), mapped.max(axis=1)], axis=1)
+    if inverse:
+        h, w = original_shape[:2]
+        out[:, [0, 2]] = out[:, [0, 2]].clip(0, w)
+        out[:, [1, 3]] = out[:, [1, 3]].clip(0, h)
+    return out
+
+
+def map_to_original(square_map: np.ndarray, stages: list[Stage], original_shape: tuple[int, int]) -> np.ndarray:
+    """Map a map on the last stage's grid back onto the original pixel grid, stage by stage in reverse."""
+    m = np.asarray(square_map, dtype=np.float32)
+    shapes = _stage_shapes(stages, original_shape)
+    for i in reversed(range(len(stages))):
+        step = _geometry(stages[i], shapes[i], shapes[i + 1])
+        if step is not None:
+            m = step.invert_map(m, stages[i].result.extras, shapes[i], shapes[i + 1])
+        elif m.shape != shapes[i]:  # a coarse map (a CAM) on an intensity step's grid
+            m = cv2.resize(m, (shapes[i][1], shapes[i][0]), interpolation=cv2.INTER_LINEAR)
+    return m
+
 
 #: The fracture models' pipeline unless a model card says otherwise.
 DEFAULT_FRACTURE_PIPELINE: list[dict[str, Any]] = [
@@ -364,7 +526,7 @@ def step_defaults(name: str) -> dict[str, Any]:
     """Default parameters of a step, read from its signature (for forms in the app)."""
     import inspect
 
-    fn = STEPS[name]
+    fn = STEPS[name].fn
     return {
         p.name: p.default
         for p in list(inspect.signature(fn).parameters.values())[1:]
