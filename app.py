@@ -9,7 +9,7 @@ import streamlit as st
 
 from boneai import __version__
 from boneai.errors import BoneAIError
-from pages.common import TASK_LABELS, TASKS, model_cards, remember_model, selected_card
+from ui.common import TASK_LABELS, TASKS, model_cards, remember_model, selected_card
 
 st.set_page_config(page_title="BoneAI Review", page_icon=":material/radiology:", layout="wide")
 

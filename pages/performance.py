@@ -8,8 +8,8 @@ import numpy as np
 import streamlit as st
 
 from boneai import evaluate as ev
-from pages import charts
-from pages.common import TASK_LABELS, intended_use_note, model_cards, route_through_app, selected_card
+from ui import charts
+from ui.common import TASK_LABELS, intended_use_note, model_cards, route_through_app, selected_card
 
 route_through_app()
 

@@ -12,7 +12,7 @@ import streamlit as st
 from boneai.errors import BoneAIError
 from boneai.preprocess import Stage, run_pipeline, step_defaults
 from boneai.transforms import to_tensor
-from pages.common import (
+from ui.common import (
     SAMPLES_DIR,
     TASK_LABELS,
     intended_use_note,

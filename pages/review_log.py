@@ -7,7 +7,7 @@ from datetime import datetime, time, timedelta, timezone
 import streamlit as st
 
 from boneai.store import REVIEWER_DECISIONS, to_csv_bytes
-from pages.common import intended_use_note, review_store, route_through_app
+from ui.common import intended_use_note, review_store, route_through_app
 
 route_through_app()
 

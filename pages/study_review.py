@@ -15,7 +15,7 @@ from boneai.inference import Prediction, Predictor
 from boneai.preprocess import standardise
 from boneai.report import StudyReport, ViewReport, to_html, to_pdf
 from boneai.store import REVIEWER_DECISIONS, new_study_id
-from pages.common import (
+from ui.common import (
     TASKS,
     TASK_LABELS,
     View,

@@ -12,8 +12,8 @@ from boneai.errors import BoneAIError
 from boneai.inference import available_models, register_run
 from boneai.jobs import JobRunner, JobStatus, TrainRequest
 from boneai.models import get_spec, list_models
-from pages import charts
-from pages.common import REPO_ROOT, TASK_LABELS, intended_use_note, plain, route_through_app
+from ui import charts
+from ui.common import REPO_ROOT, TASK_LABELS, intended_use_note, plain, route_through_app
 
 route_through_app()
 

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `streamlit run` puts the app's folder on the path; do the same here
     sys.path.insert(0, str(REPO))
 
-from pages.common import plain  # noqa: E402
+from ui.common import plain  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 TIMEOUT = 300  # the first run imports torch and loads the model on a busy 2-core machine
