@@ -10,6 +10,7 @@ __all__ = [
     "NoPixelDataError",
     "ImageTooLargeError",
     "ImageTooSmallError",
+    "StudyTooLargeError",
     "DatasetError",
     "ModelNotFoundError",
 ]
@@ -41,6 +42,10 @@ class ImageTooLargeError(BoneAIError):
 
 class ImageTooSmallError(BoneAIError):
     """The image is too small to be a radiograph a model can read."""
+
+
+class StudyTooLargeError(BoneAIError):
+    """A study upload with more files or more bytes than one study may hold."""
 
 
 class DatasetError(BoneAIError):

@@ -13,13 +13,15 @@ Example:
 from __future__ import annotations
 
 import io as _io
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
 from boneai.errors import (
     DicomReadError,
@@ -27,16 +29,58 @@ from boneai.errors import (
     ImageTooLargeError,
     ImageTooSmallError,
     NoPixelDataError,
+    StudyTooLargeError,
     UnsupportedFileError,
 )
 
-__all__ = ["Radiograph", "read_radiograph", "MAX_PIXELS", "MIN_SIDE", "SAFE_DICOM_FIELDS"]
+__all__ = [
+    "Radiograph",
+    "read_radiograph",
+    "check_study_upload",
+    "MAX_PIXELS",
+    "MIN_SIDE",
+    "MAX_INFLATED_BYTES",
+    "MAX_STUDY_FILES",
+    "MAX_STUDY_BYTES",
+    "SAFE_DICOM_FIELDS",
+]
 
 #: Largest image we decode (width x height). A 43x43 cm detector at 0.1 mm is about 18.5 MP,
 #: so 80 MP leaves room for stitched long-leg films while refusing decompression bombs.
 MAX_PIXELS = 80_000_000
 #: Smallest side we accept. The RSNA bone-age copy is 100x100, so the limit sits below that.
 MIN_SIDE = 64
+#: Largest data set a deflate-compressed DICOM may inflate to: a 16-bit image at the pixel limit
+#: plus room for the header. Deflate reaches ratios over 1000:1, so a small file can hide gigabytes.
+MAX_INFLATED_BYTES = 2 * MAX_PIXELS + 16 * 2**20
+#: Most files in one study upload. A radiographic study has a handful of views; the limit leaves
+#: room for long series while keeping one upload from filling the server's memory.
+MAX_STUDY_FILES = 40
+#: Most bytes in one study upload (all files together): each file is held in memory while decoded.
+MAX_STUDY_BYTES = 400 * 2**20
+
+#: The Pillow formats we claim. Any other plugin (EPS calls Ghostscript, TIFF/BMP/GIF...) is never
+#: tried: each one is extra attack surface, and a format we don't claim is one we don't test.
+_PILLOW_FORMATS = ["PNG", "JPEG"]
+#: File signatures of common formats we refuse, so the message can say what the file is.
+_OTHER_SIGNATURES = {
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"BM": "BMP",  # only with the zero reserved fields that follow it (see _other_format)
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"%!PS": "PostScript (EPS)",
+    b"\xc5\xd0\xd3\xc6": "PostScript (EPS)",
+    b"%PDF": "PDF",
+    b"\x00\x00\x00\x0cjP  ": "JPEG 2000",
+    b"\xffO\xffQ": "JPEG 2000",
+    b"PK\x03\x04": "ZIP archive",
+}
+#: JPEG frame header (SOF) markers that carry the image size: ISO 10918 SOF0-SOF15 less DHT (C4),
+#: JPG (C8) and DAC (CC), plus JPEG-LS SOF55 (F7).
+_JPEG_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
+#: How far into a JP2-wrapped frame we look for its codestream header (the boxes before it are small).
+_CODESTREAM_HEADER_SCAN = 64 * 1024
 
 #: DICOM attributes copied into :attr:`Radiograph.metadata`. Anything not listed here
 #: (patient name, id, birth date, accession number, institution, ...) is dropped at read time.
@@ -116,6 +160,28 @@ def read_radiograph(source: str | Path | bytes, name: str | None = None) -> Radi
     return rg
 
 
+def check_study_upload(sizes: list[int]) -> None:
+    """Refuse a study upload with too many files or too many bytes, before any file is decoded.
+
+    Args:
+        sizes: the size in bytes of each uploaded file.
+
+    Raises:
+        StudyTooLargeError: over :data:`MAX_STUDY_FILES` files or :data:`MAX_STUDY_BYTES` in all.
+    """
+    if len(sizes) > MAX_STUDY_FILES:
+        raise StudyTooLargeError(
+            f"Too many files for one study ({len(sizes)}; at most {MAX_STUDY_FILES}): "
+            "upload the views of one study only, or split the upload."
+        )
+    total = sum(int(size) for size in sizes)
+    if total > MAX_STUDY_BYTES:
+        raise StudyTooLargeError(
+            f"Study upload is too large ({total / 2**20:.0f} MB; at most {MAX_STUDY_BYTES / 2**20:.0f} MB "
+            "in all): upload fewer files, or the views of one study only."
+        )
+
+
 def _looks_like_dicom(data: bytes) -> bool:
     if data[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b"DICM":
         return True
@@ -133,10 +199,17 @@ def _check_pixel_count(width: int, height: int, name: str) -> None:
 
 def _read_pillow(data: bytes, name: str) -> Radiograph:
     try:
-        img = Image.open(_io.BytesIO(data))
+        # Only the formats we claim: no other Pillow plugin ever sees the bytes (EPS would run Ghostscript).
+        img = Image.open(_io.BytesIO(data), formats=_PILLOW_FORMATS)
     except Image.DecompressionBombError as exc:  # Pillow's own guard fires on the header
         raise ImageTooLargeError(f"Image is too large to decode safely: {name}.") from exc
     except Exception as exc:
+        other = _other_format(data)
+        if other is not None:
+            raise UnsupportedFileError(
+                f"{other} files are not accepted (PNG, JPEG or DICOM expected); "
+                f"save the image as PNG or JPEG, or send the DICOM: {name}."
+            ) from exc
         raise UnsupportedFileError(
             f"File is not an image or DICOM we can read (PNG, JPEG or DICOM expected): {name}."
         ) from exc
@@ -145,13 +218,14 @@ def _read_pillow(data: bytes, name: str) -> Radiograph:
     notes: list[str] = []
     fmt = img.format or "image"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img.load()
-    except OSError as exc:
-        if "truncated" not in str(exc).lower():
+        # No warnings.catch_warnings() here: it swaps process-wide filters, racing other sessions' reads.
+        # Pillow's bomb warning fires in open(), never in load(), and our own limit is below it anyway.
+        img.load()
+    except Exception as exc:  # OSError mostly; a PNG cut inside a chunk header raises SyntaxError
+        cut_png = fmt == "PNG" and b"IEND" not in data[-12:]
+        if "truncated" not in str(exc).lower() and not cut_png:
             raise UnsupportedFileError(f"Image file is damaged and cannot be decoded: {name}.") from exc
-        img = _load_truncated(data, name)
+        img = _load_truncated(data, fmt, name)
         notes.append("file is truncated; the missing end was filled in (check the bottom rows)")
     if getattr(img, "n_frames", 1) > 1:
         notes.append(f"file holds {img.n_frames} frames; only the first is shown")
@@ -162,18 +236,78 @@ def _read_pillow(data: bytes, name: str) -> Radiograph:
     return Radiograph(pixels=pixels, source_format=fmt, metadata={"modality": None}, warnings=notes, name=name)
 
 
-def _load_truncated(data: bytes, name: str) -> Image.Image:
-    # LOAD_TRUNCATED_IMAGES is a module global in Pillow; flip it only around this one decode.
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = True
+def _other_format(data: bytes) -> str | None:
+    """The name of a common image or document format we refuse, from its signature; None if unknown."""
+    for magic, kind in _OTHER_SIGNATURES.items():
+        if data.startswith(magic) and (magic != b"BM" or data[6:10] == bytes(4)):
+            return kind
+    return None
+
+
+def _load_truncated(data: bytes, fmt: str, name: str) -> Image.Image:
+    """Decode a cut-off PNG or JPEG as Pillow's LOAD_TRUNCATED_IMAGES would, without touching it.
+
+    That switch is a process-wide global: set by one Streamlit session, it would let another
+    session's truncated file load silently, without its warning. So the bytes are completed
+    instead, for this one decode: a JPEG gets the end-of-image marker Pillow itself appends when
+    the switch is on (libjpeg then fills the missing blocks exactly as with the switch); a PNG is
+    rebuilt from the image data it holds, the missing rows black as with the switch.
+    """
+    completed = _complete_truncated_png(data) if fmt == "PNG" else data + b"\xff\xd9"
     try:
-        img = Image.open(_io.BytesIO(data))
+        if completed is None:
+            raise ValueError("the PNG is cut before its image data")
+        img = Image.open(_io.BytesIO(completed), formats=_PILLOW_FORMATS)
         img.load()
         return img
     except Exception as exc:
         raise UnsupportedFileError(f"Image file is truncated beyond repair: {name}.") from exc
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+#: Adam7 interlace passes: (first column, first row, column step, row step).
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+
+
+def _complete_truncated_png(data: bytes) -> bytes | None:
+    """A complete PNG with the header chunks and image data a cut-off PNG holds; None if it has none.
+
+    The compressed image data are inflated as far as they go and padded with zero bytes (filter
+    "none", value 0) up to the size the header declares, then stored again as one IDAT chunk.
+    """
+    pos, head, idat, ihdr = 8, [], bytearray(), b""
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IDAT":
+            idat += data[pos + 8:pos + 8 + length]
+        elif idat:
+            break  # the first chunk after the image data: nothing further is needed
+        elif pos + 12 + length > len(data):
+            return None  # cut inside a header chunk, before any image data
+        elif kind not in (b"acTL", b"fcTL"):  # animation chunks: keep the default image only
+            if kind == b"IHDR":
+                ihdr = data[pos + 8:pos + 8 + length]
+            head.append(data[pos:pos + 12 + length])
+        pos += 12 + length
+    if len(ihdr) != 13 or not idat:
+        return None
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", ihdr)
+    bits = depth * _PNG_CHANNELS.get(colour, 4)
+    if interlace:
+        passes = [(-(-(width - x0) // dx), -(-(height - y0) // dy)) for x0, y0, dx, dy in _ADAM7]
+    else:
+        passes = [(width, height)]
+    expected = sum(h * (1 + (w * bits + 7) // 8) for w, h in passes if w > 0 and h > 0)
+    try:
+        raw = zlib.decompressobj().decompress(bytes(idat), expected)  # bounded by the declared size
+    except zlib.error:
+        return None
+    raw += bytes(expected - len(raw))
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    return data[:8] + b"".join(head) + chunk(b"IDAT", zlib.compress(raw, 1)) + chunk(b"IEND", b"")
 
 
 def _pillow_to_array(img: Image.Image) -> np.ndarray:
@@ -200,15 +334,21 @@ def _read_dicom(data: bytes, name: str) -> Radiograph:
     import pydicom
 
     truncated = DicomReadError(f"DICOM file is truncated or unreadable: {name}.")
+    # pydicom inflates a deflate-compressed data set whole inside dcmread, before any size check;
+    # inflate it here instead, with a cap, and parse the inflated data set.
+    inflated = _inflate_deflated_dicom(data, name)
+    payload = data if inflated is None else inflated[0]
     try:
         # Any exception while parsing untrusted bytes means "unreadable" (pydicom raises struct.error,
         # BytesLengthException, ... on a header cut mid-element), never a traceback for the user.
-        ds = pydicom.dcmread(_io.BytesIO(data), force=True)
+        ds = pydicom.dcmread(_io.BytesIO(payload), force=True)
     except Exception as exc:
         raise truncated from exc
+    if inflated is not None:
+        ds.file_meta = inflated[1]
     has_magic = data[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b"DICM"
     try:
-        if _dicom_truncated(ds, len(data)) or (has_magic and len(ds.keys()) == 0):
+        if _dicom_truncated(ds, len(payload)) or (has_magic and len(ds.keys()) == 0):
             raise truncated  # cut inside an element, or inside the file meta before the data set
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             sop_class = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
@@ -232,18 +372,31 @@ def _read_dicom(data: bytes, name: str) -> Radiograph:
     except Exception as exc:  # a malformed value in the header (wrong length, bad number...)
         raise truncated from exc
     _check_pixel_count(cols, rows * max(frames, 1), name)
+    syntax = ds.file_meta.TransferSyntaxUID
+    _check_decodable(syntax, name)
+    _check_codestream_sizes(ds, frames, name)
     notes: list[str] = []
     try:
         arr = ds.pixel_array
     except Exception as exc:
         raise DicomReadError(
-            f"DICOM pixel data cannot be decoded (truncated file or unsupported compression): {name}."
+            f"DICOM pixel data cannot be decoded (truncated file, or damaged {_syntax_label(syntax)} "
+            f"data): {name}."
         ) from exc
     if frames > 1 and arr.ndim >= 3 and arr.shape[0] == frames:
         arr = arr[0]
         notes.append(f"multi-frame DICOM with {frames} frames; only the first is shown")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        # NaN and inf have no grey level: windowing would turn them into black or white pixels silently.
+        raise DicomReadError(
+            f"DICOM float pixel data hold NaN or infinite values; the image cannot be shown faithfully. "
+            f"Ask for the image exported again from the modality: {name}."
+        )
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if arr.ndim == 3 and photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    if photometric == "PALETTE COLOR" and arr.ndim == 2:
+        # The stored values are indices into the palette, not grey levels.
+        pixels = _palette_to_uint8(ds, arr, name)
+    elif arr.ndim == 3 and photometric not in ("MONOCHROME1", "MONOCHROME2"):
         pixels = _rgb_dicom_to_uint8(arr)
     else:
         pixels = _window_to_uint8(ds, arr.astype(np.float64))
@@ -262,6 +415,156 @@ def _read_dicom(data: bytes, name: str) -> Radiograph:
             pass
     metadata.setdefault("modality", None)
     return Radiograph(pixels=pixels, source_format="DICOM", metadata=metadata, warnings=notes, name=name)
+
+
+def _inflate_deflated_dicom(data: bytes, name: str) -> tuple[bytes, Any] | None:
+    """The inflated data set and the file meta of a deflate-compressed DICOM; None for any other file.
+
+    Raises:
+        ImageTooLargeError: the data set inflates past :data:`MAX_INFLATED_BYTES` (a decompression
+            bomb); inflation stops at the cap, so no more than that is ever allocated.
+        DicomReadError: the compressed stream is damaged or cut short.
+    """
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filereader import read_dataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    if data[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] != b"DICM":
+        return None  # deflate needs the file meta that names it: a raw data set is never deflated
+    fp = _io.BytesIO(data)
+    fp.seek(_DICOM_MAGIC_OFFSET + 4)
+    try:
+        # The file meta (group 0002) is always explicit VR little endian and never compressed.
+        meta = FileMetaDataset(
+            read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
+                         stop_when=lambda tag, vr, length: tag >> 16 != 0x0002)
+        )
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return None
+    except Exception:
+        return None  # an unreadable file meta: the normal reading path reports it
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(data[fp.tell():], MAX_INFLATED_BYTES + 1)
+    except zlib.error as exc:
+        raise DicomReadError(f"DICOM file is truncated or unreadable (damaged compressed data): {name}.") from exc
+    if len(inflated) > MAX_INFLATED_BYTES:
+        raise ImageTooLargeError(
+            f"Compressed DICOM inflates to more than {MAX_INFLATED_BYTES / 2**20:.0f} MB, over the limit "
+            f"for one image; refusing to decode it: {name}."
+        )
+    if not inflater.eof:
+        raise DicomReadError(f"DICOM file is truncated or unreadable (compressed data cut short): {name}.")
+    return inflated, meta
+
+
+def _syntax_label(syntax: Any) -> str:
+    """'<name> (<UID>)' for a transfer syntax, for messages."""
+    known = syntax.is_valid and syntax.is_transfer_syntax
+    return f"{syntax.name} ({syntax})" if known else f"unknown transfer syntax ({syntax})"
+
+
+def _check_decodable(syntax: Any, name: str) -> None:
+    """Refuse, naming the compression, pixel data that no installed decoder can read."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        available = bool(get_decoder(syntax).is_available)
+    except Exception:  # NotImplementedError: pydicom knows no decoder for this transfer syntax at all
+        available = False
+    if not available:
+        raise DicomReadError(
+            f"DICOM pixel data use a compression this installation cannot decode: {_syntax_label(syntax)}. "
+            f"Ask for the image exported uncompressed, as JPEG Lossless, JPEG-LS or JPEG 2000: {name}."
+        )
+
+
+def _check_codestream_sizes(ds: Any, frames: int, name: str) -> None:
+    """Check the size each compressed frame declares in its own header, before any is decoded.
+
+    The decoder allocates what the codestream declares, whatever Rows and Columns say, so a lying
+    frame header could still be a decompression bomb. Frames whose header we cannot read (RLE,
+    unusual layouts) rely on the Rows/Columns check and on the decoder's own length checks.
+    """
+    from pydicom.encaps import generate_fragmented_frames
+
+    if not ds.file_meta.TransferSyntaxUID.is_encapsulated or "PixelData" not in ds:
+        return
+    offsets = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    total = 0
+    try:
+        frame_list = generate_fragmented_frames(ds.PixelData, number_of_frames=frames, extended_offsets=offsets)
+        for fragments in frame_list:
+            size = _codestream_size(fragments[0]) if fragments else None
+            if size is not None:
+                _check_pixel_count(*size, name)
+                total += size[0] * size[1]
+    except ImageTooLargeError:
+        raise
+    except Exception:
+        return  # malformed encapsulation: decoding will fail on it with its own message
+    if total > MAX_PIXELS:
+        raise ImageTooLargeError(
+            f"DICOM frames declare {total / 1e6:.0f} MP in all, over the {MAX_PIXELS / 1e6:.0f} MP limit; "
+            f"refusing to decode them: {name}."
+        )
+
+
+def _codestream_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG, JPEG-LS or JPEG 2000 codestream header; None when not found.
+
+    The JPEG walk jumps from segment to segment, so padding before the frame header cannot hide it.
+    """
+    if head[:2] == b"\xff\xd8":  # JPEG / JPEG-LS: marker segments up to the frame header (SOF)
+        pos = 2
+        while pos + 4 <= len(head):
+            if head[pos] != 0xFF:
+                return None
+            marker = head[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+                pos += 2
+                continue
+            if marker in _JPEG_SOF_MARKERS:
+                if pos + 9 > len(head):
+                    return None
+                height, width = struct.unpack(">HH", head[pos + 5:pos + 9])
+                return (width, height) if width and height else None  # height 0: set later by DNL
+            if marker == 0xDA:  # scan data before any frame header
+                return None
+            pos += 2 + struct.unpack(">H", head[pos + 2:pos + 4])[0]
+        return None
+    if head[:4] == b"\xff\x4f\xff\x51":  # JPEG 2000 codestream: SOC, then SIZ always first
+        at = 0
+    elif head[4:8] == b"jP  ":  # JP2 file format (not DICOM's, but some writers use it): find the codestream
+        at = head.find(b"\xff\x4f\xff\x51", 0, _CODESTREAM_HEADER_SCAN)
+    else:
+        return None
+    if at < 0 or at + 24 > len(head):
+        return None
+    xsiz, ysiz, x0, y0 = struct.unpack(">IIII", head[at + 8:at + 24])
+    return (xsiz - x0, ysiz - y0) if xsiz > x0 and ysiz > y0 else None
+
+
+def _palette_to_uint8(ds: Any, arr: np.ndarray, name: str) -> np.ndarray:
+    """PALETTE COLOR indices through the file's palette, as an RGB uint8 image."""
+    from pydicom.pixels import apply_color_lut
+
+    try:
+        rgb = np.asarray(apply_color_lut(arr, ds))
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    except Exception as exc:
+        raise DicomReadError(
+            f"DICOM palette colour image has a missing or damaged palette; it cannot be shown: {name}."
+        ) from exc
+    if bits <= 8:
+        return np.clip(rgb, 0, 255).astype(np.uint8)
+    # 16-bit palette entries span 0..65535 whatever the data use; scale by that, not the data range.
+    return (rgb.astype(np.float64) / 65535.0 * 255.0).round().clip(0, 255).astype(np.uint8)
 
 
 def _ensure_transfer_syntax(ds: Any) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 import time
+import types
 import warnings
 import zlib
 from pathlib import Path
@@ -14,7 +16,16 @@ import pytest
 from PIL import Image, ImageFile
 
 from boneai import errors
-from boneai.io import MAX_PIXELS, MIN_SIDE, Radiograph, read_radiograph
+from boneai import io as boneai_io
+from boneai.io import (
+    MAX_PIXELS,
+    MAX_STUDY_BYTES,
+    MAX_STUDY_FILES,
+    MIN_SIDE,
+    Radiograph,
+    check_study_upload,
+    read_radiograph,
+)
 from boneai.preprocess import standardise
 
 HAND = "fracatlas/IMG0000351.jpg"  # 454x373, stored as RGB though grey
@@ -435,3 +446,400 @@ def test_dicom_with_stray_bytes_after_the_pixels_still_reads(dicom_bytes):
     clean = read_radiograph(data).pixels
     for junk in (b"\x00", b"\x00\x00\x00"):
         np.testing.assert_array_equal(read_radiograph(data + junk).pixels, clean)
+
+
+# --------------------------------------------------------------------------- hostile and unusual files
+
+
+def _recoded(dicom: bytes, syntax: str, frame: bytes | None = None, **attrs) -> bytes:
+    """The same DICOM under another transfer syntax: ``frame`` (one codestream) encapsulated as its
+    pixel data, or, without it, the data set as it is (pydicom deflates it for the deflate syntax)."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(io.BytesIO(dicom))
+    ds.file_meta.TransferSyntaxUID = syntax
+    if frame is not None:
+        ds.PixelData = encapsulate([frame])
+        ds["PixelData"].VR = "OB"
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _compressed(dicom: bytes, syntax: str, **kw) -> bytes:
+    """The DICOM compressed by pydicom's own encoders (pyjpegls, pylibjpeg-openjpeg)."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(dicom))
+    ds.compress(syntax, **kw)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _raw_pixels(dicom: bytes) -> np.ndarray:
+    import pydicom
+
+    return pydicom.dcmread(io.BytesIO(dicom)).pixel_array
+
+
+def _jpeg_lossless_sv1(pixels: np.ndarray) -> bytes:
+    """A 2-D uint16 image as a JPEG Lossless codestream: process 14, predictor 1 (left neighbour),
+    16-bit precision, no point transform (ISO 10918-1 annex H). Written here so the test does not
+    trust the decoder's own encoder; one Huffman table with all 17 difference categories 5 bits long."""
+    x = pixels.astype(np.int64)
+    pred = np.empty_like(x)
+    pred[:, 1:] = x[:, :-1]
+    pred[1:, 0] = x[:-1, 0]  # the first column is predicted from above
+    pred[0, 0] = 1 << 15
+    diff = (x - pred) % 65536
+    diff = np.where(diff >= 32768, diff - 65536, diff)  # differences are taken modulo 2^16
+    out, acc, nbits = bytearray(), 0, 0
+    for d in diff.ravel().tolist():
+        category = abs(d).bit_length()
+        acc, nbits = (acc << 5) | category, nbits + 5  # canonical code of symbol k is k on 5 bits
+        if 0 < category < 16:  # category 16 (difference 32768) has no extra bits
+            acc, nbits = (acc << category) | (d if d > 0 else d + (1 << category) - 1), nbits + category
+        while nbits >= 8:
+            nbits -= 8
+            out.append((acc >> nbits) & 0xFF)
+            if out[-1] == 0xFF:
+                out.append(0)  # byte stuffing
+        acc &= (1 << nbits) - 1
+    if nbits:
+        out.append(((acc << (8 - nbits)) | ((1 << (8 - nbits)) - 1)) & 0xFF)  # pad with 1-bits
+        if out[-1] == 0xFF:
+            out.append(0)
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+    rows, cols = pixels.shape
+    sof3 = struct.pack(">BHHB", 16, rows, cols, 1) + bytes([1, 0x11, 0])
+    dht = bytes([0x00]) + bytes([0, 0, 0, 0, 17] + [0] * 11) + bytes(range(17))
+    sos = bytes([1, 1, 0x00, 1, 0, 0])  # one component, table 0, Ss = predictor 1, Se 0, Al 0
+    return b"\xff\xd8" + segment(0xC3, sof3) + segment(0xC4, dht) + segment(0xDA, sos) + bytes(out) + b"\xff\xd9"
+
+
+def _set_codestream_size(frame: bytes, width: int, height: int) -> bytes:
+    """The codestream with its frame header (JPEG SOF, JPEG-LS SOF55, JPEG 2000 SIZ) declaring another size."""
+    data = bytearray(frame)
+    if data[:2] == b"\xff\xd8":
+        pos = 2
+        while data[pos + 1] not in (0xC0, 0xC1, 0xC2, 0xC3, 0xF7):
+            pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        data[pos + 5:pos + 9] = struct.pack(">HH", height, width)
+    else:
+        at = data.index(b"\xff\x4f\xff\x51")
+        data[at + 8:at + 24] = struct.pack(">IIII", width, height, 0, 0)
+    return bytes(data)
+
+
+def _first_frame(dicom: bytes) -> bytes:
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    ds = pydicom.dcmread(io.BytesIO(dicom))
+    return next(generate_frames(ds.PixelData, number_of_frames=1))
+
+
+def _detailed(bits: int) -> np.ndarray:
+    """A 96x128 image using the whole range of ``bits``, with noise (every difference category)."""
+    rng = np.random.default_rng(bits)
+    top = 2**bits - 1
+    img = np.tile(np.linspace(0, top, 128), (96, 1)) + rng.normal(0, top / 50, (96, 128))
+    img[10:20, 10:20] = rng.integers(0, top + 1, (10, 10))  # jumps between the extremes
+    img[0, :4] = [0, top, 0, top]
+    return np.clip(img, 0, top).round().astype(np.uint16)
+
+
+# Item: deflate-compressed DICOM is inflated with a cap (pydicom inflates it whole inside dcmread).
+
+
+def test_deflated_dicom_reads_like_the_uncompressed_file(dicom_bytes):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    plain = dicom_bytes(_ramp(), bits_stored=12, window=(1000, 500))
+    deflated = _recoded(plain, DeflatedExplicitVRLittleEndian)
+    assert len(deflated) < len(plain) / 2  # really compressed
+    np.testing.assert_array_equal(read_radiograph(deflated).pixels, read_radiograph(plain).pixels)
+
+
+def test_deflated_dicom_bomb_is_refused_without_inflating_it_whole(dicom_bytes, monkeypatch):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    # 4 MB of pixel data deflate to a few kB; with a 1 MB cap the file is a bomb.
+    bomb = _recoded(dicom_bytes(np.zeros((1024, 2048), np.uint16)), DeflatedExplicitVRLittleEndian)
+    assert len(bomb) < 20_000
+    monkeypatch.setattr(boneai_io, "MAX_INFLATED_BYTES", 2**20)
+
+    def no_whole_inflate(*a, **k):
+        raise AssertionError("the data set was inflated in one go, without a size cap")
+
+    monkeypatch.setattr(zlib, "decompress", no_whole_inflate)  # what pydicom's dcmread uses
+    with pytest.raises(errors.ImageTooLargeError, match=r"inflates to more than 1 MB.*bomb\.dcm"):
+        read_radiograph(bomb, name="bomb.dcm")
+
+
+def test_deflated_dicom_cut_short_is_truncated(dicom_bytes):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    data = _recoded(dicom_bytes(_detailed(12), bits_stored=12), DeflatedExplicitVRLittleEndian)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(errors.DicomReadError, match="cut.dcm"):
+            read_radiograph(data[: len(data) * 2 // 3], name="cut.dcm")
+
+
+# Item: compressed frames declare their own size; it is checked before any decoder allocates it.
+
+
+@pytest.mark.parametrize("syntax_name", ["JPEGBaseline8Bit", "JPEGLSLossless", "JPEG2000Lossless"])
+def test_compressed_dicom_decodes(dicom_bytes, hand_grey, syntax_name):
+    import pydicom.uid
+
+    syntax = getattr(pydicom.uid, syntax_name)
+    if syntax_name == "JPEGBaseline8Bit":
+        plain = dicom_bytes(hand_grey)
+        data = _recoded(plain, syntax, _encode(Image.fromarray(hand_grey), "JPEG", quality=95))
+        assert np.abs(read_radiograph(data).pixels.astype(int) - hand_grey.astype(int)).mean() < 2.0
+    else:
+        plain = dicom_bytes(hand_grey.astype(np.uint16) * 16, bits_stored=12)
+        data = _compressed(plain, syntax)
+        np.testing.assert_array_equal(read_radiograph(data).pixels, read_radiograph(plain).pixels)
+
+
+@pytest.mark.parametrize("syntax_name", ["JPEGBaseline8Bit", "JPEGLSLossless", "JPEG2000Lossless"])
+def test_compressed_frame_declaring_a_bomb_is_refused_before_decoding(dicom_bytes, monkeypatch, syntax_name):
+    import pydicom.dataset
+    import pydicom.uid
+
+    syntax = getattr(pydicom.uid, syntax_name)
+    if syntax_name == "JPEGBaseline8Bit":
+        frame = _encode(Image.fromarray(_ramp(top=255).astype(np.uint8)), "JPEG")
+    else:
+        frame = _first_frame(_compressed(dicom_bytes(_ramp(), bits_stored=12), syntax))
+    pixels = _ramp(top=255).astype(np.uint8) if syntax_name == "JPEGBaseline8Bit" else _ramp()
+    # Rows/Columns say 64x80, well within the limit; the codestream itself says 20000x20000.
+    data = _recoded(dicom_bytes(pixels), syntax, _set_codestream_size(frame, 20_000, 20_000))
+
+    def no_decode(self):
+        raise AssertionError("pixels were decoded for a frame over the size limit")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(no_decode))
+    with pytest.raises(errors.ImageTooLargeError, match=r"20000x20000.*lying\.dcm"):
+        read_radiograph(data, name="lying.dcm")
+
+
+def test_frame_header_behind_large_padding_segments_is_still_checked(dicom_bytes, monkeypatch):
+    import pydicom.dataset
+    from pydicom.uid import JPEGBaseline8Bit
+
+    pixels = _ramp(top=255).astype(np.uint8)
+    frame = _set_codestream_size(_encode(Image.fromarray(pixels), "JPEG"), 20_000, 20_000)
+    padding = (b"\xff\xef" + struct.pack(">H", 65535) + bytes(65533)) * 2  # two APP15 segments, 128 kB
+    data = _recoded(dicom_bytes(pixels), JPEGBaseline8Bit, frame[:2] + padding + frame[2:])
+
+    def no_decode(self):
+        raise AssertionError("pixels were decoded for a frame over the size limit")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(no_decode))
+    with pytest.raises(errors.ImageTooLargeError, match="20000x20000"):
+        read_radiograph(data, name="padded.dcm")
+
+
+# Item: the lossless syntaxes CR/DX archives use decode, exactly.
+
+
+@pytest.mark.parametrize("bits", [12, 16])
+@pytest.mark.parametrize("syntax_name", ["JPEGLosslessSV1", "JPEGLossless"])
+def test_jpeg_lossless_dicom_decodes_exactly(dicom_bytes, syntax_name, bits):
+    import pydicom.uid
+
+    stored = _detailed(bits)
+    plain = dicom_bytes(stored, bits_stored=bits)
+    data = _recoded(plain, getattr(pydicom.uid, syntax_name), _jpeg_lossless_sv1(stored))
+    np.testing.assert_array_equal(_raw_pixels(data), stored)
+    rg = read_radiograph(data)
+    np.testing.assert_array_equal(rg.pixels, read_radiograph(plain).pixels)
+
+
+@pytest.mark.parametrize("bits", [12, 16])
+def test_jpeg_ls_dicom_decodes_exactly(dicom_bytes, bits):
+    from pydicom.uid import JPEGLSLossless, JPEGLSNearLossless
+
+    stored = _detailed(bits)
+    plain = dicom_bytes(stored, bits_stored=bits)
+    lossless = _compressed(plain, JPEGLSLossless)
+    np.testing.assert_array_equal(_raw_pixels(lossless), stored)
+    np.testing.assert_array_equal(read_radiograph(lossless).pixels, read_radiograph(plain).pixels)
+    # Near-lossless: every stored value within the declared error (2) of the original.
+    near = _compressed(plain, JPEGLSNearLossless, jls_error=2)
+    assert np.abs(_raw_pixels(near).astype(int) - stored.astype(int)).max() <= 2
+    assert np.abs(read_radiograph(near).pixels.astype(int) - read_radiograph(plain).pixels.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(("uid", "label"), [
+    ("1.2.840.10008.1.2.4.100", "MPEG2 Main Profile / Main Level"),
+    ("1.2.840.10008.1.2.4.94", "JPIP Referenced"),
+    ("1.2.3.4.5.6", "unknown transfer syntax"),
+])
+def test_undecodable_transfer_syntax_is_named_with_its_uid(dicom_bytes, uid, label):
+    data = _recoded(dicom_bytes(_ramp(top=255).astype(np.uint8)), uid, b"\x00" * 64)
+    with pytest.raises(errors.DicomReadError) as info:
+        read_radiograph(data, name="video.dcm")
+    message = str(info.value)
+    assert label in message and uid in message and "video.dcm" in message
+
+
+# Item: only PNG, JPEG and DICOM are opened; no other Pillow plugin sees the bytes.
+
+
+def _eps_like() -> bytes:
+    return (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n%%EndComments\n"
+            b"newpath 0 0 moveto 100 100 lineto stroke\nshowpage\n%%EOF\n")
+
+
+OTHER_FORMATS = {
+    "GIF": lambda: _encode(Image.new("L", (100, 100), 90), "GIF"),
+    "BMP": lambda: _encode(Image.new("L", (100, 100), 90), "BMP"),
+    "TIFF": lambda: _encode(Image.new("I;16", (100, 100), 900), "TIFF"),
+    "PostScript (EPS)": _eps_like,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(OTHER_FORMATS))
+def test_formats_we_do_not_claim_are_refused(kind, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    def no_ghostscript(*a, **k):
+        raise AssertionError("Ghostscript was started for an uploaded file")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", no_ghostscript)
+    with pytest.raises(errors.UnsupportedFileError) as info:
+        read_radiograph(OTHER_FORMATS[kind](), name="scan.img")
+    message = str(info.value)
+    assert kind in message and "PNG, JPEG or DICOM" in message and "scan.img" in message
+
+
+# Item: palette colour and float DICOM.
+
+
+def test_palette_color_dicom_goes_through_its_palette(dicom_bytes):
+    index = np.tile(np.arange(80, dtype=np.uint8) * 3, (64, 1))
+    inverted = (65535 - np.arange(256) * 257).astype("<u2").tobytes()  # index i -> grey 255 - i
+    palette = {}
+    for colour in ("Red", "Green", "Blue"):
+        palette[f"{colour}PaletteColorLookupTableDescriptor"] = [256, 0, 16]
+        palette[f"{colour}PaletteColorLookupTableData"] = inverted
+    rg = read_radiograph(dicom_bytes(index, photometric="PALETTE COLOR", extra=palette))
+    assert rg.pixels.shape == (64, 80, 3) and rg.pixels.dtype == np.uint8
+    np.testing.assert_array_equal(rg.pixels[..., 0], 255 - index)
+    np.testing.assert_array_equal(standardise(rg.pixels).image, 255 - index)  # to grey as colour images are
+
+
+def _float_dicom(dicom_bytes, values: np.ndarray) -> bytes:
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(np.zeros(values.shape, np.uint16))))
+    del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation
+    ds.BitsAllocated = values.dtype.itemsize * 8
+    setattr(ds, "FloatPixelData" if values.dtype == np.float32 else "DoubleFloatPixelData", values.tobytes())
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float_dicom_reads_and_nan_or_inf_is_refused(dicom_bytes, dtype):
+    values = np.tile(np.linspace(-1, 1, 80, dtype=dtype), (64, 1))
+    rg = read_radiograph(_float_dicom(dicom_bytes, values))
+    assert rg.pixels[0, 0] == 0 and rg.pixels[0, -1] == 255
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = values.copy()
+        broken[30, 40] = bad
+        with pytest.raises(errors.DicomReadError, match=r"NaN or infinite.*float\.dcm"):
+            read_radiograph(_float_dicom(dicom_bytes, broken), name="float.dcm")
+
+
+# Item: truncated images load per call, never through Pillow's process-wide switch.
+
+
+class _SwitchSpy(types.ModuleType):
+    """Module class for PIL.ImageFile that records every assignment to LOAD_TRUNCATED_IMAGES."""
+
+    writes: list = []
+
+    def __setattr__(self, key, value):
+        if key == "LOAD_TRUNCATED_IMAGES":
+            _SwitchSpy.writes.append(value)
+        super().__setattr__(key, value)
+
+
+def test_truncated_images_never_set_pillows_global_switch(samples_dir, hand_grey, monkeypatch):
+    monkeypatch.setattr(_SwitchSpy, "writes", [])
+    monkeypatch.setattr(ImageFile, "__class__", _SwitchSpy)
+    cut_jpeg = (samples_dir / HAND).read_bytes()[:-200]
+    cut_png = _encode(Image.fromarray(hand_grey), "PNG")[:-2000]
+    for data in (cut_jpeg, cut_png):
+        rg = _read_quietly(data)
+        assert any("truncated" in note for note in rg.warnings)
+    assert _SwitchSpy.writes == []
+
+
+def test_truncated_jpeg_keeps_its_warning_while_another_thread_reads(samples_dir, hand_rgb):
+    full = (samples_dir / HAND).read_bytes()
+    cut = full[:-200]
+    expected = read_radiograph(full).pixels
+    seen: dict[str, list] = {"cut": [], "whole": [], "switch": []}
+
+    def read_many(data: bytes, kind: str) -> None:
+        for _ in range(25):
+            rg = read_radiograph(data, name=f"{kind}.jpg")
+            seen[kind].append((rg.warnings, rg.pixels.shape))
+            seen["switch"].append(ImageFile.LOAD_TRUNCATED_IMAGES)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the notes are checked on the Radiographs
+        threads = [threading.Thread(target=read_many, args=(cut, "cut")),
+                   threading.Thread(target=read_many, args=(full, "whole"))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert len(seen["cut"]) == len(seen["whole"]) == 25
+    assert all(any("truncated" in n for n in notes) and shape == hand_rgb.shape for notes, shape in seen["cut"])
+    assert all(notes == [] and shape == expected.shape for notes, shape in seen["whole"])
+    assert not any(seen["switch"]) and ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+@pytest.mark.parametrize("interlace", [False, True])
+def test_truncated_png_loads_with_a_warning(hand_grey, interlace):
+    deep = np.tile(hand_grey, (2, 2)).astype(np.uint16) * 257
+    data = _encode(Image.fromarray(deep), "PNG", interlace=interlace)
+    # Cut mid-way through the image data, and cut inside a chunk header (Pillow: SyntaxError).
+    starts = [i for i in range(len(data)) if data.startswith(b"IDAT", i)]
+    for cut in (len(data) // 2, starts[1] + 1):
+        rg = _read_quietly(data[:cut], name="cut.png")
+        assert rg.pixels.shape == deep.shape and rg.pixels.dtype == np.uint16
+        assert any("truncated" in note for note in rg.warnings)
+        if not interlace:  # rows come in order: the top quarter is intact
+            np.testing.assert_array_equal(rg.pixels[: deep.shape[0] // 8], deep[: deep.shape[0] // 8])
+    with pytest.raises(errors.UnsupportedFileError, match="cut.png"):
+        read_radiograph(data[:40], name="cut.png")  # nothing of the image left
+
+
+# Item: bounded study uploads.
+
+
+def test_study_upload_limits():
+    check_study_upload([])
+    check_study_upload([MAX_STUDY_BYTES // MAX_STUDY_FILES] * MAX_STUDY_FILES)
+    with pytest.raises(errors.StudyTooLargeError, match=rf"Too many files.*{MAX_STUDY_FILES + 1}"):
+        check_study_upload([1000] * (MAX_STUDY_FILES + 1))
+    with pytest.raises(errors.StudyTooLargeError, match="too large"):
+        check_study_upload([MAX_STUDY_BYTES // 2, MAX_STUDY_BYTES // 2 + 1])
+    assert issubclass(errors.StudyTooLargeError, errors.BoneAIError)
