@@ -7,14 +7,15 @@ STAMP  := $(VENV)/.installed
 .PHONY: run test test-fast bench app-bench screenshots browser-deps clean-venv
 
 # The virtual environment is (re)built whenever requirements.txt changes.
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m streamlit run app.py
+	$(PY) -m streamlit run app.py --server.address 127.0.0.1
 
 # Headless Chromium from Debian for the browser test; skipped quietly where apt is not available.
 browser-deps:

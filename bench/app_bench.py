@@ -33,7 +33,6 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
 from _app_server import CHROMIUM, AppServer, launch_chromium  # noqa: E402
 
 VIEWS = ["fracatlas/IMG0000351.jpg", "fracatlas/IMG0000479.jpg", "fracatlas/IMG0002180.jpg", "fracatlas/IMG0000597.jpg"]

@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from boneai.data import read_boneage  # noqa: E402
 from boneai.inference import load_model  # noqa: E402

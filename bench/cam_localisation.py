@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from boneai.data import fracture_boxes, read_fracatlas, split_train_val  # noqa: E402
 from boneai.explain import CAM_METHODS, explain  # noqa: E402

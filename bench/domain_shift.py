@@ -24,7 +24,6 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from boneai.data import read_fracatlas, split_train_val  # noqa: E402
 from boneai.inference import load_model  # noqa: E402

@@ -26,7 +26,6 @@ import pandas as pd
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from boneai.evaluate import roc_auc  # noqa: E402
 from boneai.inference import load_model  # noqa: E402

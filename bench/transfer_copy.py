@@ -23,7 +23,6 @@ import cv2
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from boneai.data import read_fracatlas  # noqa: E402
 from boneai.io import read_radiograph  # noqa: E402

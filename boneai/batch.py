@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from boneai import evaluate as ev
-from boneai.data import read_boneage, read_classification_dir
+from boneai.data import read_boneage, read_classification_dir, read_split_file
 from boneai.errors import BoneAIError
 from boneai.inference import Predictor, load_model
 from boneai.io import read_radiograph
@@ -58,8 +58,13 @@ def predict_dataframe(predictor: Predictor, df: pd.DataFrame, batch_size: int = 
 
 
 def evaluate_folder(task: str, data: str | Path, model: str | None = None, region: str | None = None,
-                    batch_size: int = 32, predictions_csv: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate a model on a labelled folder; the dict is the ``evaluate`` JSON report."""
+                    batch_size: int = 32, predictions_csv: str | Path | None = None,
+                    split: str | Path | None = None, subset: str | None = None) -> dict[str, Any]:
+    """Evaluate a model on a labelled folder; the dict is the ``evaluate`` JSON report.
+
+    With ``split`` (a split file: image_id, split) and ``subset``, only that subset's images count:
+    ``subset="test"`` gives the figures no choice touched.
+    """
     predictor = load_model(model or task)
     if predictor.task != task:
         raise BoneAIError(f"Model {predictor.name!r} is a {predictor.task} model, not a {task} model.")
@@ -74,6 +79,12 @@ def evaluate_folder(task: str, data: str | Path, model: str | None = None, regio
         df["predicted_months"] = months
     else:
         df = read_classification_dir(data)
+        if split is not None:
+            df = df.merge(read_split_file(split)[["image_id", "split"]], on="image_id")
+            df = df[df["split"] == subset].reset_index(drop=True) if subset else df
+            if df.empty:
+                raise BoneAIError(f"No images of {data} in subset {subset!r} of the split file {split}.")
+            report["split"], report["subset"] = str(split), subset
         if region:
             if "region" not in df or not (df["region"] == region).any():
                 raise BoneAIError(f"No images of region {region!r} in {data}.")
@@ -94,6 +105,8 @@ def evaluate_folder(task: str, data: str | Path, model: str | None = None, regio
             thr = predictor.threshold(None)
             report.update(ev.binary_metrics(y, prob, threshold=thr))
             report["operating_point"] = predictor.card.get("default_operating_point", "balanced")
+            if 0 < y.sum() < len(y):
+                report["sensitivity_at_specificity_0.90"] = ev.sensitivity_at_specificity(y, prob, 0.90)
             report["operating_points"] = {name: ev.threshold_metrics(y, prob, t)
                                           for name, t in predictor.operating_points.items()}
             part = df[ok].copy()
@@ -140,7 +153,9 @@ def predict_files(files: Sequence[str], task: str = "fracture", model: str | Non
             else:
                 row.update({"probability": round(pred.probability, 4), "threshold": round(pred.threshold, 4),
                             "operating_point": pred.operating_point,
-                            "decision": "fracture" if pred.decision else "no fracture"})
+                            "decision": "fracture" if pred.decision else "no fracture",
+                            # In the file's own pixels; empty when the model gives no boxes or none passes.
+                            "boxes": pred.extras.get("boxes", [])})
             if heatmap_dir:
                 from boneai.explain import heatmap_png
 

@@ -87,8 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
     tl = sub.add_parser("train-localiser", help="train the fracture localiser (boxes + image logit) on a split file")
     add_config_arguments(tl, LocaliserConfig)
 
+    fl = sub.add_parser("fit-localiser", help="make the localiser's choices on the split's validation images "
+                        "(region threshold, box and image operating points, image-level combination)")
+    fl.add_argument("run", help="train-localiser output folder")
+    fl.add_argument("--data", required=True, help="FracAtlas folder (original files)")
+    fl.add_argument("--split", default="weights/splits/fracatlas.csv")
+
     e = sub.add_parser("evaluate", help="evaluate a model on a labelled folder and write a JSON report")
-    e.add_argument("--task", choices=["fracture", "boneage", "anomaly"], default="fracture")
+    e.add_argument("--task", choices=["fracture", "boneage", "anomaly", "localisation"], default="fracture")
+    e.add_argument("--method", choices=["boxes", "gradcam"], default="boxes",
+                   help="localisation: the localiser's boxes, or a classifier's Grad-CAM peak")
+    e.add_argument("--split", default=None, help="a split file (image_id, split): evaluate only --subset of it")
+    e.add_argument("--subset", default=None, choices=["train", "val", "test"], help="with --split")
+    e.add_argument("--record", action="store_true",
+                   help="with --subset test and a model folder: store the figures in the model's card")
+
+    rf = sub.add_parser("refit", help="refit a shipped classifier's calibration and operating points on a "
+                        "split file's validation rows (from its val_predictions.csv)")
+    rf.add_argument("model", help="model folder, e.g. weights/fracture")
+    rf.add_argument("--split", default="weights/splits/fracatlas.csv")
     e.add_argument("--data", required=True, help="FracAtlas or image-folder layout (fracture, anomaly); boneage.csv + images/ (boneage)")
     e.add_argument("--model", default=None, help="model name in weights/ or a model folder (default: the shipped one)")
     e.add_argument("--out", required=True, help="JSON file to write")
@@ -182,13 +199,62 @@ def _cmd_train_localiser(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fit_localiser(args: argparse.Namespace) -> int:
+    from boneai.localisation import fit_on_validation
+
+    card = fit_on_validation(args.run, args.data, args.split)
+    v = card["validation"]
+    print(json.dumps({"validation_auc": v["auc"], "localisation": v["localisation"],
+                      "box_operating_points": card["box_operating_points"]}, default=json_default))
+    return 0
+
+
+def _maybe_record(args: argparse.Namespace, report: dict) -> None:
+    if not args.record:
+        return
+    from boneai.inference import model_dir
+    from boneai.protocol import record_test
+    from boneai.train import command_line
+
+    if args.subset != "test":
+        raise ValueError("--record stores test figures: use it with --split FILE --subset test")
+    record_test(model_dir(args.model or args.task), report, command_line())
+
+
+def _cmd_refit(args: argparse.Namespace) -> int:
+    from boneai.protocol import refit_on_split
+
+    card = refit_on_split(args.model, args.split)
+    print(json.dumps({"model": card["name"], "validation": {k: card["validation"][k] for k in ("n", "auc", "auc_ci95")},
+                      "operating_points": card["operating_points"]}, default=json_default))
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from boneai.batch import evaluate_folder
 
+    if args.task == "localisation":
+        from boneai.localisation import evaluate_localisation
+
+        report = evaluate_localisation(args.data, args.model, method=args.method, split=args.split, subset=args.subset)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2, default=json_default))
+        _maybe_record(args, report)
+        keys = ("n_images", "hit_rate", "froc", "map50", "auc")
+        print(json.dumps({k: report.get(k) for k in keys}, default=json_default))
+        return 0
+
+    if args.record and not args.predictions:
+        from boneai.inference import model_dir
+
+        # Test predictions beside the card, for the Model performance page's test view.
+        args.predictions = str(model_dir(args.model or args.task) / "test_predictions.csv")
     report = evaluate_folder(args.task, args.data, args.model, region=args.region, batch_size=args.batch_size,
+                             split=args.split, subset=args.subset,
                              predictions_csv=args.predictions)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2, default=json_default))
+    _maybe_record(args, report)
     keys = ("n", "auc", "auc_ci95", "ap", "sensitivity", "specificity", "threshold", "mae_months")
     print(json.dumps({k: report[k] for k in keys if k in report}, default=json_default))
     return 0
@@ -222,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": _cmd_train, "models": _cmd_models, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
                 "ensemble": _cmd_ensemble, "revalidate": _cmd_revalidate,
-                "split": _cmd_split, "train-localiser": _cmd_train_localiser}
+                "split": _cmd_split, "refit": _cmd_refit, "fit-localiser": _cmd_fit_localiser, "train-localiser": _cmd_train_localiser}
     try:
         return handlers[args.command](args)
     except BoneAIError as exc:
@@ -231,3 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def main_exit() -> None:
+    """Entry point of the ``boneai`` console script (``pip install -e .``)."""
+    sys.exit(main())

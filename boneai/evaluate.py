@@ -23,6 +23,8 @@ __all__ = [
     "box_iou",
     "hit_rate",
     "froc",
+    "sensitivity_at_specificity",
+    "box_counts",
     "average_precision_at",
     "localisation_figures",
     "point_hit_rate",
@@ -117,6 +119,13 @@ def operating_points(y: np.ndarray, p: np.ndarray, min_sensitivity: float = 0.90
     """The card's named operating points with their metrics on (validation) data."""
     points = {"sensitive": sensitive_threshold(y, p, min_sensitivity), "balanced": youden_threshold(y, p)}
     return {name: threshold_metrics(y, p, t) for name, t in points.items()}
+
+
+def sensitivity_at_specificity(y: np.ndarray, p: np.ndarray, specificity: float = 0.90) -> float:
+    """The best sensitivity among thresholds whose specificity is at least ``specificity``."""
+    fpr, tpr, _ = skm.roc_curve(np.asarray(y).astype(int), np.asarray(p, dtype=float))
+    ok = fpr <= 1 - specificity + 1e-12
+    return float(tpr[ok].max()) if ok.any() else 0.0
 
 
 def binary_metrics(y: Sequence[int], p: Sequence[float], threshold: float = 0.5, n_boot: int = 1000) -> dict[str, Any]:
@@ -324,6 +333,12 @@ def _matched(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], iou: flo
             scores.append(pred[i, 4])
             tps.append(tp)
     return np.asarray(scores), np.asarray(tps, bool), n_truth
+
+
+def box_counts(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], iou: float = HIT_IOU) -> tuple[int, int, int]:
+    """(annotated boxes found, false-positive boxes, annotated boxes) over all images."""
+    _, tps, n_truth = _matched(preds, truths, iou)
+    return int(tps.sum()), int((~tps).sum()), n_truth
 
 
 def froc(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], rates: Sequence[float] = FROC_RATES,

@@ -185,6 +185,10 @@ def explain(predictor: Any, image: Radiograph | np.ndarray, method: str | None =
         square = np.clip(err / hi, 0, 1) if hi > 0 else np.zeros_like(err)
         stages = run_pipeline(pixels, ae.pipeline)
         name = "reconstruction_error"
+    elif getattr(predictor, "fracture_map", None) is not None:
+        # A localiser was trained to mark fractures: its own map is the heatmap (no CAM needed).
+        square, stages = predictor.fracture_map(image)
+        name = "fracture_map"
     else:
         square = cam_on_input(predictor, image, method, male, target)
         stages = run_pipeline(pixels, predictor.pipeline)
@@ -233,3 +237,50 @@ def heatmap_png(predictor: Any, radiograph: Radiograph | np.ndarray, method: str
     buffer = io.BytesIO()
     Image.fromarray(overlay(standardise(pixels).image, heat.map)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+#: Box colours (RGB): solid boxes pass the ``balanced`` box operating point, dashed ones only ``sensitive``.
+BOX_COLOURS = {"balanced": (255, 64, 64), "sensitive": (255, 200, 0)}
+
+
+def _dashed_line(img: np.ndarray, p0: tuple[int, int], p1: tuple[int, int], colour: tuple[int, int, int],
+                 thickness: int, dash: int) -> None:
+    length = float(np.hypot(p1[0] - p0[0], p1[1] - p0[1]))
+    n = max(1, int(length // dash))
+    for k in range(0, n, 2):
+        a, b = k / n, min(1.0, (k + 1) / n)
+        q0 = (int(round(p0[0] + (p1[0] - p0[0]) * a)), int(round(p0[1] + (p1[1] - p0[1]) * a)))
+        q1 = (int(round(p0[0] + (p1[0] - p0[0]) * b)), int(round(p0[1] + (p1[1] - p0[1]) * b)))
+        cv2.line(img, q0, q1, colour, thickness, cv2.LINE_AA)
+
+
+def draw_boxes(image: np.ndarray, boxes: list[dict[str, Any]], numbered: bool = True) -> np.ndarray:
+    """RGB copy of a grey (or RGB) uint8 image with fracture boxes: solid at ``balanced``, dashed at
+    ``sensitive`` (as commercial fracture readers draw them), each numbered by rank."""
+    img = np.asarray(image)
+    rgb = np.repeat(img[:, :, None], 3, axis=2).copy() if img.ndim == 2 else img[:, :, :3].copy()
+    thickness = max(2, int(round(max(rgb.shape[:2]) / 300)))
+    for rank, box in enumerate(boxes, 1):
+        colour = BOX_COLOURS.get(box.get("operating_point", "balanced"), BOX_COLOURS["balanced"])
+        x0, y0, x1, y1 = (int(round(box[k])) for k in ("x0", "y0", "x1", "y1"))
+        corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+        for a, b in zip(corners, corners[1:] + corners[:1]):
+            if box.get("operating_point") == "sensitive":
+                _dashed_line(rgb, a, b, colour, thickness, dash=max(6, 4 * thickness))
+            else:
+                cv2.line(rgb, a, b, colour, thickness, cv2.LINE_AA)
+        if numbered:
+            cv2.putText(rgb, str(rank), (x0 + thickness, max(y0 - 2 * thickness, 12 * thickness // 2 + 8)),
+                        cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness, colour, max(1, thickness // 2), cv2.LINE_AA)
+    return rgb
+
+
+def box_crop(image: np.ndarray, box: dict[str, Any], margin: float = 0.5, min_side: int = 64) -> np.ndarray:
+    """The region around a box (``margin`` of its size on each side, at least ``min_side`` pixels), to zoom in."""
+    h, w = image.shape[:2]
+    bw, bh = box["x1"] - box["x0"], box["y1"] - box["y0"]
+    half_w, half_h = max(bw * (0.5 + margin), min_side / 2), max(bh * (0.5 + margin), min_side / 2)
+    cx, cy = (box["x0"] + box["x1"]) / 2, (box["y0"] + box["y1"]) / 2
+    x0, x1 = int(max(0, cx - half_w)), int(min(w, cx + half_w))
+    y0, y1 = int(max(0, cy - half_h)), int(min(h, cy + half_h))
+    return image[y0:y1, x0:x1]

@@ -14,12 +14,15 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +41,7 @@ __all__ = [
     "CardOperatingPoints",
     "available_models",
     "default_model_name",
+    "set_default_model",
     "load_model",
     "register_run",
     "model_dir",
@@ -48,6 +52,8 @@ __all__ = [
 #: Folder of shipped and registered models; ``BONEAI_WEIGHTS_DIR`` overrides it.
 WEIGHTS_DIR = Path(os.environ.get("BONEAI_WEIGHTS_DIR", Path(__file__).resolve().parents[1] / "weights"))
 _DEFAULTS_FILE = "defaults.json"
+_DEFAULTS_LOCK = ".defaults.lock"  # flock-ed by whoever rewrites defaults.json
+_TASKS = ("fracture", "boneage", "anomaly")
 
 
 def inference_dtype() -> torch.dtype:
@@ -113,13 +119,17 @@ def available_models(task: str | None = None, weights_dir: str | Path | None = N
 
 
 def default_model_name(task: str, weights_dir: str | Path | None = None) -> str:
-    """The default model of a task from ``weights/defaults.json``, else the first one found."""
+    """The default model of a task from ``weights/defaults.json``, else the first one found.
+
+    Raises:
+        BoneAIError: ``defaults.json`` is not a JSON object of task -> model name (the message says
+            how to fix it).
+        ModelNotFoundError: no model of ``task`` at all.
+    """
     root = _weights_dir(weights_dir)
-    defaults_path = root / _DEFAULTS_FILE
-    if defaults_path.is_file():
-        name = json.loads(defaults_path.read_text()).get(task)
-        if name and (root / name / "card.json").is_file():
-            return name
+    name = _read_defaults(root).get(task)
+    if name and (root / name / "card.json").is_file():
+        return name
     found = available_models(task, root)
     if not found:
         raise ModelNotFoundError(f"No {task} model found in {root}; train one with `python -m boneai train`.")
@@ -293,6 +303,10 @@ def load_model(name_or_path: str | Path = "fracture", weights_dir: str | Path | 
         from boneai.anomaly import load_anomaly_model
 
         return load_anomaly_model(card, directory)
+    if card.get("kind") == "localiser":
+        from boneai.localisation import load_localiser
+
+        return load_localiser(card, directory)
     if card.get("members"):
         from boneai.ensemble import load_ensemble
 
@@ -309,26 +323,109 @@ def load_model(name_or_path: str | Path = "fracture", weights_dir: str | Path | 
 
 def register_run(run_dir: str | Path, name: str, weights_dir: str | Path | None = None,
                  make_default: bool = False) -> Path:
-    """Copy a finished training run (card, weights, validation predictions, metrics) into the weights folder."""
+    """Copy a finished training run (card, weights, validation predictions, metrics) into the weights folder.
+
+    The folder is created exclusively (of two registrations under one name, one wins) and its
+    ``card.json`` is written last and atomically, so the model is listed only once it is complete.
+    """
     src = Path(run_dir)
     if not (src / "card.json").is_file() or not (src / "model.safetensors").is_file():
         raise ModelNotFoundError(f"Training run {src} has not finished (no card.json/model.safetensors).")
+    _check_model_name(name)
+    card = json.loads((src / "card.json").read_text())
+    card["name"] = name
+    root = _weights_dir(weights_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    dest = root / name
+    try:
+        dest.mkdir()
+    except FileExistsError:
+        raise BoneAIError(f"A model named {name!r} already exists; choose another name.") from None
+    try:
+        for fname in ("model.safetensors", "val_predictions.csv", "metrics.jsonl"):
+            if (src / fname).is_file():
+                shutil.copy2(src / fname, dest / fname)
+        _write_json_atomic(dest / "card.json", card)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)  # a half-copied model must not block the name
+        raise
+    if make_default:
+        set_default_model(card["task"], name, root)
+    return dest
+
+
+def set_default_model(task: str, name: str, weights_dir: str | Path | None = None) -> None:
+    """Make ``weights/<name>`` the default model of ``task`` in ``defaults.json``.
+
+    Read-modify-write under an ``flock`` on ``.defaults.lock`` next to it (two admins changing two
+    tasks' defaults at once both count), written atomically (readers see the old or the new file).
+
+    Raises:
+        BoneAIError: an unknown task, no such model, a model of another task, or a corrupt
+            ``defaults.json``.
+    """
+    if task not in _TASKS:
+        raise BoneAIError(f"Unknown task {task!r}; choose {', '.join(_TASKS)}.")
+    _check_model_name(name)
+    root = _weights_dir(weights_dir)
+    card_path = root / name / "card.json"
+    try:
+        card_task = json.loads(card_path.read_text()).get("task")
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"Model {name!r} not found in {root} (no card.json).") from None
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise BoneAIError(f"{card_path} cannot be read ({exc}); register the model again.") from None
+    if card_task != task:
+        raise BoneAIError(f"{name} is a {card_task} model; it cannot be the default {task} model.")
+    with _defaults_locked(root):
+        defaults = _read_defaults(root)
+        defaults[task] = name
+        _write_json_atomic(root / _DEFAULTS_FILE, defaults)
+
+
+def _check_model_name(name: str) -> None:
     if not name or any(c in name for c in "/\\.") or name.startswith("-"):
         raise BoneAIError(f"Model name {name!r} is not a valid folder name (letters, digits, - and _).")
-    root = _weights_dir(weights_dir)
-    dest = root / name
-    if dest.exists():
-        raise BoneAIError(f"A model named {name!r} already exists; choose another name.")
-    dest.mkdir(parents=True)
-    for fname in ("model.safetensors", "card.json", "val_predictions.csv", "metrics.jsonl"):
-        if (src / fname).is_file():
-            shutil.copy2(src / fname, dest / fname)
-    card = json.loads((dest / "card.json").read_text())
-    card["name"] = name
-    (dest / "card.json").write_text(json.dumps(card, indent=2))
-    if make_default:
-        defaults_path = root / _DEFAULTS_FILE
-        defaults = json.loads(defaults_path.read_text()) if defaults_path.is_file() else {}
-        defaults[card["task"]] = name
-        defaults_path.write_text(json.dumps(defaults, indent=2))
-    return dest
+
+
+def _read_defaults(root: Path) -> dict[str, str]:
+    """``defaults.json`` as task -> model name; {} when absent. A corrupt file is an error that says
+    how to fix it, not a traceback on every page."""
+    path = root / _DEFAULTS_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    fix = ('It should map each task to a model folder in weights/, e.g. {"fracture": "fracture", '
+           '"boneage": "boneage"}. Fix it, or delete it to fall back to the first model of each task.')
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BoneAIError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}). {fix}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise BoneAIError(f"{path} is not a JSON object of task names to model names. {fix}")
+    return data
+
+
+@contextmanager
+def _defaults_locked(root: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``root/.defaults.lock`` (released when the file closes)."""
+    with open(root / _DEFAULTS_LOCK, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        yield
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write ``path`` whole or not at all: a temporary file in the same folder, flushed, then
+    ``os.replace`` (atomic on POSIX), so a crash or a concurrent reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; whoever serves the app reads cards
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

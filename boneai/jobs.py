@@ -1,12 +1,20 @@
 """Background training jobs: start, follow, cancel. One job at a time per machine.
 
 A job is ``python -m boneai train ...`` run by a small supervisor process (``python -m boneai.jobs
-supervise JOB_DIR``) that is detached from whoever started it. The supervisor writes the exit status
-and releases the machine-wide lock when training ends, so a job outlives the web page, the Streamlit
-session and even the Streamlit server. Everything about a job lives on disk::
+supervise JOB_DIR LOCK_FILE LOCK_FD``) that is detached from whoever started it. The supervisor writes
+the exit status and releases the machine-wide lock when training ends, so a job outlives the web page,
+the Streamlit session and even the Streamlit server.
+
+The lock is ``jobs/lock`` held with ``fcntl.flock`` by the supervisor for the job's lifetime: the
+starter takes it (the file appears already locked, through a hard link) and hands the open file to
+the supervisor. Whether the machine is busy is whether that lock is held, never what the file says,
+so a lock file written a moment ago is never mistaken for a stale one, and a supervisor that dies,
+even by SIGKILL, frees the lock with its last breath. Training dies with it (``PR_SET_PDEATHSIG`` on
+Linux) and what is left of its process group is killed when the stale lock is next seen, so no
+training runs unseen beside a second job. Everything about a job lives on disk::
 
     jobs/
-      lock                 id and pid of the running job (absent when the machine is free)
+      lock                 id of the running job, flock-ed by its supervisor (absent when the machine is free)
       <job id>/
         job.json           what was asked: task, arguments, command, output folder, pids, times
         stdout.log         one JSON line per epoch (from the train command), then {"event": "done"}
@@ -25,6 +33,8 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import json
 import os
 import signal
@@ -34,7 +44,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from boneai.errors import BoneAIError
 
@@ -219,22 +229,58 @@ class JobRunner:
             return None
 
     def running_job_id(self) -> str | None:
-        """The id of the job holding the machine, clearing a lock whose supervisor has died."""
-        lock = self._read_lock()
-        if lock is None:
-            if self.lock_path.exists():  # written half-way or unreadable: only a crash leaves that
-                self._release_stale_lock()
+        """The id of the job holding the machine, clearing a lock whose supervisor has died.
+
+        Busy means the lock file is ``flock``-ed (by a supervisor, or a starter about to hand it
+        over). An unlocked lock file is stale: its job's leftovers are killed and the file removed.
+        """
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except FileNotFoundError:
             return None
-        if _pid_alive(int(lock.get("pid", 0))):
+        try:
+            try:  # shared: two pages asking at once do not take each other for the job
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock = _parse_lock(os.pread(fd, 4096, 0))
+                return str(lock["id"]) if lock and lock.get("id") else None
+            lock = _parse_lock(os.pread(fd, 4096, 0))
+        finally:
+            os.close(fd)
+        if _legacy_holder_alive(lock):
             return str(lock["id"])
-        self._release_stale_lock()
+        self._clear_stale_lock()
         return None
 
-    def _release_stale_lock(self) -> None:
+    def _clear_stale_lock(self) -> bool:
+        """Remove the lock file if nobody holds it, first ending what is left of its job; False if held."""
         try:
-            self.lock_path.unlink()
+            fd = os.open(self.lock_path, os.O_RDONLY)
         except FileNotFoundError:
-            pass
+            return True
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            # Held by us now, so no supervisor has it; the path must still be this file, not a new one.
+            if not _same_file(fd, self.lock_path):
+                return True
+            lock = _parse_lock(os.pread(fd, 4096, 0))
+            if _legacy_holder_alive(lock):
+                return False
+            if lock and lock.get("id"):
+                self._end_orphaned_training(str(lock["id"]))
+            self.lock_path.unlink()
+            return True
+        finally:
+            os.close(fd)
+
+    def _end_orphaned_training(self, job_id: str) -> None:
+        """Kill what is left of the process group of a job whose supervisor died."""
+        meta = _read_json(self.root / job_id / "job.json") if "/" not in job_id else None
+        if meta and meta.get("train_pid"):
+            _kill_orphaned_group(int(meta["train_pid"]), str(meta.get("started_at") or ""))
 
     # -- start -----------------------------------------------------------------------------------
     def start(self, request: TrainRequest) -> JobStatus:
@@ -248,7 +294,8 @@ class JobRunner:
         self.root.mkdir(parents=True, exist_ok=True)
         job_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{os.urandom(2).hex()}"
         job_dir = self.root / job_id
-        self._acquire_lock(job_id)
+        lock_fd = self._acquire_lock(job_id)
+        proc: subprocess.Popen | None = None
         try:
             job_dir.mkdir()
             run_dir = job_dir / "run"
@@ -260,36 +307,59 @@ class JobRunner:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH", "")]))
             # A new session: the supervisor (and training under it) outlive the app's process and a
-            # Ctrl-C in the terminal running Streamlit does not reach them.
+            # Ctrl-C in the terminal running Streamlit does not reach them. The supervisor inherits the
+            # locked file (pass_fds) and holds the lock from here on.
             with open(job_dir / "supervisor.log", "wb") as sup_log:
                 proc = subprocess.Popen([self.python, "-m", "boneai.jobs", "supervise", str(job_dir),
-                                         str(self.lock_path)], cwd=str(_REPO_ROOT), env=env,
+                                         str(self.lock_path), str(lock_fd)], cwd=str(_REPO_ROOT), env=env,
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sup_log,
-                                        start_new_session=True)
+                                        start_new_session=True, pass_fds=(lock_fd,))
             _CHILDREN[job_id] = proc
             meta["supervisor_pid"] = proc.pid
             _write_json(job_dir / "job.json", meta)
-            _write_json(self.lock_path, {"id": job_id, "pid": proc.pid})
         except BaseException:
-            self._release_stale_lock()
+            if proc is None:
+                _release_lock(lock_fd, self.lock_path)
+            else:  # the supervisor runs and holds the lock; it releases it when the job ends
+                os.close(lock_fd)
             raise
+        os.close(lock_fd)  # the supervisor's copy keeps the lock; this process must not
         return self.status(job_id)
 
-    def _acquire_lock(self, job_id: str) -> None:
-        holder = self.running_job_id()
-        if holder is not None:
-            raise JobBusyError(
-                f"A training job ({holder}) is already running on this machine; only one runs at a time. "
-                "Wait for it to finish or cancel it, then start again."
-            )
+    def _acquire_lock(self, job_id: str, wait: float = 0.5) -> int:
+        """Take the machine-wide lock for ``job_id``; returns the open, ``flock``-ed lock file.
+
+        The file is written and locked under a temporary name, then hard-linked to ``lock``: it
+        appears complete and already held, and the link fails if a lock file exists, so of two
+        sessions pressing Start at once exactly one gets it. An existing file nobody holds is stale
+        and removed first. ``wait`` seconds of retries cover another page probing the lock.
+
+        Raises:
+            JobBusyError: another job holds the lock.
+        """
+        tmp = self.root / f".lock-{os.getpid()}-{os.urandom(4).hex()}"
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
         try:
-            # O_EXCL: of two sessions pressing Start at the same moment exactly one gets the lock.
-            fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            raise JobBusyError("Another training job was started a moment ago on this machine; "
-                               "only one runs at a time.") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump({"id": job_id, "pid": os.getpid()}, f)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file nobody else knows: never blocks
+            os.write(fd, json.dumps({"id": job_id, "started_by": os.getpid()}).encode())
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    os.link(tmp, self.lock_path)
+                    return fd
+                except FileExistsError:
+                    pass
+                if not self._clear_stale_lock() and time.monotonic() > deadline:
+                    holder = self.running_job_id()
+                    raise JobBusyError(
+                        f"A training job{f' ({holder})' if holder else ''} is already running on this machine; "
+                        "only one runs at a time. Wait for it to finish or cancel it, then start again.")
+                time.sleep(0.02)
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
 
     # -- follow ----------------------------------------------------------------------------------
     def job_dir(self, job_id: str) -> Path:
@@ -359,7 +429,7 @@ class JobRunner:
         _terminate_group(int(meta.get("train_pid") or 0))
         _write_result(d, "cancelled", None, "cancelled (supervisor was gone)")
         if (self._read_lock() or {}).get("id") == job_id:
-            self._release_stale_lock()
+            self._clear_stale_lock()  # only if nobody holds it: never another job's lock
         return True
 
     def wait(self, job_id: str, timeout: float = 600.0, poll: float = 0.5) -> JobStatus:
@@ -373,12 +443,24 @@ class JobRunner:
 
 
 # -- supervisor (runs in its own process) ----------------------------------------------------------
-def _supervise(job_dir: Path, lock_path: Path) -> int:
+def _supervise(job_dir: Path, lock_path: Path, lock_fd: int | None = None) -> int:
+    """Run the job's command, record how it ended, release the lock (held on ``lock_fd``).
+
+    Without ``lock_fd`` (started by hand) the supervisor takes the lock itself.
+    """
     meta = json.loads((job_dir / "job.json").read_text())
+    if lock_fd is None:
+        try:
+            lock_fd = JobRunner(lock_path.parent)._acquire_lock(meta["id"])
+        except JobBusyError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     cancelled = {"flag": False}
     with open(job_dir / "stdout.log", "ab") as out, open(job_dir / "stderr.log", "ab") as err:
+        # Training does not inherit the lock (close_fds) and is killed when this process dies.
         proc = subprocess.Popen(meta["command"], cwd=str(_REPO_ROOT), stdout=out, stderr=err,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_die_with_parent(os.getpid()))
         meta["train_pid"] = proc.pid
         _write_json(job_dir / "job.json", meta)
 
@@ -386,22 +468,102 @@ def _supervise(job_dir: Path, lock_path: Path) -> int:
             cancelled["flag"] = True
             _terminate_group(proc.pid)
 
-        signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGINT, on_term)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, on_term)
         rc = proc.wait()
+        try:  # data workers a crashed leader left behind; none (ESRCH) after a clean exit
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     if cancelled["flag"]:
         _write_result(job_dir, "cancelled", rc, None)
     elif rc == 0:
         _write_result(job_dir, "succeeded", rc, None)
     else:
         _write_result(job_dir, "failed", rc, _error_line(job_dir / "stderr.log"))
-    lock = _read_json(lock_path)
-    if lock is not None and lock.get("id") == meta["id"]:
-        try:
-            lock_path.unlink()
-        except FileNotFoundError:
-            pass
+    _release_lock(lock_fd, lock_path)
     return 0
+
+
+def _release_lock(fd: int, lock_path: Path) -> None:
+    """Remove the lock file while still holding it (so nobody takes a file about to vanish), then let go."""
+    try:
+        if _same_file(fd, lock_path):
+            lock_path.unlink()
+    finally:
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open on ``fd`` (not removed, not replaced)."""
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _legacy_holder_alive(lock: dict[str, Any] | None) -> bool:
+    """A lock file of the previous version (``{"id", "pid"}``, no flock) whose supervisor still runs:
+    an upgrade while a job trains must not take that job for stale and kill it."""
+    return bool(lock and lock.get("id") and "pid" in lock and _pid_alive(int(lock.get("pid") or 0)))
+
+
+def _parse_lock(data: bytes) -> dict[str, Any] | None:
+    try:
+        lock = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return lock if isinstance(lock, dict) else None
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the child SIGKILLed when ``parent_pid`` (the supervisor) dies (Linux).
+
+    Without it, a supervisor killed with SIGKILL would leave training running unseen while the lock
+    is free. ``prctl`` is looked up here, before the fork, so the child only calls it.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: the stale-lock sweep ends the job instead
+        return None
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl: no signal would ever come
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+def _kill_orphaned_group(pgid: int, started_at: str) -> None:
+    """SIGKILL the processes of group ``pgid`` that started after the job did (Linux ``/proc``).
+
+    Only processes younger than the job: after the group emptied, its number could name another.
+    """
+    try:
+        # Boot time is whole seconds and start times are clock ticks: allow for the rounding.
+        since = datetime.fromisoformat(started_at).timestamp() - 2.0 if started_at else 0.0
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        ticks = os.sysconf("SC_CLK_TCK")
+        entries = [p for p in Path("/proc").iterdir() if p.name.isdigit()]
+    except (OSError, ValueError, StopIteration):
+        return
+    for entry in entries:
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # fields[0] is the state (field 3 of stat); pgrp is field 5, start time (ticks) field 22.
+        if int(fields[2]) == pgid and boot + int(fields[19]) / ticks >= since:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def _terminate_group(pid: int, grace: float = 10.0) -> None:
@@ -524,9 +686,9 @@ def _error_line(stderr_path: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) == 3 and args[0] == "supervise":
-        return _supervise(Path(args[1]), Path(args[2]))
-    print("usage: python -m boneai.jobs supervise JOB_DIR LOCK_FILE", file=sys.stderr)
+    if len(args) in (3, 4) and args[0] == "supervise":
+        return _supervise(Path(args[1]), Path(args[2]), int(args[3]) if len(args) == 4 else None)
+    print("usage: python -m boneai.jobs supervise JOB_DIR LOCK_FILE [LOCK_FD]", file=sys.stderr)
     return 2
 
 

@@ -364,3 +364,351 @@ def _save(model: FractureLocaliser | None, state: dict[str, torch.Tensor] | None
     tmp = out / "model.safetensors.tmp"
     save_file(half, str(tmp))
     tmp.replace(out / "model.safetensors")
+
+
+# --- Prediction ----------------------------------------------------------------------------------
+
+#: Box operating points, in the order they are drawn: dashed at ``sensitive``, solid at ``balanced``.
+BOX_OPERATING_POINTS = ("sensitive", "balanced")
+
+
+class _Flat(nn.Module):
+    """(map, logit) as one tensor, so the inference copy can be checked against the original."""
+
+    def __init__(self, inner: FractureLocaliser) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask, logit = self.inner(x)
+        return torch.cat([mask.flatten(1), logit[:, None]], dim=1)
+
+
+@dataclass
+class LocalisedView:
+    """What the network says about one view, before any operating point."""
+
+    prob_map: np.ndarray          # (S/4, S/4) fracture probability on the input square
+    head_logit: float             # image-level head
+    map_peak: float               # the map's maximum
+    input_image: np.ndarray       # the uint8 square the network saw
+    stages: list                  # executed preprocessing stages (for mapping boxes back)
+    original_shape: tuple[int, int]
+
+
+def image_features(head_logit: np.ndarray, map_peak: np.ndarray) -> np.ndarray:
+    """Inputs of the image-level combination: the head's logit and the logit of the map's peak."""
+    peak = np.clip(np.asarray(map_peak, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return np.stack([np.asarray(head_logit, dtype=np.float64), np.log(peak / (1 - peak))], axis=1)
+
+
+class LocaliserPredictor:
+    """A fracture model that also returns boxes: probability from the image head and the map's peak
+    (a logistic combination fitted on the validation split), boxes from the map's regions."""
+
+    def __init__(self, card: dict[str, Any], model: FractureLocaliser, directory: Path) -> None:
+        from boneai.models.fuse import inference_copy
+
+        self.card, self.model, self.directory = card, model.eval(), directory
+        self.name = card.get("name", directory.name)
+        self.task = "fracture"
+        self.pipeline, self.mean, self.std = card["pipeline"], card["mean"], card["std"]
+        size = int(self.pipeline[-1]["params"]["size"])
+        if os_environ_flag("BONEAI_FOLD_BN"):
+            fast, self.batchnorm_folded = inference_copy(_Flat(self.model), torch.zeros(1, 3, size, size))
+            self._forward = fast.inner
+        else:
+            self._forward, self.batchnorm_folded = self.model, False
+
+    # The operating-point interface shared with the classifiers.
+    @property
+    def operating_points(self) -> dict[str, float]:
+        return {k: float(v["threshold"]) for k, v in self.card.get("operating_points", {}).items()}
+
+    def threshold(self, operating_point: str | float | None = None) -> float:
+        from boneai.inference import CardOperatingPoints
+
+        return CardOperatingPoints.threshold(self, operating_point)
+
+    @property
+    def box_thresholds(self) -> dict[str, float]:
+        return {k: float(v["threshold"]) for k, v in self.card.get("box_operating_points", {}).items()}
+
+    def input_image(self, image) -> np.ndarray:
+        from boneai.io import Radiograph
+        from boneai.preprocess import apply_pipeline
+
+        return apply_pipeline(image.pixels if isinstance(image, Radiograph) else image, self.pipeline)
+
+    def views(self, images: list) -> list[LocalisedView]:
+        from boneai.io import Radiograph
+
+        staged = []
+        for im in images:
+            pixels = im.pixels if isinstance(im, Radiograph) else np.asarray(im)
+            stages = run_pipeline(pixels, self.pipeline)
+            staged.append((stages, pixels.shape[:2]))
+        batch = torch.stack([to_tensor(s[-1].result.image, self.mean, self.std) for s, _ in staged])
+        with torch.inference_mode():
+            mask, logit = self._forward(batch.contiguous(memory_format=torch.channels_last))
+        maps = torch.sigmoid(mask[:, 0]).float().numpy()
+        return [LocalisedView(m, float(lg), float(m.max()), s[-1].result.image, s, shape)
+                for m, lg, (s, shape) in zip(maps, logit.float().numpy(), staged)]
+
+    def fracture_map(self, image) -> tuple[np.ndarray, list]:
+        """The fracture map on the input square (upsampled from 1/4 scale) and the stages to map it back."""
+        view = self.views([image])[0]
+        size = view.input_image.shape[0]
+        return cv2.resize(view.prob_map, (size, size), interpolation=cv2.INTER_LINEAR), view.stages
+
+    def probability(self, head_logit: np.ndarray, map_peak: np.ndarray) -> np.ndarray:
+        combo = self.card["image_score"]
+        z = image_features(head_logit, map_peak) @ np.asarray(combo["weights"], dtype=np.float64) + float(combo["bias"])
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def boxes(self, view: LocalisedView, operating_point: str | None = None) -> list[dict[str, Any]]:
+        """Boxes in the original file's pixels, each tagged with the strictest box operating point it passes.
+
+        With ``operating_point`` only boxes at or above that point's threshold are returned.
+        """
+        thresholds = self.box_thresholds
+        if not thresholds:
+            return []
+        floor = thresholds[operating_point] if operating_point else min(thresholds.values())
+        found = boxes_from_map(view.prob_map, float(self.card.get("region_threshold", 0.3)), scale=MAP_STRIDE)
+        kept = [b for b in found if b[4] >= floor]
+        if not kept:
+            return []
+        original = map_boxes(np.array([b[:4] for b in kept]), view.stages, view.original_shape, inverse=True)
+        out = []
+        for (x0, y0, x1, y1), b in zip(original, kept):
+            passed = [name for name in BOX_OPERATING_POINTS if name in thresholds and b[4] >= thresholds[name]]
+            out.append({"x0": round(float(x0), 1), "y0": round(float(y0), 1), "x1": round(float(x1), 1),
+                        "y1": round(float(y1), 1), "score": round(float(b[4]), 4), "operating_point": passed[-1]})
+        return out
+
+    def predict_many(self, images: list, operating_point: str | float | None = None, male=None) -> list:
+        from boneai.inference import Prediction
+
+        if not len(images):
+            return []
+        views = self.views(list(images))
+        probs = self.probability(np.array([v.head_logit for v in views]), np.array([v.map_peak for v in views]))
+        thr = self.threshold(operating_point)
+        name = operating_point if isinstance(operating_point, str) else (
+            "custom" if operating_point is not None else self.card.get("default_operating_point", "balanced"))
+        out = []
+        for v, p in zip(views, probs):
+            out.append(Prediction(task="fracture", model=self.name, probability=float(p),
+                                  logit=float(np.log(max(p, 1e-9) / max(1 - p, 1e-9))), threshold=thr,
+                                  operating_point=name, decision=bool(p >= thr), input_image=v.input_image,
+                                  extras={"boxes": self.boxes(v), "fracture_map": v.prob_map}))
+        return out
+
+    def predict(self, image, operating_point: str | float | None = None, male=None):
+        return self.predict_many([image], operating_point)[0]
+
+    def calibrate(self, logits: np.ndarray) -> np.ndarray:
+        """Probabilities from the combined logits ``predict`` reports (they are already calibrated)."""
+        return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
+def os_environ_flag(name: str, default: str = "1") -> bool:
+    import os
+
+    return os.environ.get(name, default).strip() != "0"
+
+
+def load_localiser(card: dict[str, Any], directory: Path) -> LocaliserPredictor:
+    """Build the network from its card and weights (float16 on disk)."""
+    from boneai.inference import read_weights
+
+    model = FractureLocaliser(variant=0)
+    model.load_state_dict(read_weights(directory / card.get("weights_file", "model.safetensors")))
+    return LocaliserPredictor(card, model, directory)
+
+
+# --- Fitting on validation, evaluating on a folder ------------------------------------------------
+
+
+def truth_boxes(boxes_xywh: dict[str, list[list[float]]], image_id: str) -> np.ndarray:
+    """Annotated boxes of one file as (n, 4) x0, y0, x1, y1."""
+    return np.array([[x, y, x + w, y + h] for x, y, w, h in boxes_xywh.get(image_id, [])],
+                    dtype=np.float64).reshape(-1, 4)
+
+
+def localised_views(predictor: LocaliserPredictor, paths: list[str], batch_size: int = 16) -> list[LocalisedView]:
+    """Network outputs for files (read with the app's reader; truncated JPEGs with their warning)."""
+    views: list[LocalisedView] = []
+    for i in range(0, len(paths), batch_size):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            images = [read_radiograph(p) for p in paths[i:i + batch_size]]
+        views.extend(predictor.views(images))
+    return views
+
+
+def _region_boxes(view: LocalisedView, threshold: float) -> np.ndarray:
+    found = boxes_from_map(view.prob_map, threshold, scale=MAP_STRIDE)
+    if not found:
+        return np.zeros((0, 5))
+    mapped = map_boxes(np.array([b[:4] for b in found]), view.stages, view.original_shape, inverse=True)
+    return np.c_[mapped, [b[4] for b in found]]
+
+
+def fit_on_validation(run_dir: str | Path, data: str | Path, split: str | Path,
+                      region_thresholds: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5)) -> dict[str, Any]:
+    """Every choice of the localiser, made on the split file's validation images (original files):
+
+    the map threshold that outlines regions, the two box operating points (sensitive: at most one
+    false-positive box per image; balanced: at most 0.25), the image-level combination of the head
+    and the map's peak (logistic regression), and the image-level operating points. Writes them, with
+    the validation figures, into the run's card and ``val_predictions.csv``.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    from boneai import evaluate as ev
+
+    run_dir = Path(run_dir)
+    card = json.loads((run_dir / "card.json").read_text())
+    card.setdefault("name", run_dir.name)
+    predictor = LocaliserPredictor(card, _load_network(run_dir, card), run_dir)
+    df = read_fracatlas(data).merge(read_split_file(split)[["image_id", "split"]], on="image_id")
+    val = df[df["split"] == "val"].reset_index(drop=True)
+    boxes = fracture_boxes(data)
+    truths = [truth_boxes(boxes, r.image_id) if r.label else np.zeros((0, 4)) for r in val.itertuples()]
+    views = localised_views(predictor, val["path"].tolist())
+    y = val["label"].to_numpy().astype(int)
+
+    trials = {}
+    for t in region_thresholds:
+        preds = [_region_boxes(v, t) for v in views]
+        fig = ev.localisation_figures(preds, truths, y)
+        trials[t] = (fig, preds)
+    region_t = max(trials, key=lambda t: (trials[t][0]["hit_rate"] or 0) + (trials[t][0]["froc"]["1"] or 0))
+    figures, preds = trials[region_t]
+    curve = ev.froc_curve(preds, truths)
+
+    def score_at(max_fp: float) -> float:
+        ok = curve[curve["fp_per_image"] <= max_fp]
+        return float(ok["score"].min()) if len(ok) else 1.0
+
+    box_points = {}
+    for name, max_fp in (("sensitive", 1.0), ("balanced", 0.25)):
+        t = score_at(max_fp)
+        box_points[name] = {"threshold": t, "max_fp_per_image": max_fp, **_box_point_figures(preds, truths, t)}
+
+    head = np.array([v.head_logit for v in views])
+    peak = np.array([v.map_peak for v in views])
+    features = image_features(head, peak)
+    lr = LogisticRegression(C=1.0).fit(features, y)
+    card["image_score"] = {"weights": lr.coef_[0].tolist(), "bias": float(lr.intercept_[0]),
+                           "inputs": ["image head logit", "logit of the map's peak"],
+                           "fitted_on": "validation split (logistic regression)"}
+    prob = predictor.probability(head, peak)
+    card["operating_points"] = ev.operating_points(y, prob)
+    card["default_operating_point"] = "balanced"
+    card["region_threshold"] = region_t
+    card["box_operating_points"] = box_points
+    card["validation"] = {
+        **ev.binary_metrics(y, prob, threshold=card["operating_points"]["balanced"]["threshold"]),
+        "ece": ev.expected_calibration_error(y, prob),
+        "auc_head_only": round(float(ev.roc_auc(y, head)), 4),
+        "auc_map_peak_only": round(float(ev.roc_auc(y, peak)), 4),
+        "localisation": figures,
+        "region_threshold_trials": {str(t): f for t, (f, _) in trials.items()},
+        "note": "validation figures: every choice above was made on these images",
+    }
+    (run_dir / "card.json").write_text(json.dumps(card, indent=2, default=float))
+    pd.DataFrame({"image": [str(Path(p).relative_to(Path(data))) for p in val["path"]], "label": y,
+                  "region": val["region"], "head_logit": head, "map_peak": peak, "probability": prob}
+                 ).to_csv(run_dir / "val_predictions.csv", index=False)
+    return card
+
+
+def _load_network(directory: Path, card: dict[str, Any]) -> FractureLocaliser:
+    from boneai.inference import read_weights
+
+    model = FractureLocaliser(variant=0)
+    model.load_state_dict(read_weights(directory / card.get("weights_file", "model.safetensors")))
+    return model
+
+
+def evaluate_localisation(data: str | Path, model: str | None = None, method: str = "boxes",
+                          split: str | Path | None = None, subset: str | None = None,
+                          batch_size: int = 16) -> dict[str, Any]:
+    """The ``evaluate --task localisation`` report on a FracAtlas-layout folder.
+
+    ``method="boxes"`` scores the localiser's boxes (all regions, no operating point, so the FROC
+    curve is whole); ``method="gradcam"`` the Grad-CAM peak of a fracture classifier, which gives
+    a hit rate only. A folder with fractured images only is fine: figures needing normal images are null.
+    """
+    from boneai import evaluate as ev
+    from boneai.inference import load_model
+
+    df = read_fracatlas(data)
+    if split is not None:
+        df = df.merge(read_split_file(split)[["image_id", "split"]], on="image_id")
+        if subset:
+            df = df[df["split"] == subset].reset_index(drop=True)
+    if df.empty:
+        raise DatasetError(f"No images to evaluate in {data}" + (f" (subset {subset!r})" if subset else "") + ".")
+    boxes = fracture_boxes(data)
+    y = df["label"].to_numpy().astype(int)
+    truths = [truth_boxes(boxes, r.image_id) if r.label else np.zeros((0, 4)) for r in df.itertuples()]
+    report: dict[str, Any] = {"task": "localisation", "method": method, "data": str(data)}
+    if subset:
+        report["subset"] = subset
+    if method == "gradcam":
+        from boneai.explain import explain
+
+        predictor = load_model(model or "fracture")
+        points, probs = [], []
+        for r in df.itertuples():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rg = read_radiograph(r.path)
+            probs.append(predictor.predict(rg).probability)
+            points.append(explain(predictor, rg).peak if r.label else None)
+        rate = ev.point_hit_rate(points, truths)
+        report.update({"model": predictor.name, "n_images": len(df), "n_fractured_images": int(y.sum()),
+                       "n_boxes": int(sum(len(t) for t in truths)),
+                       "hit_rate": None if rate is None else round(rate, 4),
+                       "froc": {"0.5": None, "1": None, "2": None}, "map50": None})
+        prob = np.asarray(probs)
+    elif method == "boxes":
+        predictor = load_model(model or "fracture_localiser")
+        if not isinstance(predictor, LocaliserPredictor):
+            raise DatasetError(f"Model {predictor.name!r} gives no boxes; use a localiser or --method gradcam.")
+        views = localised_views(predictor, df["path"].tolist(), batch_size)
+        t = float(predictor.card.get("region_threshold", 0.3))
+        preds = [_region_boxes(v, t) for v in views]
+        report.update({"model": predictor.name, **ev.localisation_figures(preds, truths, y)})
+        curve = ev.froc_curve(preds, truths)
+        report["froc_curve"] = {"fp_per_image": curve["fp_per_image"].round(4).tolist(),
+                                "sensitivity": curve["sensitivity"].round(4).tolist()}
+        prob = predictor.probability(np.array([v.head_logit for v in views]), np.array([v.map_peak for v in views]))
+        report["box_operating_points"] = {name: {"threshold": thr, **_box_point_figures(preds, truths, thr)}
+                                          for name, thr in predictor.box_thresholds.items()}
+    else:
+        raise DatasetError(f"Unknown localisation method {method!r}: use boxes or gradcam.")
+    both = 0 < y.sum() < len(y)
+    report["auc"] = round(float(ev.roc_auc(y, prob)), 4) if both else None
+    if both:
+        report["auc_ci95"] = [round(v, 4) for v in ev.bootstrap_auc_ci(y, prob)]
+        thr = predictor.threshold(None)
+        report["operating_points"] = {name: ev.threshold_metrics(y, prob, t)
+                                      for name, t in predictor.operating_points.items()}
+        report["sensitivity_at_specificity_0.90"] = round(ev.sensitivity_at_specificity(y, prob, 0.90), 4)
+        report["threshold"] = thr
+    return report
+
+
+def _box_point_figures(preds: list[np.ndarray], truths: list[np.ndarray], threshold: float) -> dict[str, float | None]:
+    """Share of annotated boxes found and false-positive boxes per image, keeping boxes >= ``threshold``."""
+    from boneai import evaluate as ev
+
+    kept = [p[p[:, 4] >= threshold] if len(p) else p for p in preds]
+    found, false_positives, n_truth = ev.box_counts(kept, truths)
+    return {"sensitivity": round(found / n_truth, 4) if n_truth else None,
+            "fp_per_image": round(false_positives / max(1, len(kept)), 4)}

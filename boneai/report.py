@@ -2,13 +2,18 @@
 
 A report shows, per view, the radiograph and its heatmap with the model's finding, then the study
 finding, the model name, version and card, the operating point, the reviewer's decision and note,
-and the intended-use note. Every string from outside (file names, notes, DICOM values) is escaped
-in HTML and drawn as plain text in the PDF.
+and the intended-use note. A view is named by its number and content hash (``View 1 ·
+sha256:3f2a9c1b0d4e``, from :func:`boneai.store.view_label`), never by its file name: upload names
+often carry the patient's name or record number, so a name that is not a view label is left out.
+Every other string from outside (notes, DICOM values) is escaped in HTML and drawn as plain text in
+the PDF.
 
 Example:
     >>> import numpy as np
     >>> from boneai.report import StudyReport, ViewReport, to_html
-    >>> view = ViewReport(name="a.png", image=np.zeros((64, 64), np.uint8), probability=0.8, finding="fracture")
+    >>> from boneai.store import view_label
+    >>> view = ViewReport(name=view_label(1, b"pixels"), image=np.zeros((64, 64), np.uint8), probability=0.8,
+    ...                   finding="fracture")
     >>> rep = StudyReport(study_id="S-1", task="fracture", model_name="fracture", model_version="abc",
     ...                   views=[view], study_probability=0.8, study_finding="fracture")
     >>> "fracture" in to_html(rep)
@@ -27,7 +32,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["INTENDED_USE", "ViewReport", "StudyReport", "to_html", "to_pdf", "png_bytes"]
+from boneai.store import VIEW_LABEL_RE
+
+__all__ = ["INTENDED_USE", "ViewReport", "StudyReport", "to_html", "to_pdf", "png_bytes", "view_heading"]
 
 #: Shown on every screen and in every report.
 INTENDED_USE = ("For research and education only. Not a medical device: not for diagnosis or treatment "
@@ -40,7 +47,7 @@ _REPORT_IMAGE_SIDE = 512  # px; keeps a 4-view report to a few hundred kB
 class ViewReport:
     """One view of the study as the report shows it."""
 
-    name: str
+    name: str  # boneai.store.view_label(); any other text (a file name) is not printed
     image: np.ndarray  # grey (H, W) or RGB (H, W, 3) uint8
     heatmap: np.ndarray | None = None  # RGB overlay uint8, same framing as ``image``
     heatmap_method: str | None = None
@@ -97,6 +104,13 @@ class StudyReport:
 
 
 _TASK_NAMES = {"fracture": "Fracture detection", "boneage": "Bone age estimation", "anomaly": "Anomaly detection"}
+
+
+def view_heading(index: int, name: str) -> str:
+    """``View 1 · sha256:3f2a9c1b0d4e`` when ``name`` is a view label, else ``View 1``: the report
+    never prints a file name, which may carry a patient identifier."""
+    match = VIEW_LABEL_RE.fullmatch(str(name).strip())
+    return f"View {index} · sha256:{match.group(2)}" if match else f"View {index}"
 
 
 def _view_rows(view: ViewReport) -> list[tuple[str, str]]:
@@ -160,7 +174,7 @@ def to_html(report: StudyReport) -> str:
         "<h2>Study</h2>", _table(report.summary_rows()),
     ]
     for i, view in enumerate(report.views, 1):
-        parts.append(f"<h2>View {i}: {html.escape(view.name)}</h2><div class=\"images\">")
+        parts.append(f"<h2>{html.escape(view_heading(i, view.name))}</h2><div class=\"images\">")
         parts.append(f"<figure>{_img_tag(view.image, f'View {i} radiograph')}<figcaption>Radiograph</figcaption></figure>")
         if view.heatmap is not None:
             label = f"Heatmap ({view.heatmap_method})" if view.heatmap_method else "Heatmap"
@@ -215,7 +229,7 @@ def to_pdf(report: StudyReport) -> bytes:
         if pdf.get_y() + min(needed, 200) > pdf.h - pdf.b_margin:
             pdf.add_page()
         pdf.ln(4)
-        heading(f"View {i}: {view.name}", 11)
+        heading(view_heading(i, view.name), 11)
         top = pdf.get_y()
         for k, (im, h) in enumerate(zip(images, heights)):
             pdf.image(Image.open(io.BytesIO(png_bytes(im))), x=pdf.l_margin + k * (img_w + 6), y=top, w=img_w, h=h)

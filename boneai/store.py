@@ -1,18 +1,26 @@
 """The review log: what the model said about a study and what the reviewer decided, in SQLite.
 
 One row per recorded review. The log holds only what is needed to audit the model: a study label,
-the views' file names, the model name and version, the operating point, the probabilities and the
-reviewer's decision with a free-text note. It never holds pixels or patient identifiers; the app
-makes up the study label and warns that notes must not name the patient.
+a label per view (its number and a content hash, ``view 1 · sha256:3f2a9c1b0d4e``, see
+:func:`view_label`), the model name and version, the operating point, the probabilities, who reviewed
+(a sign-in name, or ``local``) and the reviewer's decision with a free-text note. It never holds
+pixels, file names or patient identifiers: upload names often carry a name or record number
+(``Doe_Jane_MRN123.dcm``), so :meth:`ReviewStore.add` keeps a view label and reduces anything else it
+is given to the view's number. The app makes up the study label and warns that notes must not name
+the patient.
+
+A second, append-only table records who did what (sign-in, export, model registration...):
+:meth:`ReviewStore.audit` adds a line, and SQLite triggers refuse to change or delete one.
 
 The database file is ``reviews.sqlite`` in the repository root unless ``BONEAI_REVIEW_DB`` names
-another path. Each call opens and closes its own connection, so Streamlit sessions running in
-different threads never share one.
+another path. It is created readable and writable by its owner only (0600; SQLite gives its journal
+the same mode), and an existing one is tightened to that when opened. Each call opens and closes its
+own connection, so Streamlit sessions running in different threads never share one.
 
 Example:
-    >>> from boneai.store import ReviewStore
+    >>> from boneai.store import ReviewStore, view_label
     >>> store = ReviewStore(":memory:")
-    >>> rid = store.add(study_id="S-1", views=["a.png"], model_name="fracture", model_version="abc",
+    >>> rid = store.add(study_id="S-1", views=[view_label(1, b"pixels")], model_name="fracture", model_version="abc",
     ...                 task="fracture", operating_point="balanced", threshold=0.4,
     ...                 view_probabilities=[0.7], study_probability=0.7, model_decision="fracture",
     ...                 reviewer_decision="agree")
@@ -25,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import sqlite3
 from contextlib import closing
@@ -39,11 +48,16 @@ from boneai.errors import BoneAIError
 __all__ = [
     "REVIEWER_DECISIONS",
     "COLUMNS",
+    "AUDIT_ACTIONS",
+    "AUDIT_COLUMNS",
+    "VIEW_LABEL_RE",
     "ReviewStore",
     "default_db_path",
     "new_study_id",
     "model_version",
     "to_csv_bytes",
+    "view_label",
+    "safe_view_label",
 ]
 
 #: What a reviewer can record about the model's finding.
@@ -53,8 +67,14 @@ REVIEWER_DECISIONS = ("agree", "disagree", "uncertain")
 COLUMNS = [
     "id", "created_at", "study_id", "views", "task", "model_name", "model_version", "operating_point",
     "threshold", "aggregation", "view_probabilities", "study_probability", "boneage_months",
-    "model_decision", "reviewer_decision", "note",
+    "model_decision", "reviewer", "reviewer_decision", "note",
 ]
+
+#: What the callers record in the audit table (``action``); documentation, not a closed list.
+AUDIT_ACTIONS = ("sign-in", "export", "register-model", "set-default", "save-review")
+
+#: Columns of :meth:`ReviewStore.audit_log`.
+AUDIT_COLUMNS = ["id", "created_at", "actor", "action", "detail"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS reviews (
@@ -73,14 +93,45 @@ CREATE TABLE IF NOT EXISTS reviews (
     boneage_months     REAL,
     model_decision     TEXT,
     reviewer_decision  TEXT NOT NULL CHECK (reviewer_decision IN ('agree', 'disagree', 'uncertain')),
-    note               TEXT NOT NULL DEFAULT ''
+    note               TEXT NOT NULL DEFAULT '',
+    reviewer           TEXT,
+    review_key         TEXT
 );
 CREATE INDEX IF NOT EXISTS reviews_created ON reviews (created_at);
 CREATE INDEX IF NOT EXISTS reviews_study ON reviews (study_id);
+CREATE TABLE IF NOT EXISTS audit (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at TEXT NOT NULL,
+    actor      TEXT NOT NULL,
+    action     TEXT NOT NULL,
+    detail     TEXT NOT NULL DEFAULT ''
+);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
+
+#: Columns added after the first release: a database made by an older version gets them on opening.
+_ADDED_COLUMNS = (("reviewer", "TEXT"), ("review_key", "TEXT"))
+
+# After the migration (the index needs the column). NULL keys never collide: reviews saved without
+# a key are all kept.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS reviews_reviewer ON reviews (reviewer);
+CREATE UNIQUE INDEX IF NOT EXISTS reviews_key ON reviews (review_key);
+"""
+
+#: ``PRAGMA user_version`` once old rows' view file names have been replaced by view numbers.
+_SCHEMA_VERSION = 1
+
+#: A view as the log and the reports name it: number in the study and 12 hex digits of SHA-256.
+VIEW_LABEL_RE = re.compile(r"view (\d{1,4}) · sha256:([0-9a-f]{12})")
 
 _MAX_NOTE = 2000
 _MAX_LABEL = 120
+_MAX_ACTOR = 254  # the longest e-mail address
+_MAX_ACTION = 40
 
 
 def default_db_path() -> Path:
@@ -92,6 +143,33 @@ def default_db_path() -> Path:
 def new_study_id() -> str:
     """A study label with no link to the patient: date plus random hex, e.g. ``S-20250101-3fa2c1``."""
     return f"S-{datetime.now(timezone.utc):%Y%m%d}-{secrets.token_hex(3)}"
+
+
+def view_label(index: int, data: bytes | str) -> str:
+    """``view 1 · sha256:3f2a9c1b0d4e``: the view's 1-based place in the study and the first 12 hex
+    digits of the SHA-256 of its bytes (``data``), or of a hex digest already computed from them.
+
+    This, not the file name, is what the log and the reports keep: upload names often carry the
+    patient's name or record number. The hash still tells the views apart and matches a file on disk
+    to its review (hash it again).
+
+    Raises:
+        BoneAIError: ``data`` is text but not a hex digest of at least 12 digits.
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        hexdigest = hashlib.sha256(data).hexdigest()
+    else:
+        hexdigest = str(data).strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{12,128}", hexdigest):
+            raise BoneAIError("A view label needs the file's bytes or their SHA-256 hex digest, "
+                              "not a file name.")
+    return f"view {int(index)} · sha256:{hexdigest[:12]}"
+
+
+def safe_view_label(index: int, label: Any) -> str:
+    """``label`` if it is a :func:`view_label`, else ``view N`` alone: a file name or path never passes."""
+    text = str(label).strip()
+    return text if VIEW_LABEL_RE.fullmatch(text) else f"view {int(index)}"
 
 
 def model_version(card: dict[str, Any]) -> str:
@@ -121,9 +199,16 @@ class ReviewStore:
         if self.path == ":memory:":
             self._memory = sqlite3.connect(":memory:", check_same_thread=False)
         else:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as con:
-            con.executescript(_SCHEMA)
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)  # the folder's own mode is left alone
+            _make_private(Path(self.path))
+        con = self._connect()
+        try:
+            with con:
+                con.executescript(_SCHEMA)
+            _migrate(con)
+        finally:
+            if self._memory is None:
+                con.close()
 
     def _connect(self) -> sqlite3.Connection:
         if self._memory is not None:
@@ -159,8 +244,18 @@ class ReviewStore:
         model_decision: str | None = None,
         note: str = "",
         created_at: datetime | None = None,
+        reviewer: str | None = None,
+        review_key: str | None = None,
     ) -> int:
         """Record one review and return its id.
+
+        ``views`` are :func:`view_label` strings; anything else (a file name, a path) is stored as the
+        view's number alone, so no name from someone's disk reaches the log. ``reviewer`` is who
+        reviewed: a sign-in name or e-mail, or ``"local"`` in single-user mode.
+
+        ``review_key`` makes saving idempotent: a second call with the same key and reviewer (a
+        double click, a Streamlit rerun) stores nothing and returns the first call's id. The page
+        builds it from the study label, decision, note and model version; it is stored hashed.
 
         Raises:
             BoneAIError: an unknown reviewer decision, an empty study label or no views.
@@ -173,7 +268,7 @@ class ReviewStore:
             raise BoneAIError("A review needs a study label.")
         if len(study_id) > _MAX_LABEL:
             raise BoneAIError(f"Study label is longer than {_MAX_LABEL} characters.")
-        names = [Path(str(v)).name for v in views]  # a name only, never a path from someone's disk
+        names = [safe_view_label(i, v) for i, v in enumerate(views, 1)]
         if not names:
             raise BoneAIError("A review needs at least one view.")
         note = (note or "").strip()
@@ -181,18 +276,25 @@ class ReviewStore:
             raise BoneAIError(f"Note is longer than {_MAX_NOTE} characters; shorten it.")
         when = (created_at or datetime.now(timezone.utc)).astimezone(timezone.utc).isoformat(timespec="seconds")
         probs = [None if p is None else round(float(p), 6) for p in view_probabilities]
+        who = _check_actor(reviewer, "Reviewer") if (reviewer or "").strip() else None  # blank: not signed in
+        # Scoped by reviewer: two reviewers recording the same decision on a study are two reviews.
+        key = (hashlib.sha256(f"{who or ''}\x00{review_key}".encode()).hexdigest()
+               if review_key is not None else None)
         con = self._connect()
         try:
             with con:
                 cur = con.execute(
                     "INSERT INTO reviews (created_at, study_id, views, task, model_name, model_version, "
                     "operating_point, threshold, aggregation, view_probabilities, study_probability, "
-                    "boneage_months, model_decision, reviewer_decision, note) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "boneage_months, model_decision, reviewer_decision, note, reviewer, review_key) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (review_key) DO NOTHING",
                     (when, study_id, json.dumps(names), task, model_name, model_version, operating_point,
                      _opt_float(threshold), aggregation, json.dumps(probs), _opt_float(study_probability),
-                     _opt_float(boneage_months), model_decision, reviewer_decision, note),
+                     _opt_float(boneage_months), model_decision, reviewer_decision, note, who, key),
                 )
+                if cur.rowcount == 0:  # saved before under this key: the first save stands
+                    return int(con.execute("SELECT id FROM reviews WHERE review_key = ?", (key,)).fetchone()[0])
                 return int(cur.lastrowid)
         finally:
             if self._memory is None:
@@ -208,10 +310,12 @@ class ReviewStore:
         since: datetime | None = None,
         until: datetime | None = None,
         limit: int | None = None,
+        reviewer: str | None = None,
     ) -> pd.DataFrame:
         """Reviews matching every given filter, newest first, with list columns decoded.
 
         ``since``/``until`` are inclusive bounds on the UTC timestamp; naive datetimes count as UTC.
+        ``reviewer`` keeps one reviewer's reviews (exact match).
         """
         where, params = [], []
         if study_contains:
@@ -224,6 +328,9 @@ class ReviewStore:
         if task:
             where.append("task = ?")
             params.append(task)
+        if reviewer is not None:
+            where.append("reviewer = ?")
+            params.append(reviewer.strip())
         if reviewer_decision is not None:
             decisions = list(reviewer_decision)
             if not decisions:
@@ -255,19 +362,129 @@ class ReviewStore:
         """Distinct model names in the log (for filter widgets)."""
         return [r[0] for r in self._run("SELECT DISTINCT model_name FROM reviews ORDER BY model_name")]
 
+    def audit(self, actor: str, action: str, detail: str = "") -> None:
+        """Append one line to the audit table: who (``actor``) did what (``action``, e.g. one of
+        :data:`AUDIT_ACTIONS`), with an optional ``detail`` (a model name, a review id; never a patient
+        identifier). Lines cannot be changed or deleted afterwards: triggers refuse it.
+
+        Raises:
+            BoneAIError: an empty actor or action, or one that is too long.
+        """
+        who = _check_actor(actor, "Actor")
+        what = (action or "").strip()
+        if not what or len(what) > _MAX_ACTION:
+            raise BoneAIError(f"An audit line needs an action of 1 to {_MAX_ACTION} characters.")
+        detail = (detail or "").strip()
+        if len(detail) > _MAX_NOTE:
+            raise BoneAIError(f"Audit detail is longer than {_MAX_NOTE} characters.")
+        when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self._run("INSERT INTO audit (created_at, actor, action, detail) VALUES (?, ?, ?, ?)",
+                  (when, who, what, detail))
+
+    def audit_log(self, limit: int = 500) -> pd.DataFrame:
+        """The latest ``limit`` audit lines, newest first (columns :data:`AUDIT_COLUMNS`)."""
+        rows = self._run(f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit ORDER BY id DESC LIMIT ?",
+                         (max(0, int(limit)),))
+        return pd.DataFrame(rows, columns=AUDIT_COLUMNS)
+
 
 def to_csv_bytes(df: pd.DataFrame) -> bytes:
-    """CSV export of a :meth:`ReviewStore.query` frame; list columns joined with ``;``."""
+    """CSV export of a :meth:`ReviewStore.query` frame; list columns joined with ``;``.
+
+    Every text cell that a spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``,
+    ``@``, a tab or a carriage return; OWASP "CSV injection") gets a leading single quote, in every
+    column: a model name or a reviewer's name comes from outside as much as a note does. Numbers
+    stay numbers, and so do ``;``-joined lists of numbers (``-1.25;0.5``).
+    """
     out = df.copy()
     for col in ("views", "view_probabilities"):
         if col in out:
             out[col] = out[col].map(lambda v: ";".join("" if x is None else str(x) for x in v)
                                     if isinstance(v, (list, tuple)) else v)
-    # Cells starting with = + - @ are formulas to a spreadsheet; a leading quote keeps them text.
-    for col in ("study_id", "views", "note"):
-        if col in out:
-            out[col] = out[col].map(lambda s: "'" + s if isinstance(s, str) and s[:1] in ("=", "+", "-", "@") else s)
-    return out.to_csv(index=False).encode("utf-8")
+    for col in out.columns:
+        if not pd.api.types.is_numeric_dtype(out[col]):
+            out[col] = out[col].map(_csv_cell)
+    # CRLF rows (RFC 4180): the csv writer quotes a field holding any line-terminator character, so a
+    # carriage return inside a note cannot split its row as it would with bare "\n" rows.
+    return out.to_csv(index=False, lineterminator="\r\n").encode("utf-8")
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_NUMBER_LIST = re.compile(rf"{_NUMBER}(?:;(?:{_NUMBER})?)*")
+
+
+def _csv_cell(value: Any) -> Any:
+    """``value`` with a leading ``'`` when it is text a spreadsheet would take for a formula."""
+    if not isinstance(value, str) or _NUMBER_LIST.fullmatch(value):
+        return value
+    # Leading spaces are skipped too: some spreadsheets trim them before looking for a formula.
+    return "'" + value if value.lstrip(" ")[:1] in _FORMULA_START else value
+
+
+def _check_actor(actor: str | None, what: str) -> str:
+    """A reviewer's or actor's identity, stripped; refused when empty or too long."""
+    text = (actor or "").strip()
+    if not text or len(text) > _MAX_ACTOR:
+        raise BoneAIError(f"{what} must be a sign-in name or e-mail of 1 to {_MAX_ACTOR} characters "
+                          "(or 'local' without sign-in).")
+    return text
+
+
+def _make_private(path: Path) -> None:
+    """Create the database file with mode 0600 before SQLite opens it, and tighten an existing one.
+
+    SQLite creates its journal and WAL files with the database file's mode, so they follow. The
+    file is created here with ``os.open`` rather than under a changed umask: the umask is
+    process-wide and Streamlit sessions run in threads.
+    """
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
+    for p in (path, Path(f"{path}-journal"), Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            if p.stat().st_mode & 0o077:
+                os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
+        except PermissionError:  # another account's file: leave it; SQLite says if it cannot write
+            pass
+
+
+def _migrate(con: sqlite3.Connection) -> None:
+    """Bring a database made by an older version up to date, once, under a write lock.
+
+    Adds the columns of :data:`_ADDED_COLUMNS` and the indexes, and replaces the file names older
+    versions stored in ``views`` by view numbers (with ``secure_delete`` so the old text does not
+    linger in free pages).
+    """
+    if con.execute("PRAGMA user_version").fetchone()[0] >= _SCHEMA_VERSION:
+        return
+    con.execute("PRAGMA secure_delete = ON")
+    old_isolation = con.isolation_level
+    con.isolation_level = None  # explicit transaction: DDL included, two processes cannot both migrate
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            if con.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
+                columns = {r[1] for r in con.execute("PRAGMA table_info(reviews)")}
+                for name, decl in _ADDED_COLUMNS:
+                    if name not in columns:
+                        con.execute(f"ALTER TABLE reviews ADD COLUMN {name} {decl}")
+                for statement in filter(str.strip, _INDEXES.split(";")):
+                    con.execute(statement)
+                for rid, views in con.execute("SELECT id, views FROM reviews").fetchall():
+                    labels = [safe_view_label(i, v) for i, v in enumerate(json.loads(views), 1)]
+                    if json.dumps(labels) != views:
+                        con.execute("UPDATE reviews SET views = ? WHERE id = ?", (json.dumps(labels), rid))
+                con.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    finally:
+        con.isolation_level = old_isolation
 
 
 def _opt_float(value: float | None) -> float | None:

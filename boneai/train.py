@@ -400,6 +400,80 @@ def restore_scheduler(optimizer: torch.optim.Optimizer, scheduler: Any, state: d
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=(epochs - start_epoch) * steps_per_epoch)
 
 
+#: Settings a resumed run must share with the run that wrote ``checkpoint_last.pt``: data, split,
+#: model and optimisation. Epochs (see :func:`restore_scheduler`), patience, time budget, workers,
+#: device, TTA and the weight format may change between the two.
+_RESUME_KEYS = ("task", "data", "model", "image_size", "batch_size", "lr", "weight_decay", "optimizer", "scheduler",
+                "loss", "augment", "crop", "clahe", "weighted_sampler", "val_fraction", "seed", "limit", "pretrained",
+                "freeze_blocks", "init_from", "init_member", "distill_from", "distill_weight")
+_RESUME_PATHS = ("data", "init_from", "distill_from")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays turned into Python numbers and lists, recursively.
+
+    ``torch.load(weights_only=True)`` accepts only tensors, numbers, strings, None and containers of
+    them, and metrics (AUC, the plateau scheduler's best) come back from numpy as numpy scalars.
+    """
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    return value
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file next to ``path``, then ``os.replace``: a kill during the
+    write leaves the previous file intact instead of half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write the resume state so that :func:`_load_checkpoint` can read it with ``weights_only=True``."""
+    plain = {k: (v if k in ("model", "optimizer") else _plain(v)) for k, v in state.items()}
+    if plain.get("optimizer") is not None:
+        plain["optimizer"] = _plain(plain["optimizer"])  # plain containers; the model's keep their metadata
+    _save_atomic(plain, path)
+
+
+def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """The resume state in ``path``, loaded as plain data (no code runs while reading it).
+
+    Raises:
+        ValueError: the file cannot be read that way (another program, an older version, truncated)
+            or it was written by a run whose settings in :data:`_RESUME_KEYS` differ from ``cfg``;
+            the message says how to go on.
+    """
+    fresh = "start over with --no-resume (the checkpoint is then overwritten) or choose another --out"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for code in the file, RuntimeError for a truncated one
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(f"{path} cannot be loaded as plain tensors and numbers ({reason}); it may come from an "
+                         f"older version or another program. To go on, {fresh}.") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "config"} <= state.keys():
+        raise ValueError(f"{path} is not a training checkpoint of this program. To go on, {fresh}.")
+    saved, now = dict(state["config"]), asdict(cfg)
+    for key in _RESUME_PATHS:
+        for conf in (saved, now):
+            if conf.get(key):
+                conf[key] = str(Path(str(conf[key])).resolve())
+    differ = [f"{key} {saved.get(key)!r} then, {now.get(key)!r} now" for key in _RESUME_KEYS
+              if saved.get(key) != now.get(key)]
+    if differ:
+        raise ValueError(f"{path} was written by a run with other settings ({'; '.join(differ)}). Resume with the "
+                         f"same settings, or {fresh}.")
+    return state
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training; returns the model card written to ``cfg.out/card.json``."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -514,17 +588,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     commands = [cfg.command]  # every command that contributed epochs, in order (resumes append)
     ckpt_path = out / "checkpoint_last.pt"
     if cfg.resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if state.get("config", {}).get("model") == cfg.model:
-            core.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
-            scheduler = restore_scheduler(optimizer, scheduler, state, cfg.epochs, start_epoch, steps_per_epoch)
-            bad_epochs, train_seconds = state["bad_epochs"], state.get("train_seconds", 0.0)
-            commands = state.get("commands", [state.get("config", {}).get("command", "")]) + [cfg.command]
-            torch.set_rng_state(state["torch_rng"])
-            if is_main:
-                print(json.dumps({"event": "resumed", "from_epoch": state["epoch"] + 1}), flush=True)
+        # weights_only: unpickling a full object could run code planted in the file. A checkpoint of
+        # other settings is refused: resuming it would mix two runs under one card.
+        state = _load_checkpoint(ckpt_path, cfg)
+        core.load_state_dict(state["model"])  # to the model's device
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
+        scheduler = restore_scheduler(optimizer, scheduler, state, cfg.epochs, start_epoch, steps_per_epoch)
+        bad_epochs, train_seconds = state["bad_epochs"], state.get("train_seconds", 0.0)
+        commands = state.get("commands", [state.get("config", {}).get("command", "")]) + [cfg.command]
+        torch.set_rng_state(state["torch_rng"])
+        if is_main:
+            print(json.dumps({"event": "resumed", "from_epoch": state["epoch"] + 1}), flush=True)
 
     from tqdm import tqdm
 
@@ -540,7 +615,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if not math.isnan(score0):
                 best = score0
                 if is_main:
-                    torch.save(core.state_dict(), out / "best_model.pt")
+                    _save_atomic(core.state_dict(), out / "best_model.pt")
         if is_main:
             print(json.dumps(record0), flush=True)
             metrics_file.write_text(json.dumps(record0) + "\n")
@@ -586,7 +661,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if improved or (math.isnan(score) and epoch == start_epoch):
             best, bad_epochs = score if not math.isnan(score) else best, 0
             if is_main:
-                torch.save(core.state_dict(), out / "best_model.pt")
+                _save_atomic(core.state_dict(), out / "best_model.pt")
         else:
             bad_epochs += 1
         epoch_seconds = time.time() - t0
@@ -597,14 +672,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             print(json.dumps(record), flush=True)
             with metrics_file.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                        "scheduler_kind": type(scheduler).__name__ if scheduler is not None else None,
-                        "epoch": epoch, "best": best, "history": history, "bad_epochs": bad_epochs,
-                        "train_seconds": train_seconds, "torch_rng": torch.get_rng_state(), "commands": commands,
-                        "config": asdict(cfg)}, ckpt_path.with_suffix(".tmp"))
-            # Replace atomically: a kill during the write must leave the previous checkpoint intact.
-            os.replace(ckpt_path.with_suffix(".tmp"), ckpt_path)
+            # Replaced atomically: a kill during the write must leave the previous checkpoint intact.
+            _save_checkpoint(ckpt_path, {
+                "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scheduler_kind": type(scheduler).__name__ if scheduler is not None else None,
+                "epoch": epoch, "best": best, "history": history, "bad_epochs": bad_epochs,
+                "train_seconds": train_seconds, "torch_rng": torch.get_rng_state(), "commands": commands,
+                "config": asdict(cfg)})
     if distributed:
         dist.barrier()
     card: dict[str, Any] = {}

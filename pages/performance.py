@@ -9,9 +9,10 @@ import streamlit as st
 
 from boneai import evaluate as ev
 from ui import charts
-from ui.common import TASK_LABELS, intended_use_note, model_cards, route_through_app, selected_card
+from ui.common import TASK_LABELS, intended_use_note, model_cards, require_role, route_through_app, selected_card
 
 route_through_app()
+require_role("reviewer")  # any signed-in user; refuses when nobody may use the app
 
 
 def fmt(value: float) -> str:
@@ -32,12 +33,21 @@ name = st.selectbox("Model", names, key="perf_model",
                     index=names.index(preferred["name"]) if preferred and preferred["name"] in names else 0,
                     format_func=lambda n: f"{n} ({TASK_LABELS.get(next(c for c in cards if c['name'] == n)['task'], '')})")
 card = next(c for c in cards if c["name"] == name)
-path, mtime = charts.file_key(Path(card["dir"]) / "val_predictions.csv")
+has_test = (Path(card["dir"]) / "test_predictions.csv").is_file()
+split_name = st.radio(
+    "Images", ["test", "validation"] if has_test else ["validation"], horizontal=True, key=f"perf_split_{name}",
+    format_func={"test": "Test split (no choice made on it)", "validation": "Validation split (choices made on it)"}.get,
+    help="Thresholds, calibration, epochs and models were chosen on the validation split, so its figures are "
+         "optimistic. The test split was touched once, for the figures to trust.")
+path, mtime = charts.file_key(Path(card["dir"]) / ("test_predictions.csv" if split_name == "test" else "val_predictions.csv"))
 df = charts.load_predictions(path, mtime)
 kind = charts.prediction_kind(df)
-validation = card.get("validation", {})
-st.caption(f"Validation split: {card.get('data', {}).get('validation_split', 'see the model card')}; "
-           f"{len(df)} images. Architecture: {card.get('architecture', 'n/a')}.")
+validation = card.get("test" if split_name == "test" else "validation", {})
+if split_name == "validation":
+    st.warning("Validation figures: the operating points and calibration were chosen on these images.",
+               icon=":material/info:")
+st.caption(f"{split_name.capitalize()} split: {len(df)} images. Architecture: {card.get('architecture', card.get('kind', 'n/a'))}. "
+           + (f"Split file: {card['protocol']['split_file']}." if card.get("protocol") else ""))
 
 if kind == "binary":
     curves = charts.curves(path, mtime)
@@ -115,6 +125,8 @@ elif kind == "regression":
         st.dataframe(rows, hide_index=True)
 else:
     st.warning("This model's validation predictions have columns this page does not know.")
+
+charts.localisation_section(card, model_cards("fracture"))
 
 with st.expander("Model card"):
     st.json({k: v for k, v in card.items() if k != "training"})

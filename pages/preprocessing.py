@@ -20,12 +20,14 @@ from ui.common import (
     plain,
     predictor_for,
     read_views,
+    require_role,
     route_through_app,
     sample_table,
     selected_card,
 )
 
 route_through_app()
+require_role("reviewer")  # any signed-in user; refuses when nobody may use the app
 
 RESIZE_STEPS = ("resize_pad", "squash_resize")
 
@@ -124,7 +126,8 @@ with top[1]:
     source = st.radio("Image", ["Sample", "Upload"], horizontal=True, key="pre_source")
 with top[2]:
     if source == "Upload":
-        upload = st.file_uploader("One radiograph (PNG, JPEG or DICOM)", key="pre_upload")
+        upload = st.file_uploader("One radiograph (PNG, JPEG or DICOM)", key="pre_upload",
+                                  type=["png", "jpg", "jpeg", "dcm", "dicom"])
         files = [(upload.name, upload.getvalue())] if upload is not None else []
     else:
         table = sample_table()

@@ -1,5 +1,9 @@
 """Study review: the views of one study, the model's finding per view and for the study, heatmaps,
-the reviewer's decision (saved to the review log) and a downloadable report."""
+the reviewer's decision (saved to the review log) and a downloadable report.
+
+File names are shown on screen during the session only: the log and the reports name each view by
+its number and a hash of its bytes (:func:`boneai.store.view_label`), because upload names often
+carry the patient's name or record number."""
 
 from __future__ import annotations
 
@@ -12,13 +16,15 @@ import streamlit as st
 from boneai.errors import BoneAIError
 from boneai.evaluate import aggregate_study
 from boneai.inference import Prediction, Predictor
+from boneai.io import check_study_upload
 from boneai.preprocess import standardise
 from boneai.report import StudyReport, ViewReport, to_html, to_pdf
-from boneai.store import REVIEWER_DECISIONS, new_study_id
+from boneai.store import REVIEWER_DECISIONS, new_study_id, view_label
 from ui.common import (
     TASKS,
     TASK_LABELS,
     View,
+    audit,
     card_link,
     intended_use_note,
     model_cards,
@@ -26,6 +32,7 @@ from ui.common import (
     plain,
     predictor_for,
     read_views,
+    require_role,
     review_store,
     route_through_app,
     sample_info,
@@ -40,6 +47,7 @@ except ImportError:  # pragma: no cover - depends on the checkout
     _explain = None
 
 route_through_app()
+user = require_role("reviewer")  # every signed-in user; the name goes with each saved review
 
 FINDINGS = {"fracture": ("fracture", "no fracture"), "anomaly": ("abnormal", "normal")}
 DECISION_LABELS = {"agree": "Agree", "disagree": "Disagree", "uncertain": "Uncertain"}
@@ -93,8 +101,14 @@ def choose_files(task: str) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
     if source == "Upload files":
         uploads = st.file_uploader(
             "Radiographs of one study (PNG, JPEG or DICOM; several views allowed)",
-            accept_multiple_files=True, key="review_upload",
-            help="Files are read in memory and not kept. Patient identifiers in DICOM headers are dropped.")
+            accept_multiple_files=True, key="review_upload", type=["png", "jpg", "jpeg", "dcm", "dicom"],
+            help="Files are read in memory and not kept. Patient identifiers in DICOM headers are dropped; "
+                 "file names are shown here only, the log and reports use view numbers and content hashes.")
+        try:  # bounded before any file is decoded: one study, not a whole archive
+            check_study_upload([u.size for u in uploads or []])
+        except BoneAIError as exc:
+            st.error(plain(exc), icon=":material/error:")
+            return [], {}
         return [(u.name, u.getvalue()) for u in uploads or []], {}
     studies = sample_studies(task)
     if not studies:
@@ -172,12 +186,23 @@ with controls[1]:
         aggregation = st.radio("Study probability", ["mean", "max"], horizontal=True, key="review_aggregation",
                                help="Mean of the views (as in MURA) or the most suspicious view.")
 with controls[2]:
-    show_heatmaps = st.toggle("Heatmaps", value=True, key="review_heatmaps", disabled=_explain is None,
-                              help="Where the model looked. Not a localisation of the finding.")
+    gives_boxes = predictor.card.get("kind") == "localiser"
+    evidence = "heatmap"
+    if gives_boxes:
+        evidence = st.radio("Evidence", ["boxes", "heatmap"], horizontal=True, key="review_evidence",
+                            format_func={"boxes": "Fracture boxes", "heatmap": "Fracture map"}.get,
+                            help="Boxes: solid at the 'balanced' box operating point, dashed at 'sensitive' "
+                                 "(more findings, more false alarms). The map is the same model's output, unthresholded.")
+        show_heatmaps = evidence == "heatmap"
+    else:
+        show_heatmaps = st.toggle("Heatmaps", value=True, key="review_heatmaps", disabled=_explain is None,
+                                  help="Where the model looked. Not a localisation of the finding.")
     method = None
     if _explain is not None and show_heatmaps:
         if task == "anomaly":
             st.caption("Reconstruction error map")
+        elif gives_boxes:
+            st.caption("Fracture map of the localiser")
         else:
             methods = list(_explain.CAM_METHODS)
             method = st.selectbox("Heatmap method", methods, index=methods.index(_explain.DEFAULT_CAM_METHOD),
@@ -212,9 +237,25 @@ for start in range(0, len(views), per_row):
                     st.warning(plain(exc))
                 except Exception as exc:  # an explanation failure must not hide the prediction
                     st.warning(plain(f"Heatmap unavailable for this view ({type(exc).__name__})."))
+            boxes = pred.extras.get("boxes", []) if evidence == "boxes" else []
+            if evidence == "boxes" and gives_boxes:
+                shown = _explain.draw_boxes(gray, boxes)
+                heatmaps[i] = shown
             st.image(shown, width="stretch")
-            if i in heatmaps:
+            if i in heatmaps and evidence == "heatmap":
                 st.caption(f"Heatmap ({heat.method.replace('_', ' ')}), {hot_spot}")
+            if evidence == "boxes" and gives_boxes:
+                if not boxes:
+                    st.caption("No box passes the sensitive box operating point.")
+                else:
+                    st.caption(f"{len(boxes)} box(es): " + ", ".join(
+                        f"#{k} {b['score']:.2f} ({'solid' if b['operating_point'] == 'balanced' else 'dashed'})"
+                        for k, b in enumerate(boxes, 1)))
+                    zoom = st.selectbox("Zoom into box", [None] + list(range(1, len(boxes) + 1)), key=f"zoom_{view.digest}",
+                                        format_func=lambda k: "-" if k is None else f"#{k}")
+                    if zoom is not None:
+                        st.image(_explain.box_crop(shown, boxes[zoom - 1]), width="stretch",
+                                 caption=f"Box #{zoom}, score {boxes[zoom - 1]['score']:.2f}")
             m1, m2 = st.columns(2)
             if pred.boneage_months is not None:
                 m1.metric("Bone age (months)", f"{pred.boneage_months:.1f}")
@@ -280,9 +321,13 @@ if submitted:
     if decision is None:
         st.error("Choose agree, disagree or uncertain before saving.")
     else:
+        # Saving twice (a double click, a rerun) stores one review: same study, decision, note and model.
+        review_key = "|".join((study_key, label.strip(), decision, (note or "").strip(), card["name"],
+                               version_of(card)))
         try:
             review_id = review_store().add(
-                study_id=label, views=[v.name for v in views], model_name=card["name"],
+                study_id=label, views=[view_label(n, v.digest) for n, v in enumerate(views, 1)],
+                review_key=review_key, model_name=card["name"],
                 model_version=version_of(card), task=task,
                 operating_point=None if task == "boneage" else str(predictions[0].operating_point),
                 threshold=threshold, aggregation=None if task == "boneage" else aggregation,
@@ -291,11 +336,13 @@ if submitted:
                                     for p in predictions],
                 study_probability=study_probability,
                 boneage_months=float(np.mean([p.boneage_months for p in predictions])) if task == "boneage" else None,
-                model_decision=finding_text(task, study_decision), reviewer_decision=decision, note=note)
+                model_decision=finding_text(task, study_decision), reviewer_decision=decision, note=note,
+                reviewer=user.name)
         except BoneAIError as exc:
             st.error(plain(exc))
         else:
             saved[study_key] = {"id": review_id, "decision": decision, "note": note, "label": label}
+            audit(user, "save-review", f"review #{review_id}")
             st.success(f"Saved to the review log as review #{review_id}.", icon=":material/check_circle:")
 
 # -- report ------------------------------------------------------------------------------------------
@@ -309,6 +356,9 @@ def build_report() -> StudyReport:
         gray = standardise(view.radiograph.pixels).image
         hm = heatmaps.get(i)
         hm_method = (method or ("error map" if task == "anomaly" else _explain.DEFAULT_CAM_METHOD)) if i in heatmaps else None
+        if gives_boxes:  # the report always shows the boxes, whatever the screen shows
+            hm = _explain.draw_boxes(gray, pred.extras.get("boxes", []))
+            hm_method = "fracture boxes (solid: balanced, dashed: sensitive)"
         if hm is None and _explain is not None:
             try:
                 with model_lock(card["dir"]):
@@ -317,7 +367,8 @@ def build_report() -> StudyReport:
             except Exception:  # the report still has the images and numbers
                 hm = None
         view_reports.append(ViewReport(
-            name=view.name, image=gray, heatmap=hm, heatmap_method=hm_method, probability=pred.probability,
+            name=view_label(i + 1, view.digest),  # never view.name: upload names may carry identifiers
+            image=gray, heatmap=hm, heatmap_method=hm_method, probability=pred.probability,
             boneage_months=pred.boneage_months, anomaly_score=pred.anomaly_score,
             finding=finding_text(task, pred.decision), metadata=dict(view.radiograph.metadata),
             warnings=list(view.radiograph.warnings)))

@@ -1,4 +1,8 @@
-"""Training: start a background training job, follow it live, cancel it, register the result."""
+"""Training: start a background training job, follow it live, cancel it, register the result.
+
+Admins only: the page is not in a reviewer's navigation, refuses at its top, and checks the role again
+right before each action (start, cancel, register).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,10 @@ from boneai.inference import available_models, register_run
 from boneai.jobs import JobRunner, JobStatus, TrainRequest
 from boneai.models import get_spec, list_models
 from ui import charts
-from ui.common import REPO_ROOT, TASK_LABELS, intended_use_note, plain, route_through_app
+from ui.common import REPO_ROOT, TASK_LABELS, audit, intended_use_note, plain, require_role, route_through_app
 
 route_through_app()
+require_role("admin")
 
 LOSSES = {"fracture": ["bce", "weighted_bce", "focal"], "boneage": ["l1", "smooth_l1"], "anomaly": ["masked_mse"]}
 POLL_SECONDS = 2
@@ -93,6 +98,7 @@ def job_form() -> None:
                     help="Fine-tuning keeps the parent's validation split; choose the parent's architecture above.")
         submitted = st.form_submit_button("Start training", type="primary")
     if submitted:
+        require_role("admin")
         request = TrainRequest(task=task, data=data.strip(), model=model, epochs=int(epochs), image_size=int(image_size),
                                batch_size=int(batch_size), lr=float(lr),
                                loss=None if loss == "(default)" else loss, limit=int(limit) or None,
@@ -135,6 +141,7 @@ def live_job(job_id: str) -> None:
     progress_panel(job)
     if job.state == "running":
         if st.button("Cancel job", key="train_cancel", type="secondary"):
+            require_role("admin")
             runner().cancel(job_id)
             st.toast("Cancelling: the job stops after its current step.")
     elif st.session_state.get("train_seen_running") == job_id:
@@ -178,12 +185,16 @@ def finished_job(job: JobStatus) -> None:
                              help="Letters, digits, - and _. It becomes weights/<name>/.")
         make_default = st.checkbox(f"Make it the default {job.task} model", key="register_default")
         if st.form_submit_button("Register weights", type="primary"):
+            user = require_role("admin")
             try:
                 dest = register_run(job.run_dir, name.strip(), make_default=make_default)
             except BoneAIError as exc:
                 st.error(plain(exc))
             else:
                 registered[job.id] = dest.name
+                audit(user, "register-model", f"{dest.name} from job {job.id}")
+                if make_default:
+                    audit(user, "set-default", f"{job.task}: {dest.name}")
                 st.rerun(scope="app")  # the sidebar's model list picks the new model up
 
 

@@ -28,13 +28,19 @@ def free_port() -> int:
 
 
 class AppServer:
-    """``with AppServer(env) as url:`` runs the app until the block ends; ``started_s`` is the time to healthy."""
+    """``with AppServer(env) as url:`` runs the app until the block ends; ``started_s`` is the time to healthy.
 
-    def __init__(self, env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
+    ``args`` go on the ``streamlit run`` command line (e.g. ``--secrets.files`` for a test's own sign-in
+    settings); ``port`` is chosen here, so a test can put it into those settings before starting.
+    """
+
+    def __init__(self, env: dict[str, str] | None = None, log_path: Path | None = None,
+                 args: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **(env or {})}
         self.log_path = log_path
+        self.args = list(args or [])
         self.proc: subprocess.Popen | None = None
         self.started_s: float | None = None
         self.t0 = 0.0
@@ -45,7 +51,7 @@ class AppServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.port", str(self.port),
              "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
-             "--server.fileWatcherType", "none"] + ([] if not os.environ.get("BONEAI_APP_DEBUG") else ["--logger.level", "debug"]),
+             "--server.fileWatcherType", "none"] + self.args + ([] if not os.environ.get("BONEAI_APP_DEBUG") else ["--logger.level", "debug"]),
             cwd=str(REPO), env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

@@ -22,7 +22,7 @@ from PIL import Image
 from boneai import evaluate as ev
 from boneai import inference
 from boneai.io import read_radiograph
-from boneai.store import ReviewStore
+from boneai.store import ReviewStore, view_label
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `streamlit run` puts the app's folder on the path; do the same here
@@ -227,10 +227,11 @@ def test_recording_a_review_puts_it_in_the_log(isolated_state, fracture_card, fr
     files = sorted(STUDY.iterdir())
     probs = [p.probability for p in fracture_predictor.predict_many([_read(f) for f in files])]
     assert row["study_id"] == label and row["reviewer_decision"] == "disagree"
-    assert row["views"] == [f.name for f in files]
+    assert row["views"] == [view_label(i, f.read_bytes()) for i, f in enumerate(files, 1)]  # never file names
     assert row["view_probabilities"] == pytest.approx(probs, abs=1e-6)
     assert row["model_name"] == fracture_card["name"] and row["operating_point"] == "balanced"
     assert row["note"] == "Lateral view shows a cortical break"
+    assert row["reviewer"] == "local"  # single-user mode: nobody signs in
 
     at.switch_page("pages/review_log.py").run()
     _no_exception(at)
@@ -315,6 +316,13 @@ def test_performance_threshold_slider_updates_every_metric(fracture_card) -> Non
     df = pd.read_csv(Path(fracture_card["dir"]) / "val_predictions.csv")
     name = fracture_card["name"]
     at.selectbox(key="perf_model").set_value(name).run()
+    # The test split comes first when the card has one; the validation split is labelled as such.
+    if (Path(fracture_card["dir"]) / "test_predictions.csv").is_file():
+        assert at.radio(key=f"perf_split_{name}").value == "test"
+        test = pd.read_csv(Path(fracture_card["dir"]) / "test_predictions.csv")
+        assert _metrics(at, "ROC AUC") == [f"{ev.roc_auc(test['label'], test['probability']):.3f}"]
+        at.radio(key=f"perf_split_{name}").set_value("validation").run()
+        assert any("Validation figures" in w.value for w in at.warning)
     at.slider(key=f"perf_threshold_{name}").set_value(0.3).run()
     _no_exception(at)
     m = ev.threshold_metrics(df["label"].to_numpy(), df["probability"].to_numpy(), 0.3)
@@ -479,3 +487,135 @@ def test_review_log_filters_and_export(isolated_state) -> None:
     assert at.dataframe[0].value["note"].tolist() == ["<script>alert(1)</script>"]  # a cell, as text
     assert at.get("download_button")[0].proto.label == "Export CSV"
     _no_exception(at)
+
+
+# -- who may see and do what -------------------------------------------------------------------------
+# Sign-in is configured the way the app reads it (the secrets' [auth] and [boneai] sections) and the
+# identity-token claims arrive as st.user, as Streamlit hands them over after an OpenID Connect login.
+AUTH = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "t" * 32, "client_id": "boneai",
+        "client_secret": "secret", "server_metadata_url": "http://localhost:9/.well-known/openid-configuration"}
+REVIEWER = {"sub": "r-1", "email": "rita@hospital.example", "name": "Rita Reviewer", "roles": ["boneai-reviewer"]}
+ADMIN = {"sub": "a-1", "email": "adam@hospital.example", "name": "Adam Admin", "roles": ["boneai-admin"]}
+
+
+def _as(claims: dict[str, Any] | None, page: str | None = None, boneai: dict[str, Any] | None = None,
+        script: str = "app.py") -> AppTest:
+    """The app with sign-in configured, run as a user with these claims (None: not signed in)."""
+    at = AppTest.from_file(str(REPO / script), default_timeout=TIMEOUT)
+    at.secrets["auth"] = AUTH
+    at.secrets["boneai"] = boneai or {}
+    at.user = {"is_logged_in": False} if claims is None else {**claims, "is_logged_in": True}
+    at.run()
+    if page:
+        at.switch_page(page).run()
+    _no_exception(at)
+    return at
+
+
+@pytest.fixture
+def bound_to():
+    """Set ``server.address`` for one test, as ``--server.address`` would; restored afterwards."""
+    from streamlit import config
+
+    original = config.get_option("server.address")
+    yield lambda address: config.set_option("server.address", address)
+    config.set_option("server.address", original)
+
+
+def _seed_two_reviewers(path: Path) -> None:
+    store = ReviewStore(path)
+    for study, who in (("S-rita", REVIEWER["email"]), ("S-other", "otto@hospital.example")):
+        store.add(study_id=study, views=["a.png"], model_name="fracture", model_version="v", task="fracture",
+                  view_probabilities=[0.5], reviewer_decision="agree", reviewer=who)
+
+
+def test_single_local_user_on_loopback_is_admin_with_nothing_to_sign_in() -> None:
+    at = _app("pages/training.py")
+    assert at.title[0].value == "Training"
+    assert any("Single local user" in c.value for c in at.sidebar.caption)
+    assert not [b for b in at.button if b.label == "Sign in"]
+
+
+def test_a_reachable_address_without_sign_in_serves_nothing_on_any_page(bound_to) -> None:
+    bound_to("0.0.0.0")
+    for script in ("app.py", "pages/review_log.py", "pages/training.py"):
+        at = AppTest.from_file(str(REPO / script), default_timeout=TIMEOUT).run()
+        _no_exception(at)
+        assert any("sign-in is not configured" in e.value for e in at.error), script
+        assert not at.sidebar.selectbox and not at.dataframe and not at.button, script
+        assert "Study review" not in [t.value for t in at.title]
+    bound_to("")  # Streamlit's default: every interface
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT).run()
+    assert any("all network interfaces" in e.value for e in at.error)
+
+
+def test_sign_in_configured_on_a_reachable_address_asks_to_sign_in(bound_to) -> None:
+    bound_to("0.0.0.0")
+    at = _as(None)
+    assert [b.label for b in at.button] == ["Sign in"]
+    assert not at.sidebar.selectbox and not at.error
+    with pytest.raises(ValueError):  # nothing else is in the navigation
+        at.switch_page("pages/review_log.py")
+
+
+def test_reviewer_has_no_training_and_sees_only_their_own_reviews_without_export(isolated_state) -> None:
+    _seed_two_reviewers(isolated_state / "reviews.sqlite")
+    at = _as(REVIEWER)
+    assert any(f"{plain(REVIEWER['email'])} (reviewer)" in c.value for c in at.sidebar.caption)
+    assert [b.label for b in at.sidebar.button] == ["Sign out"]
+    with pytest.raises(ValueError):  # not in the reviewer's navigation
+        at.switch_page("pages/training.py")
+    at.switch_page("pages/review_log.py").run()
+    _no_exception(at)
+    assert at.dataframe[0].value["study_id"].tolist() == ["S-rita"]
+    assert _metrics(at, "Reviews shown") == ["1"]
+    assert not at.get("download_button")  # no export at all
+    assert not at.expander  # nor the audit log
+    assert "reviews.sqlite" not in _all_text(at)  # nor where the server keeps its files
+    audit = ReviewStore(isolated_state / "reviews.sqlite").audit_log()
+    assert audit[["actor", "action"]].values.tolist() == [[REVIEWER["email"], "sign-in"]]  # once per session
+
+
+def test_admin_pages_refuse_a_reviewer_on_the_server_side_too() -> None:
+    # Run the Training page's script itself, as a request that bypassed the navigation would.
+    at = _as(REVIEWER, script="pages/training.py")
+    assert [e.value for e in at.error] == ["This needs the admin role; you are signed in as a reviewer."]
+    assert not [b for b in at.button if b.label == "Start training"]
+    assert not [t for t in at.title if t.value == "Training"]
+
+
+def test_admin_by_role_claim_has_training_and_the_whole_log_with_export(isolated_state) -> None:
+    _seed_two_reviewers(isolated_state / "reviews.sqlite")
+    at = _as(ADMIN, "pages/training.py")
+    assert at.title[0].value == "Training" and _button(at, "Start training")
+    at.switch_page("pages/review_log.py").run()
+    _no_exception(at)
+    assert sorted(at.dataframe[0].value["study_id"]) == ["S-other", "S-rita"]
+    assert at.get("download_button")[0].proto.label == "Export CSV"
+    assert at.expander and at.dataframe[1].value["action"].tolist() == ["sign-in"]
+
+
+def test_admin_by_admin_list_and_by_a_configured_claim(isolated_state) -> None:
+    listed = {**REVIEWER, "email": "Chief@Hospital.example"}
+    at = _as(listed, "pages/training.py", boneai={"admins": ["chief@hospital.example"]})
+    assert at.title[0].value == "Training"
+    keycloak = {"sub": "k-1", "email": "kim@hospital.example", "realm_access": {"roles": ["xray-admin"]}}
+    at = _as(keycloak, "pages/training.py", boneai={"role_claim": "realm_access.roles", "admin_role": "xray-admin"})
+    assert at.title[0].value == "Training"
+    # The same claims without that configuration: a reviewer.
+    at = _as(keycloak)
+    with pytest.raises(ValueError):
+        at.switch_page("pages/training.py")
+
+
+def test_a_signed_in_reviewers_review_carries_their_name_and_is_audited(isolated_state, fracture_predictor) -> None:
+    at = _as(REVIEWER)
+    assert at.title[0].value == "Study review"
+    _radio(at, "Do you agree").set_value("agree")
+    _button(at, "Save to review log").click().run()
+    _no_exception(at)
+    store = ReviewStore(isolated_state / "reviews.sqlite")
+    assert store.query()["reviewer"].tolist() == [REVIEWER["email"]]
+    audit = store.audit_log()  # newest first
+    assert audit[["actor", "action"]].values.tolist() == [[REVIEWER["email"], "save-review"],
+                                                         [REVIEWER["email"], "sign-in"]]

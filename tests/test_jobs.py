@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -154,6 +157,86 @@ def test_a_stale_lock_from_a_dead_process_is_cleared(tmp_path: Path) -> None:
     runner.lock_path.write_text(json.dumps({"id": "old", "pid": dead}))
     assert runner.running_job_id() is None
     assert not runner.lock_path.exists()
+
+
+def test_two_sessions_starting_at_once_get_one_lock(tmp_path: Path) -> None:
+    runner = JobRunner(tmp_path / "jobs")
+    runner.root.mkdir(parents=True)
+    for stale in (False, True, False, True):  # a free machine, and one with a stale lock file left by a crash
+        if stale:
+            runner.lock_path.write_text("")
+        gate = threading.Barrier(6)
+        won, busy = [], []
+
+        def attempt(i: int) -> None:
+            gate.wait()
+            try:
+                won.append(JobRunner(runner.root)._acquire_lock(f"job-{i}"))  # the open, locked file
+            except JobBusyError:
+                busy.append(i)
+
+        threads = [threading.Thread(target=attempt, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1 and len(busy) == 5, (won, busy)
+        assert json.loads(runner.lock_path.read_text())["id"].startswith("job-")
+        assert runner.running_job_id() is not None  # held: nobody takes it for stale
+        os.close(won[0])  # the holder goes (a supervisor exiting): the lock is free again
+        assert runner.running_job_id() is None and not runner.lock_path.exists()
+
+
+def test_a_fresh_empty_lock_file_is_not_stale_while_it_is_held(tmp_path: Path) -> None:
+    runner = JobRunner(tmp_path / "jobs")
+    runner.root.mkdir(parents=True)
+    runner.lock_path.write_text("")  # just created, not yet written: what a starter has for an instant
+    fd = os.open(runner.lock_path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        runner.running_job_id()
+        assert runner.lock_path.exists()
+        with pytest.raises(JobBusyError, match="already running"):
+            runner.start_command(_epoch_script(1, sleep_after=0))
+        assert runner.lock_path.read_text() == "" and runner.list_jobs() == []
+    finally:
+        os.close(fd)
+    assert runner.running_job_id() is None and not runner.lock_path.exists()
+
+
+def test_a_killed_supervisor_takes_its_training_down_and_frees_the_machine(tmp_path: Path) -> None:
+    runner = JobRunner(tmp_path / "jobs")
+    pids = tmp_path / "pids"
+    # A stand-in for training that also has a helper process in its group (like data-loader workers).
+    code = ("import os, subprocess, sys, time\n"
+            "helper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            f"open({str(pids)!r} + '.tmp', 'w').write(f'{{os.getpid()}} {{helper.pid}}')\n"
+            f"os.replace({str(pids)!r} + '.tmp', {str(pids)!r})\n"
+            "time.sleep(60)\n")
+    job = runner.start_command(["-c", code], epochs_total=1)
+    try:
+        _wait_for(pids.is_file)
+        train_pid, helper_pid = map(int, pids.read_text().split())
+        meta = json.loads((runner.root / job.id / "job.json").read_text())
+        assert meta["train_pid"] == train_pid and os.getpgid(helper_pid) == train_pid
+        assert runner.running_job_id() == job.id
+        os.kill(meta["supervisor_pid"], signal.SIGKILL)
+        from boneai.jobs import _pid_alive
+
+        # Training dies with its supervisor, at once (parent-death signal), not after 60 s.
+        _wait_for(lambda: not _pid_alive(train_pid), timeout=10)
+        assert runner.status(job.id).state == "failed"
+        # The lock went with the supervisor; the next look at it ends the rest of the group.
+        assert runner.running_job_id() is None
+        _wait_for(lambda: not _pid_alive(helper_pid), timeout=10)
+        second = runner.start_command(_epoch_script(1, sleep_after=0), epochs_total=1)
+        assert runner.wait(second.id, timeout=60).state == "succeeded"
+    finally:
+        for pid in (pids.read_text().split() if pids.is_file() else []):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_unknown_job_ids_are_refused(tmp_path: Path) -> None:

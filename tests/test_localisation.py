@@ -139,3 +139,133 @@ def test_test_split_comes_only_from_whole_groups_inside_the_earlier_validation_s
         assert split[groups == g].nunique() == 1 or "test" not in set(split[groups == g])
     assert (split[~df["image_id"].isin(legacy)] == "train").all()
     assert 30 <= len(test_ids) <= 50
+
+
+# --- the localiser model, evaluate and predict ---------------------------------------------------------
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from boneai.cli import main as cli_main  # noqa: E402
+from boneai.localisation import FractureLocaliser, load_localiser  # noqa: E402
+
+
+def _mini_fracatlas(root, samples_dir, fractured_only: bool = False):
+    """A FracAtlas-layout folder from the shipped samples, with their annotated fracture boxes."""
+    table = pd.read_csv(samples_dir / "samples.csv")
+    table = table[table["dataset"] == "fracatlas"]
+    if fractured_only:
+        table = table[table["label"] == 1]
+    coco = {"images": [], "annotations": []}
+    rows = []
+    for k, r in enumerate(table.itertuples()):
+        src = samples_dir / r.file
+        folder = "Fractured" if r.label else "Non_fractured"
+        (root / "images" / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, root / "images" / folder / src.name)
+        with Image.open(src) as im:
+            w, h = im.size
+        coco["images"].append({"id": k, "file_name": src.name, "width": w, "height": h})
+        for box in json.loads(r.fracture_boxes) if isinstance(r.fracture_boxes, str) else []:
+            coco["annotations"].append({"id": len(coco["annotations"]), "image_id": k, "bbox": box})
+        rows.append({"image_id": src.name, r.region: 1, "fractured": int(r.label)})
+    pd.DataFrame(rows).fillna(0).to_csv(root / "dataset.csv", index=False)
+    (root / "fracture_masks_coco.json").write_text(json.dumps(coco))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_localiser(tmp_path_factory):
+    """A randomly initialised localiser at 128 px with a complete card (choices set by hand)."""
+    out = tmp_path_factory.mktemp("weights") / "tiny_localiser"
+    out.mkdir()
+    torch.manual_seed(0)
+    model = FractureLocaliser()
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    card = {"name": "tiny_localiser", "task": "fracture", "kind": "localiser", "mean": [0.5] * 3, "std": [0.5] * 3,
+            "pipeline": [{"step": "standardise", "params": {}}, {"step": "otsu_crop", "params": {}},
+                         {"step": "resize_pad", "params": {"size": 128}}],
+            "weights_file": "model.safetensors", "image_score": {"weights": [1.0, 1.0], "bias": 0.0},
+            "operating_points": {"sensitive": {"threshold": 0.2}, "balanced": {"threshold": 0.5}},
+            "default_operating_point": "balanced", "region_threshold": 0.0,
+            "box_operating_points": {"sensitive": {"threshold": 0.0}, "balanced": {"threshold": 0.5}}}
+    (out / "card.json").write_text(json.dumps(card))
+    return out
+
+
+def test_the_localiser_returns_boxes_inside_the_file_tagged_with_box_operating_points(tiny_localiser, samples_dir):
+    from boneai.io import read_radiograph
+
+    predictor = load_localiser(json.loads((tiny_localiser / "card.json").read_text()), tiny_localiser)
+    rg = read_radiograph(samples_dir / "fracatlas" / "IMG0000019.jpg")
+    pred = predictor.predict(rg)
+    assert 0 <= pred.probability <= 1 and pred.decision == (pred.probability >= 0.5)
+    boxes = pred.extras["boxes"]
+    assert boxes, "region threshold 0 outlines the whole map: one box at least"
+    for b in boxes:
+        assert 0 <= b["x0"] < b["x1"] <= rg.width and 0 <= b["y0"] < b["y1"] <= rg.height
+        assert b["operating_point"] in ("sensitive", "balanced")
+        assert (b["operating_point"] == "balanced") == (b["score"] >= 0.5)
+
+
+@pytest.mark.parametrize("fractured_only", [False, True])
+def test_evaluate_localisation_json_for_mixed_and_fractured_only_folders(tmp_path, samples_dir, tiny_localiser,
+                                                                          fractured_only):
+    data = _mini_fracatlas(tmp_path / "fa", samples_dir, fractured_only)
+    out = tmp_path / "loc.json"
+    rc = cli_main(["evaluate", "--task", "localisation", "--data", str(data), "--model", str(tiny_localiser),
+                   "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    n = len(list((data / "images").rglob("*.jpg")))
+    assert report["n_images"] == n
+    assert report["n_fractured_images"] == len(list((data / "images" / "Fractured").glob("*.jpg")))
+    assert report["n_boxes"] == len(json.loads((data / "fracture_masks_coco.json").read_text())["annotations"])
+    assert 0 <= report["hit_rate"] <= 1 and 0 <= report["map50"] <= 1
+    assert set(report["froc"]) == {"0.5", "1", "2"}
+    assert all(0 <= v <= 1 for v in report["froc"].values())
+    if fractured_only:
+        assert report["auc"] is None
+    else:
+        assert 0 <= report["auc"] <= 1
+
+
+def test_gradcam_baseline_gives_a_hit_rate_and_no_box_figures(tmp_path, samples_dir):
+    data = _mini_fracatlas(tmp_path / "fa", samples_dir, fractured_only=True)
+    out = tmp_path / "cam.json"
+    assert cli_main(["evaluate", "--task", "localisation", "--method", "gradcam", "--model", "fracture_fast",
+                     "--data", str(data), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert 0 <= report["hit_rate"] <= 1
+    assert report["froc"] == {"0.5": None, "1": None, "2": None} and report["map50"] is None and report["auc"] is None
+
+
+def test_predict_json_rows_carry_boxes_in_the_files_pixels(tiny_localiser, samples_dir, capsys):
+    f = samples_dir / "fracatlas" / "IMG0000351.jpg"
+    assert cli_main(["predict", str(f), "--model", str(tiny_localiser), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    with Image.open(f) as im:
+        w, h = im.size
+    assert rows[0]["boxes"] and all(b["x1"] <= w and b["y1"] <= h for b in rows[0]["boxes"])
+    assert set(rows[0]["boxes"][0]) == {"x0", "y0", "x1", "y1", "score", "operating_point"}
+    # A classifier gives no boxes: the list is there and empty.
+    assert cli_main(["predict", str(f), "--model", "fracture_fast", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["boxes"] == []
+
+
+def test_boxes_are_drawn_solid_and_dashed():
+    from boneai.explain import BOX_COLOURS, draw_boxes
+
+    img = np.zeros((200, 200), np.uint8)
+    out = draw_boxes(img, [{"x0": 20, "y0": 20, "x1": 100, "y1": 100, "operating_point": "balanced"},
+                           {"x0": 120, "y0": 120, "x1": 190, "y1": 190, "operating_point": "sensitive"}],
+                     numbered=False)
+    solid = (out[60, 18:23] == BOX_COLOURS["balanced"]).all(axis=1).any()
+    edge = out[125:185, 120]  # left edge of the dashed box: coloured and gaps
+    coloured = (edge == BOX_COLOURS["sensitive"]).all(axis=1)
+    assert solid and 0.2 < coloured.mean() < 0.8

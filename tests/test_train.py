@@ -64,12 +64,119 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     proc.wait(timeout=30)
     done_before = [h["epoch"] for h in _metrics(out)]
     assert 1 in done_before and 3 not in done_before
+    # The checkpoint holds plain data only: it loads without unpickling objects.
+    import torch
+
+    assert torch.load(out / "checkpoint_last.pt", weights_only=True)["config"]["lr"] == 1e-3
+    # Other settings would mix two runs under one card: refused with a way out, the checkpoint kept.
+    other = _train(data, out, "--epochs", "3", "--lr", "3e-4")
+    assert other.returncode != 0 and "other settings" in other.stderr and "--no-resume" in other.stderr
+    assert "Traceback" not in other.stderr and (out / "checkpoint_last.pt").is_file()
     resumed = _train(data, out, "--epochs", "3")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert '"event": "resumed"' in resumed.stdout
     epochs = [h["epoch"] for h in _metrics(out)]
     # Each epoch is trained once: no restart from epoch 1 after the kill.
     assert epochs.count(1) == 1 and epochs[-1] == 3 and sorted(set(epochs)) == [0, 1, 2, 3]
+
+
+def _checkpoint_state(**config):
+    """A resume state shaped like train()'s, with the numpy scalars real metrics come back as."""
+    import numpy as np
+    import torch
+
+    from boneai.train import TrainConfig
+
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max")
+    plateau.step(np.float64(0.71))  # the plateau scheduler keeps the score it was given
+    cfg = TrainConfig(data="data/x", epochs=3, **config)
+    from dataclasses import asdict
+
+    return cfg, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": plateau.state_dict(),
+                 "scheduler_kind": "ReduceLROnPlateau", "epoch": 1, "best": np.float64(0.71),
+                 "history": [{"epoch": 1, "val_auc": np.float64(0.71), "seconds": np.float32(1.5)}],
+                 "bad_epochs": 0, "train_seconds": 1.5, "torch_rng": torch.get_rng_state(), "commands": ["x"],
+                 "config": asdict(cfg)}
+
+
+def test_checkpoints_hold_plain_data_and_load_with_weights_only(tmp_path):
+    import torch
+
+    from boneai.train import _load_checkpoint, _save_checkpoint
+
+    cfg, state = _checkpoint_state()
+    path = tmp_path / "checkpoint_last.pt"
+    _save_checkpoint(path, state)
+    raw = torch.load(path, weights_only=True)  # no custom classes, no numpy objects
+    assert type(raw["best"]) is float and type(raw["history"][0]["val_auc"]) is float
+    loaded = _load_checkpoint(path, cfg)
+    assert loaded["best"] == pytest.approx(0.71) and torch.equal(loaded["model"]["weight"], state["model"]["weight"])
+    assert not list(tmp_path.glob("*.tmp"))
+    # A longer or shorter run, another time budget or device: the same run, resumed.
+    longer = cfg.__class__(**{**loaded["config"], "epochs": 9, "max_minutes": 5.0, "device": "cpu"})
+    assert _load_checkpoint(path, longer)["epoch"] == 1
+
+
+def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
+    from boneai.train import TrainConfig, _load_checkpoint, _save_checkpoint
+
+    cfg, state = _checkpoint_state(lr=1e-3, model="resnet18")
+    path = tmp_path / "checkpoint_last.pt"
+    _save_checkpoint(path, state)
+    for change, word in ((dict(lr=3e-4), "lr"), (dict(model="efficientnet_lite0"), "model"),
+                         (dict(data="data/other"), "data"), (dict(seed=1), "seed")):
+        other = TrainConfig(**{**state["config"], **change})
+        with pytest.raises(ValueError, match=rf"other settings \({word} .*--no-resume"):
+            _load_checkpoint(path, other)
+    # The same folder named another way is the same data.
+    same = TrainConfig(**{**state["config"], "data": str(Path("data/x").resolve())})
+    assert _load_checkpoint(path, same)["epoch"] == 1
+
+
+def test_a_checkpoint_with_objects_in_it_is_not_unpickled(tmp_path):
+    import torch
+
+    from boneai.train import TrainConfig, _load_checkpoint
+
+    marker = tmp_path / "code-ran"
+
+    class Planted:  # unpickling this would create the marker file: code from the checkpoint runs
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    path = tmp_path / "checkpoint_last.pt"
+    torch.save({"model": {}, "optimizer": {}, "epoch": 0, "config": {}, "x": Planted()}, path)
+    with pytest.raises(ValueError, match="cannot be loaded as plain tensors.*--no-resume"):
+        _load_checkpoint(path, TrainConfig())
+    assert not marker.exists()
+    path.write_bytes(path.read_bytes()[:100])  # truncated by a full disk: a message, not a traceback
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        _load_checkpoint(path, TrainConfig())
+
+
+def test_best_model_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    import torch
+
+    from boneai import train as train_module
+
+    best = tmp_path / "best_model.pt"
+    train_module._save_atomic({"w": torch.zeros(2)}, best)
+    real_save = torch.save
+
+    def dying_save(obj, f):  # the process is killed half-way through the write
+        real_save(obj, f)
+        Path(f).write_bytes(Path(f).read_bytes()[:50])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_module._save_atomic({"w": torch.ones(2)}, best)
+    assert torch.equal(torch.load(best, weights_only=True)["w"], torch.zeros(2))
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_distributed_training_with_two_gloo_processes(tmp_path):

@@ -169,3 +169,51 @@ def history_figure(history: list[dict[str, Any]]) -> go.Figure:
                       xaxis_title="epoch", yaxis_title="loss",
                       yaxis2=dict(overlaying="y", side="right", title="validation metric"))
     return fig
+
+
+def froc_figure(curves: dict[str, pd.DataFrame]) -> go.Figure:
+    """FROC curves: share of annotated fracture boxes found against false-positive boxes per image."""
+    fig = go.Figure()
+    for label, df in curves.items():
+        fig.add_trace(go.Scatter(x=df["fp_per_image"], y=df["sensitivity"], mode="lines", name=label))
+    fig.update_layout(title="FROC (test split)", xaxis_title="False-positive boxes per image",
+                      yaxis_title="Fracture boxes found (IoU >= 0.2)", xaxis_range=[0, 4], yaxis_range=[0, 1],
+                      height=360, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def localisation_section(card: dict[str, Any], fracture_cards: list[dict[str, Any]]) -> None:
+    """How far each kind of visual evidence can be trusted: the localiser's boxes against the Grad-CAM
+    baseline, on the test split (from the cards and bench/results)."""
+    localisers = [c for c in fracture_cards if c.get("kind") == "localiser" and c.get("test")]
+    if card.get("task") != "fracture" or not localisers:
+        return
+    st.subheader("Where is the fracture? Boxes and heatmaps")
+    rows = []
+    for c in localisers:
+        t = c["test"]
+        rows.append({"evidence": f"boxes ({c['name']})", "hit rate": t.get("hit_rate"),
+                     "FROC @ 0.5 FP": t.get("froc", {}).get("0.5"), "FROC @ 1 FP": t.get("froc", {}).get("1"),
+                     "FROC @ 2 FP": t.get("froc", {}).get("2"), "mAP@50": t.get("map50"),
+                     "images (fractured)": f"{t.get('n_images')} ({t.get('n_fractured_images')})"})
+    baseline = Path(__file__).resolve().parents[1] / "bench" / "results" / "test_localisation_gradcam.json"
+    if baseline.is_file():
+        import json
+
+        b = json.loads(baseline.read_text())
+        rows.append({"evidence": f"Grad-CAM peak ({b.get('model')})", "hit rate": b.get("hit_rate"),
+                     "FROC @ 0.5 FP": None, "FROC @ 1 FP": None, "FROC @ 2 FP": None, "mAP@50": None,
+                     "images (fractured)": f"{b.get('n_images')} ({b.get('n_fractured_images')})"})
+    st.dataframe(pd.DataFrame(rows), hide_index=True, column_config={
+        k: st.column_config.NumberColumn(format="%.3f")
+        for k in ("hit rate", "FROC @ 0.5 FP", "FROC @ 1 FP", "FROC @ 2 FP", "mAP@50")})
+    st.caption("Hit rate: share of fractured test images whose top box overlaps an annotated fracture box "
+               "(IoU >= 0.2) or has its centre inside one; for Grad-CAM, whether the heatmap's peak lies inside one. "
+               "Heatmaps show where a classifier looked, not where the fracture is.")
+    curves = {}
+    for c in localisers:
+        path = Path(c["dir"]) / "test_froc.csv"
+        if path.is_file():
+            curves[c["name"]] = pd.read_csv(path)
+    if curves:
+        st.plotly_chart(froc_figure(curves), key="perf_froc")

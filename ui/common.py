@@ -20,6 +20,8 @@ import pandas as pd
 import streamlit as st
 
 from boneai import inference
+from boneai.auth import (ADMIN, LOCAL_USER, AuthSettings, allowed, resolve_role, serving_mode, settings_from,
+                         user_name)
 from boneai.errors import BoneAIError
 from boneai.io import Radiograph, read_radiograph
 from boneai.store import ReviewStore, model_version
@@ -239,3 +241,108 @@ def review_store() -> ReviewStore:
 
 def intended_use_note() -> None:
     st.caption("Research and education, not a medical device. A qualified clinician reads every image.")
+
+
+# -- who may see and do what -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class User:
+    """The person using this session: the name recorded with their reviews and their role."""
+
+    name: str
+    role: str
+    signed_in: bool  # False in the single-user mode, where nobody signs in
+
+    @property
+    def is_admin(self) -> bool:
+        return allowed(self.role, ADMIN)
+
+
+def _secrets_section(name: str) -> dict[str, Any]:
+    """A section of ``.streamlit/secrets.toml`` as a dict; {} when there is no file or no section."""
+    try:
+        if not st.secrets.load_if_toml_exists():
+            return {}
+        section = st.secrets.get(name)
+    except Exception:  # an unreadable secrets file counts as none: then the bind policy decides
+        return {}
+    return dict(section) if section else {}
+
+
+def sign_in_configured() -> bool:
+    """Whether the secrets have an ``[auth]`` section: then everyone signs in with ``st.login``."""
+    return bool(_secrets_section("auth"))
+
+
+def auth_settings() -> AuthSettings:
+    """Role claim, admin role and admin list from the secrets' ``[boneai]`` section and the environment."""
+    return settings_from(_secrets_section("boneai"), os.environ)
+
+
+def _mode() -> str:
+    return serving_mode(st.get_option("server.address"), sign_in_configured())
+
+
+def current_user() -> User | None:
+    """The signed-in user with their role; ``local`` (admin) in the single-user mode.
+
+    None while nobody may use the app: not signed in yet, or bound to an address other machines
+    reach without sign-in configured.
+    """
+    mode = _mode()
+    if mode == "local":
+        return User(LOCAL_USER, ADMIN, signed_in=False)
+    if mode == "refuse":
+        return None
+    info = st.user.to_dict()
+    if info.get("is_logged_in") is not True:
+        return None
+    return User(user_name(info), resolve_role(info, auth_settings()), signed_in=True)
+
+
+def audit(user: User, action: str, detail: str = "") -> None:
+    """Append to the review store's audit log; a failure is shown, never a traceback."""
+    try:
+        review_store().audit(user.name, action, detail)
+    except Exception as exc:  # the action itself has happened; say the record of it is missing
+        st.warning(plain(f"Could not write the audit log ({type(exc).__name__}): {action} by {user.name}."))
+
+
+def gate() -> User | None:
+    """The session's user, recording one ``sign-in`` audit entry per session; None if nobody may use the app."""
+    user = current_user()
+    if user is not None and user.signed_in and st.session_state.get("_audited_sign_in") != user.name:
+        st.session_state["_audited_sign_in"] = user.name  # first: a failed write is not retried on every rerun
+        audit(user, "sign-in", f"role {user.role}")
+    return user
+
+
+def access_page() -> None:
+    """The only page while nobody may use the app: why it serves nothing, or the sign-in button."""
+    st.title("BoneAI Review")
+    if _mode() == "refuse":
+        address = st.get_option("server.address") or "all network interfaces"
+        st.error(f"BoneAI Review is listening on {plain(address)}, which other machines can reach, and "
+                 "sign-in is not configured, so it shows nothing.\n\n"
+                 "Either run it for this machine only (`make run`, which binds to 127.0.0.1), or configure "
+                 "sign-in in `.streamlit/secrets.toml` (`[auth]`, see `docs/deployment.md`).",
+                 icon=":material/lock:")
+        st.stop()
+    st.info("Sign in with your hospital account to review studies.", icon=":material/login:")
+    st.button("Sign in", type="primary", key="sign_in", on_click=st.login)
+    st.stop()
+
+
+def require_role(role: str) -> User:
+    """Stop the page unless this session's user has ``role``; returns the user.
+
+    Each admin-only page and action calls this itself, so a page reached without the navigation
+    (a stale link, a crafted request) still refuses.
+    """
+    user = current_user()
+    if user is None:
+        access_page()  # stops
+    assert user is not None
+    if not allowed(user.role, role):
+        st.error(f"This needs the {role} role; you are signed in as a {user.role}.", icon=":material/lock:")
+        st.stop()
+    return user
