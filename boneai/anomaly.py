@@ -25,7 +25,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,10 +34,12 @@ from torch import nn
 
 from boneai import evaluate as ev
 from boneai._json import json_default
+from boneai.card import CARD_FILE, DEFAULT_OPERATING_POINT, WEIGHTS_FILE, AnomalyScore, ModelCard
+from boneai.data import read_classification_dir, split_train_val
 from boneai.errors import BoneAIError, ModelNotFoundError
-from boneai.inference import CardOperatingPoints
 from boneai.io import Radiograph, read_radiograph
 from boneai.models import build_model, get_spec
+from boneai.predictor import CardOperatingPoints, ModelResolver, Prediction, read_weights, register_loader
 from boneai.preprocess import apply_pipeline, segment_foreground
 
 __all__ = ["AnomalyPredictor", "anomaly_pipeline", "foreground_mask", "image_score", "load_anomaly_model",
@@ -127,14 +129,19 @@ def _operating_points(y: np.ndarray, score: np.ndarray, min_sensitivity: float =
 class AnomalyPredictor(CardOperatingPoints):
     """A loaded anomaly model with the :class:`boneai.inference.Predictor` interface the app and CLI use."""
 
-    def __init__(self, card: dict[str, Any], model: nn.Module, directory: Path) -> None:
-        self.card, self.model, self.directory = card, model.eval(), Path(directory)
-        self.name = card.get("name", self.directory.name)
+    def __init__(self, card: ModelCard | Mapping[str, Any], model: nn.Module, directory: Path,
+                 resolve: ModelResolver | None = None) -> None:
+        self.directory = Path(directory)
+        self.card = card = ModelCard.coerce(card, self.directory)
+        self.model = model.eval()
+        self.name = card.name or self.directory.name
         self.task = "anomaly"
-        self.architecture = card["architecture"]
-        self.pipeline = card["pipeline"]
-        self.mean, self.std = card.get("mean", [0.0] * 3), card.get("std", [1.0] * 3)
-        self.score_spec = card.get("score", {"kind": "mean", "error": "squared", "top_fraction": 0.05})
+        self.architecture = str(card.architecture)
+        self.pipeline = card.pipeline_spec()
+        self.mean = list(card.mean) if card.mean is not None else [0.0] * 3
+        self.std = list(card.std) if card.std is not None else [1.0] * 3
+        self.score_spec = card.score if card.score is not None else AnomalyScore()
+        self._resolve = resolve  # finds the heatmap model when it is not in this model's folder's parent
         self._heatmap_model: AnomalyPredictor | None = None
 
     # -- preprocessing ---------------------------------------------------------------------------
@@ -157,13 +164,15 @@ class AnomalyPredictor(CardOperatingPoints):
         if self.has_own_map:
             return self
         if self._heatmap_model is None:
-            from boneai.inference import load_model
-
-            name = self.card.get("heatmap_model")
+            name = self.card.heatmap_model
             if not name:
                 raise ModelNotFoundError(f"Anomaly model {self.name!r} has no error map and names no heatmap model.")
-            root = self.directory.parent
-            self._heatmap_model = load_model(root / name if (root / name / "card.json").is_file() else name)
+            folder = self.directory.parent / name
+            if not (folder / CARD_FILE).is_file():
+                if self._resolve is None:
+                    raise ModelNotFoundError(f"Heatmap model {name!r} of {self.name!r} not found next to it.")
+                folder = self._resolve(name)
+            self._heatmap_model = load_anomaly_model(ModelCard.from_dir(folder), folder, self._resolve)
         return self._heatmap_model
 
     def error_map(self, image: Radiograph | np.ndarray) -> np.ndarray:
@@ -179,49 +188,51 @@ class AnomalyPredictor(CardOperatingPoints):
             return _gaussian_scores(self.model, inputs)
         errors = _reconstruction_error(self.model, inputs)
         spec = self.score_spec
-        return np.array([image_score(e, foreground_mask(im), spec.get("kind", "mean"), spec.get("top_fraction", 0.05))
+        return np.array([image_score(e, foreground_mask(im), spec.kind, spec.top_fraction)
                          for e, im in zip(errors, inputs)])
 
     def predict_many(self, images: Sequence[Radiograph | np.ndarray], operating_point: str | float | None = None,
                      male: bool | Sequence[bool] | None = None) -> list:
-        """One :class:`boneai.inference.Prediction` per image, with ``anomaly_score`` and a decision."""
-        from boneai.inference import Prediction
-
+        """One :class:`boneai.predictor.Prediction` per image, with ``anomaly_score`` and a decision."""
         inputs = [self.input_image(im) for im in images]
         if not inputs:
             return []
         scores = self.scores(inputs)
         thr = self.threshold(operating_point)
-        name = operating_point if isinstance(operating_point, str) else (
-            "custom" if operating_point is not None else self.card.get("default_operating_point", "balanced"))
+        name = self.operating_point_name(operating_point)
         return [Prediction(task="anomaly", model=self.name, anomaly_score=float(s), threshold=thr,
                            operating_point=name, decision=bool(s >= thr), input_image=inp)
                 for s, inp in zip(scores, inputs)]
 
     def predict(self, image: Radiograph | np.ndarray, operating_point: str | float | None = None,
-                male: bool | None = None):
+                male: bool | None = None) -> Prediction:
         return self.predict_many([image], operating_point, male)[0]
 
 
-def load_anomaly_model(card: dict[str, Any], directory: str | Path) -> AnomalyPredictor:
-    """Build the card's architecture and load its safetensors weights (called by ``inference.load_model``)."""
-    from boneai.inference import read_weights
+@register_loader("anomaly")
+def load_anomaly_model(card: ModelCard | Mapping[str, Any], directory: str | Path,
+                       resolve: ModelResolver | None = None) -> AnomalyPredictor:
+    """Build the card's architecture and load its safetensors weights (the loader of anomaly cards).
 
+    ``resolve`` finds the heatmap model a feature-Gaussian card names when it is not a sibling folder.
+    """
     directory = Path(directory)
-    weights = directory / card.get("weights_file", "model.safetensors")
+    card = ModelCard.coerce(card, directory)
+    weights = directory / card.weights_file
     if not weights.is_file():
-        raise ModelNotFoundError(f"Model {card.get('name', directory.name)!r} has a card but no weights file.")
-    spec = get_spec(card["architecture"])
+        raise ModelNotFoundError(f"Model {card.name or directory.name!r} has a card but no weights file.")
+    architecture = str(card.architecture)
+    spec = get_spec(architecture)
     if spec.task != "anomaly":
         raise ModelNotFoundError(f"Architecture {spec.name!r} is not an anomaly model.")
-    model = build_model(card["architecture"], pretrained=False, **card.get("architecture_params", {}))
+    model = build_model(architecture, pretrained=False, **dict(card.architecture_params))
     state = read_weights(weights)
     # The feature Gaussian ships only its fitted statistics; the backbone comes from the ImageNet package.
-    strict = card["architecture"] in _AUTOENCODERS
+    strict = architecture in _AUTOENCODERS
     result = model.load_state_dict(state, strict=strict)
     if not strict and result.unexpected_keys:
-        raise ModelNotFoundError(f"Weights of {card.get('name')!r} do not fit {card['architecture']!r}.")
-    return AnomalyPredictor(card, model.eval(), directory)
+        raise ModelNotFoundError(f"Weights of {card.name!r} do not fit {architecture!r}.")
+    return AnomalyPredictor(card, model.eval(), directory, resolve)
 
 
 # -- training -------------------------------------------------------------------------------------
@@ -238,8 +249,6 @@ def _load_inputs(paths: Sequence[str], pipeline: list[dict[str, Any]]) -> list[n
 
 def _anomaly_split(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The fracture trainer's split of the whole folder, then the region: validation stays unseen by both."""
-    from boneai.data import read_classification_dir, split_train_val
-
     df = read_classification_dir(args.data)
     train_df, val_df = split_train_val(df, getattr(args, "val_fraction", 0.2) or 0.2, seed=args.seed)
     region = getattr(args, "region", None)
@@ -361,13 +370,13 @@ def train_autoencoder(args: argparse.Namespace, command: str = "") -> dict[str, 
     train_seconds = time.time() - t0
     score = score_rows[chosen]
     points = _operating_points(y_val, score)
-    metrics = ev.binary_metrics(y_val, score, threshold=points["balanced"]["threshold"])
+    metrics = ev.binary_metrics(y_val, score, threshold=points[DEFAULT_OPERATING_POINT]["threshold"])
 
     state = model.state_dict()
     if name not in _AUTOENCODERS:
         state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
     save_file({k: v.half().contiguous() if v.is_floating_point() and name in _AUTOENCODERS else v.contiguous()
-               for k, v in state.items()}, str(out / "model.safetensors"))
+               for k, v in state.items()}, str(out / WEIGHTS_FILE))
     data_root = Path(args.data)
     pd.DataFrame({"image": [str(Path(p).relative_to(data_root)) if Path(p).is_relative_to(data_root) else p
                             for p in val_df["path"]],
@@ -379,11 +388,11 @@ def train_autoencoder(args: argparse.Namespace, command: str = "") -> dict[str, 
         "initial_weights": spec.pretrained, "input_size": size,
         "architecture_params": {} if name in _AUTOENCODERS else {"taps": list(model.taps), "pool": model.pool,
                                                                  "head": model.head}, "mean": list(spec.mean), "std": list(spec.std),
-        "pipeline": pipeline, "weights_file": "model.safetensors",
+        "pipeline": pipeline, "weights_file": WEIGHTS_FILE,
         "weights_dtype": "float16" if name in _AUTOENCODERS else "float32 (Gaussian statistics only)",
         "score": score_spec,
         "mask": "preprocess.segment_foreground on the model-input square",
-        "operating_points": points, "default_operating_point": "balanced",
+        "operating_points": points, "default_operating_point": DEFAULT_OPERATING_POINT,
         "validation": {k: metrics[k] for k in ("n", "n_positive", "auc", "auc_ci95", "ap")},
         "training": {
             "command": command, "model": name, "loss": f"masked {loss_kind}" + (f" + {kl_weight} x KL" if kl_weight else "")

@@ -43,6 +43,9 @@ class LocaliserConfig:
     out: str = option("", "output folder, e.g. runs/localiser", required=True)
     split: str = option("weights/splits/fracatlas.csv", "split file (image_id, group, split) from `python -m boneai split`")
     init_from: str = option("weights/fracture", "fracture classifier folder whose EfficientNet-Lite encoder starts the network")
+    continue_from: typing.Optional[str] = option(
+        None, "a train-localiser run whose whole network starts this one (a second stage, e.g. at a lower learning "
+              "rate); it is also the first candidate, so the stage never ends worse than it started")
     image_size: int = option(384, "input square in pixels")
     epochs: int = option(12, "passes over the fractured training images")
     batch_size: int = option(16, "images per step")

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from boneai import evaluate as ev
+from boneai.card import WEIGHTS_FILE, ModelCard, card_split_key
 from boneai.errors import BoneAIError
-from boneai.inference import Predictor
-from boneai.io import Radiograph
+from boneai.predictor import CalibratedPredictions, Image, ModelResolver, Predictor, build_network, read_weights, \
+    register_loader
 
 __all__ = ["build_ensemble", "EnsemblePredictor", "load_ensemble"]
 
@@ -33,21 +35,20 @@ _MEMBER_KEYS = ("architecture", "input_size", "mean", "std", "pipeline", "tta_hf
 
 def build_ensemble(run_dirs: Sequence[str | Path], out: str | Path, task: str, command: str = "") -> dict[str, Any]:
     """Write an ensemble model folder from finished runs validated on one split; returns its card."""
-    from safetensors.torch import load_file, save_file
-
-    from boneai.train import card_split_key, classifier_validation
+    from safetensors.torch import load_file, save_file  # only where weights are read and written
 
     if len(run_dirs) < 2:
         raise BoneAIError("An ensemble needs at least two trained models.")
-    cards, preds = [], []
+    cards: list[ModelCard] = []
+    preds = []
     for d in map(Path, run_dirs):
-        for fname in ("card.json", "model.safetensors", "val_predictions.csv"):
+        for fname in ("card.json", WEIGHTS_FILE, "val_predictions.csv"):
             if not (d / fname).is_file():
                 raise BoneAIError(f"{d} is not a finished training run (no {fname}).")
-        card = json.loads((d / "card.json").read_text())
-        if card.get("task") != task:
-            raise BoneAIError(f"{d} is a {card.get('task')} model, not {task}.")
-        if card.get("members"):
+        card = ModelCard.from_dir(d)
+        if card.task != task:
+            raise BoneAIError(f"{d} is a {card.task} model, not {task}.")
+        if card.members:
             raise BoneAIError(f"{d} is already an ensemble; list its runs instead.")
         cards.append(card)
         preds.append(pd.read_csv(d / "val_predictions.csv"))
@@ -62,30 +63,33 @@ def build_ensemble(run_dirs: Sequence[str | Path], out: str | Path, task: str, c
     state: dict[str, torch.Tensor] = {}
     members = []
     for i, (d, card) in enumerate(zip(map(Path, run_dirs), cards)):
-        for k, v in load_file(str(d / "model.safetensors")).items():
+        for k, v in load_file(str(d / card.weights_file)).items():
             state[f"m{i}.{k}"] = v.contiguous()
-        training = card.get("training", {})
-        members.append({**{k: card[k] for k in _MEMBER_KEYS if k in card}, "prefix": f"m{i}.", "source": str(d),
-                        "commands": training.get("commands", [training.get("command")]),
-                        "epochs_run": training.get("epochs_run"), "train_seconds": training.get("train_seconds"),
-                        "validation": card.get("validation"),
-                        **({"revalidation": {k: card["revalidation"][k] for k in ("data", "command")}}
-                           if card.get("revalidation") else {})})
-    save_file(state, str(out / "model.safetensors"))
+        json_card = card.to_dict()  # the member keeps its keys as the run's card wrote them
+        training = card.training
+        members.append({**{k: json_card[k] for k in _MEMBER_KEYS if k in json_card}, "prefix": f"m{i}.",
+                        "source": str(d),
+                        "commands": training.all_commands if training else [None],
+                        "epochs_run": training.epochs_run if training else None,
+                        "train_seconds": training.train_seconds if training else None,
+                        "validation": json_card.get("validation"),
+                        **({"revalidation": {k: card.revalidation[k] for k in ("data", "command")}}
+                           if card.revalidation else {})})
+    save_file(state, str(out / WEIGHTS_FILE))
 
     first = preds[0]
     ensemble_card: dict[str, Any] = {
         "name": out.name, "task": task, "architecture": "ensemble",
         "description": f"Average of {len(cards)} models: " + ", ".join(
             f"{m['architecture']} at {m['input_size']} px" for m in members),
-        "members": members, "weights_file": "model.safetensors",
+        "members": members, "weights_file": WEIGHTS_FILE,
         "input_size": members[0]["input_size"], "mean": members[0]["mean"], "std": members[0]["std"],
         "pipeline": members[0]["pipeline"], "tta_hflip": members[0].get("tta_hflip", False),
         "training": {"command": command, "commands": [command] if command else [],
                      "member_commands": [m["commands"] for m in members],
-                     "n_train": cards[0].get("training", {}).get("n_train"),
+                     "n_train": cards[0].training.n_train if cards[0].training else None,
                      "n_val": int(len(first))},
-        "data": cards[0].get("data", {}),
+        "data": cards[0].to_dict().get("data", {}),
     }
     if task == "boneage":
         avg = np.mean([p["predicted_months"].to_numpy(dtype=float) for p in preds], axis=0)
@@ -95,7 +99,7 @@ def build_ensemble(run_dirs: Sequence[str | Path], out: str | Path, task: str, c
         avg = np.mean([p["logit"].to_numpy(dtype=float) for p in preds], axis=0)
         keep = [c for c in ("image", "label", "region", "hardware") if c in first]
         table = first[keep].assign(logit=avg)
-        fields, prob = classifier_validation(table, has_region="region" in first)
+        fields, prob = ev.classifier_validation(table, has_region="region" in first)
         table.insert(table.columns.get_loc("logit") + 1, "probability", prob)
         ensemble_card.update(fields)
     table.to_csv(out / "val_predictions.csv", index=False)
@@ -103,48 +107,53 @@ def build_ensemble(run_dirs: Sequence[str | Path], out: str | Path, task: str, c
     return ensemble_card
 
 
-def load_ensemble(card: dict[str, Any], directory: Path):
+@register_loader("ensemble")
+def load_ensemble(card: ModelCard | Mapping[str, Any], directory: str | Path,
+                  resolve: ModelResolver | None = None) -> "EnsemblePredictor":
     """An :class:`EnsemblePredictor` from an ensemble folder (see :func:`build_ensemble`)."""
-    from boneai.inference import read_weights
-    from boneai.models import build_model, get_spec
-
-    weights = directory / card.get("weights_file", "model.safetensors")
-    members = []
-    for m in card["members"]:
-        get_spec(m["architecture"])
-        model = build_model(m["architecture"], pretrained=False)
-        prefix = m["prefix"]
-        model.load_state_dict(read_weights(weights, prefix))
-        model = model.to(memory_format=torch.channels_last).eval()
-        member_card = {**{k: m[k] for k in _MEMBER_KEYS if k in m}, "task": card["task"],
-                       "name": f"{card.get('name', directory.name)}[{prefix.rstrip('.')}]"}
-        members.append(Predictor(member_card, model, directory))
+    directory = Path(directory)
+    card = ModelCard.coerce(card, directory)
+    weights = directory / card.weights_file
+    members = [Predictor(m.card(card), build_network(m.architecture, read_weights(weights, m.prefix)), directory)
+               for m in card.members]
     return EnsemblePredictor(card, members, directory)
 
 
-class EnsemblePredictor(Predictor):
+class EnsemblePredictor(CalibratedPredictions):
     """Averages its members' outputs (months, or logits before the ensemble's own calibration).
 
-    Heatmaps, the preprocessing shown and ``input_image`` come from the first member; every member
-    sees the upload through its own pipeline.
+    It holds its members (each a :class:`~boneai.predictor.Predictor` with its own input size,
+    pipeline and mirror averaging). Heatmaps, the preprocessing shown and ``input_image`` come from
+    the first member; every member sees the upload through its own pipeline.
     """
 
-    def __init__(self, card: dict[str, Any], members: list, directory: Path) -> None:
-        self.members = members
-        super().__init__(card, members[0].model, directory)
-        self.dtype = members[0].dtype  # the members run the forward passes
-        self.cam_architecture = card["members"][0]["architecture"]
+    def __init__(self, card: ModelCard | Mapping[str, Any], members: Sequence[Predictor], directory: Path) -> None:
+        if not members:
+            raise BoneAIError("An ensemble needs at least one member.")
+        self.directory = Path(directory)
+        self.card = ModelCard.coerce(card, self.directory)
+        self.members = list(members)
+        self.name = self.card.name or self.directory.name
+        self.task = str(self.card.task)
+        first = self.members[0]
+        self.model: nn.Module = first.model  # Grad-CAM explains the first member
+        self.cam_architecture = first.card.architecture
+        self.pipeline, self.mean, self.std = first.pipeline, first.mean, first.std
+        self.dtype = first.dtype
 
-    def _inference_copy(self):
-        """None of its own: each member runs its forward pass on its own (folded) copy."""
-        self._bn_folded = all(m.batchnorm_folded for m in self.members)
-        return self.model
+    @property
+    def batchnorm_folded(self) -> bool:
+        """Whether every member runs its forward pass on its batch-norm-folded copy."""
+        return all(m.batchnorm_folded for m in self.members)
 
-    def raw_outputs(self, batch: torch.Tensor, male: torch.Tensor | None = None) -> np.ndarray:
-        """Not defined for an ensemble: its members need inputs of their own sizes."""
-        raise BoneAIError("An ensemble's members need their own inputs; call predict or predict_many.")
+    def input_image(self, image: Image) -> np.ndarray:
+        """The first member's input square (the one heatmaps are drawn on)."""
+        return self.members[0].input_image(image)
 
-    def _outputs(self, images: Sequence[Radiograph | np.ndarray], sex: torch.Tensor | None
+    def input_tensor(self, image: Image) -> torch.Tensor:
+        return self.members[0].input_tensor(image)
+
+    def _outputs(self, images: Sequence[Image], sex: torch.Tensor | None
                  ) -> tuple[np.ndarray, list[np.ndarray], list[dict[str, Any]]]:
         """The members' mean, each member on its own preprocessing of the views; the inputs shown are
         the first member's, and each view's extras keep every member's own output."""

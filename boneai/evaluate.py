@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
+from boneai.card import DEFAULT_OPERATING_POINT
+
 __all__ = [
     "box_iou",
     "hit_rate",
@@ -45,6 +47,7 @@ __all__ = [
     "aggregate_study",
     "per_group_metrics",
     "regression_metrics",
+    "classifier_validation",
 ]
 
 
@@ -245,6 +248,37 @@ def regression_metrics(y_true: Sequence[float], y_pred: Sequence[float]) -> dict
     r = float(np.corrcoef(t, p)[0, 1]) if len(t) > 1 and t.std() > 0 and p.std() > 0 else float("nan")
     return {"n": int(len(t)), "mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err**2).mean())),
             "bias": float(err.mean()), "pearson_r": r}
+
+
+def classifier_validation(preds: pd.DataFrame, has_region: bool = True) -> tuple[dict[str, Any], np.ndarray]:
+    """Calibration, operating points and validation metrics of a classifier from its validation
+    logits (``preds`` with ``label``, ``logit`` and optionally ``region``); card fields and the
+    calibrated probabilities."""
+    y, raw = preds["label"].to_numpy().astype(int), preds["logit"].to_numpy(dtype=float)
+    temperature, offset = fit_temperature_offset(y, raw)
+    prob = apply_temperature(raw, temperature, offset)
+    ece_before = {"uncalibrated": expected_calibration_error(y, apply_temperature(raw, 1.0)),
+                  "temperature_only": expected_calibration_error(
+                      y, apply_temperature(raw, fit_temperature(y, raw)))}
+    points = operating_points(y, prob)
+    metrics = binary_metrics(y, prob, threshold=points[DEFAULT_OPERATING_POINT]["threshold"])
+    fields: dict[str, Any] = {
+        "temperature": temperature,
+        "logit_offset": offset,
+        "calibration": "p = sigmoid(logit / temperature + logit_offset), fitted on the validation split",
+        "operating_points": {k: {"threshold": v["threshold"], "sensitivity": v["sensitivity"],
+                                 "specificity": v["specificity"], "ppv": v["ppv"], "npv": v["npv"]}
+                             for k, v in points.items()},
+        "default_operating_point": DEFAULT_OPERATING_POINT,
+        "validation": {**{k: metrics[k] for k in ("n", "n_positive", "auc", "auc_ci95", "ap", "ece")},
+                       "ece_uncalibrated": ece_before["uncalibrated"],
+                       "ece_temperature_only": ece_before["temperature_only"]},
+    }
+    if has_region and "region" in preds:
+        with_prob = preds.assign(probability=prob)
+        fields["validation"]["per_region"] = per_group_metrics(
+            with_prob, "region", points[DEFAULT_OPERATING_POINT]["threshold"]).to_dict(orient="records")
+    return fields, prob
 
 
 # --- Localisation: boxes (x0, y0, x1, y1[, score]) per image ------------------------------------

@@ -30,6 +30,7 @@ from torch import nn
 from boneai.errors import BoneAIError
 from boneai.io import Radiograph
 from boneai.models import cam_target_layer
+from boneai.predictor import ModelPredictor
 from boneai.preprocess import Stage, map_to_original, run_pipeline, standardise
 
 __all__ = ["CAM_METHODS", "DEFAULT_CAM_METHOD", "COLORMAPS", "Heatmap", "LogitTarget", "explain", "cam_on_input",
@@ -108,7 +109,7 @@ def _target_sign(target: str) -> float:
     raise BoneAIError(f"Unknown explanation target {target!r}; use 'positive' or 'negative'.")
 
 
-def cam_on_input(predictor: Any, image: Radiograph | np.ndarray, method: str | None = None, male: bool | None = None,
+def cam_on_input(predictor: ModelPredictor, image: Radiograph | np.ndarray, method: str | None = None, male: bool | None = None,
                  target: str = "positive") -> np.ndarray:
     """The CAM on the model-input square (S x S, float32 in [0, 1]).
 
@@ -120,7 +121,7 @@ def cam_on_input(predictor: Any, image: Radiograph | np.ndarray, method: str | N
         raise BoneAIError(f"Unknown heatmap method {method!r}; available: {', '.join(CAM_METHODS)}.")
     model: nn.Module = predictor.model
     # An ensemble explains its first member (the model whose input the heatmap is drawn on).
-    layer = cam_target_layer(model, getattr(predictor, "cam_architecture", predictor.card["architecture"]))
+    layer = cam_target_layer(model, getattr(predictor, "cam_architecture", predictor.card.architecture))
     if predictor.task == "boneage":
         if male is None:
             raise BoneAIError("A bone-age heatmap needs the patient's sex (M or F).")
@@ -163,7 +164,7 @@ def _peak(m: np.ndarray) -> tuple[int, int]:
     return int(x), int(y)
 
 
-def explain(predictor: Any, image: Radiograph | np.ndarray, method: str | None = None, male: bool | None = None,
+def explain(predictor: ModelPredictor, image: Radiograph | np.ndarray, method: str | None = None, male: bool | None = None,
             target: str = "positive") -> Heatmap:
     """Heatmap of one radiograph on its own pixel grid.
 
@@ -227,7 +228,7 @@ def overlay(gray_uint8: np.ndarray, heatmap_map: np.ndarray, opacity: float = 0.
     return out
 
 
-def heatmap_png(predictor: Any, radiograph: Radiograph | np.ndarray, method: str | None = None,
+def heatmap_png(predictor: ModelPredictor, radiograph: Radiograph | np.ndarray, method: str | None = None,
                 male: bool | None = None) -> bytes:
     """PNG bytes of the heatmap overlay (what ``predict --heatmap-dir`` writes)."""
     from PIL import Image

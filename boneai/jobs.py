@@ -46,6 +46,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from boneai.card import CARD_FILE, ModelCard
 from boneai.errors import BoneAIError
 
 __all__ = [
@@ -143,27 +144,29 @@ class TrainRequest:
         self._task_card(teacher)
         return teacher
 
-    def _task_card(self, folder: Path) -> dict:
+    def _task_card(self, folder: Path) -> ModelCard:
         """The card of a trained model folder the form names, checked to be of this job's task."""
-        card_path = folder / "card.json"
-        if not card_path.is_file():
+        if not (folder / CARD_FILE).is_file():
             raise BoneAIError(f"No trained model at {folder} (no card.json).")
-        card = json.loads(card_path.read_text())
-        if card.get("task") != self.task:
-            raise BoneAIError(f"{folder.name} is a {card.get('task')} model; this job trains {self.task}.")
+        try:
+            card = ModelCard.from_dir(folder)
+        except ValueError as exc:
+            raise BoneAIError(f"The card of {folder.name} cannot be read ({exc}).") from None
+        if card.task != self.task:
+            raise BoneAIError(f"{folder.name} is a {card.task} model; this job trains {self.task}.")
         return card
 
     def _check_parent(self) -> Path:
         """The model folder to fine-tune, checked here so the form can say what is wrong at once."""
         parent = Path(self.init_from)
         card = self._task_card(parent)
-        architecture = card.get("architecture")
-        if card.get("members"):
-            members = card["members"]
+        architecture = card.architecture
+        if card.members:
+            members = card.members
             if self.init_member is None or not 0 <= int(self.init_member) < len(members):
                 raise BoneAIError(f"{parent.name} is an ensemble of {len(members)} models; choose which member to "
                                   f"fine-tune.")
-            architecture = members[int(self.init_member)].get("architecture")
+            architecture = members[int(self.init_member)].architecture
         elif self.init_member is not None:
             raise BoneAIError(f"{parent.name} is a single model, not an ensemble; it has no members to choose from.")
         if self.model and architecture != self.model:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -26,7 +27,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import cv2
 import numpy as np
@@ -34,11 +35,15 @@ import pandas as pd
 import torch
 from torch import nn
 
+from boneai import evaluate as ev
+from boneai.card import DEFAULT_OPERATING_POINT, DEFAULT_REGION_THRESHOLD, WEIGHTS_FILE, ImageScore, ModelCard
 from boneai.config import LocaliserConfig
 from boneai.data import fracture_boxes, read_fracatlas, read_split_file
 from boneai.errors import DatasetError
-from boneai.io import read_radiograph
-from boneai.preprocess import map_boxes, run_pipeline
+from boneai.io import Radiograph, read_radiograph
+from boneai.models.fuse import inference_copy
+from boneai.predictor import CardOperatingPoints, ModelResolver, Prediction, read_weights, register_loader
+from boneai.preprocess import apply_pipeline, map_boxes, resize_pad, run_pipeline
 from boneai.transforms import to_tensor
 
 __all__ = [
@@ -90,11 +95,13 @@ class FractureLocaliser(nn.Module):
 
 
 def boxes_from_map(prob_map: np.ndarray, threshold: float, scale: float = 1.0, max_boxes: int = 10,
-                   min_area: int = 1) -> list[list[float]]:
+                   min_area: int = 1, relative: float | None = None) -> list[list[float]]:
     """Connected regions of ``prob_map >= threshold`` as ``[x0, y0, x1, y1, score]``, best first.
 
-    The score is the map's peak inside the region. Coordinates are multiplied by ``scale`` (the
-    map's stride) and are pixel edges: a region covering columns 10..19 spans x 10 to 20.
+    The score is the map's peak inside the region. With ``relative``, a region's box is drawn round
+    only its cells at or above ``relative`` times its peak (a tighter box on a broad, low region).
+    Coordinates are multiplied by ``scale`` (the map's stride) and are pixel edges: a region covering
+    columns 10..19 spans x 10 to 20.
     """
     m = np.asarray(prob_map, dtype=np.float32)
     if not np.isfinite(threshold) or float(m.max(initial=0.0)) < threshold:
@@ -105,7 +112,11 @@ def boxes_from_map(prob_map: np.ndarray, threshold: float, scale: float = 1.0, m
         x, y, w, h, area = (int(v) for v in stats[k])
         if area < min_area:
             continue
-        score = float(m[labels == k].max())
+        inside = labels == k
+        score = float(m[inside].max())
+        if relative:
+            ys, xs = np.nonzero(inside & (m >= relative * score))
+            x, y, w, h = int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
         boxes.append([x * scale, y * scale, (x + w) * scale, (y + h) * scale, score])
     boxes.sort(key=lambda b: -b[4])
     return boxes[:max_boxes]
@@ -183,8 +194,6 @@ def _batch(examples: list[_Example], size: int, rng: np.random.Generator | None,
     xs, ms, ys = [], [], []
     for ex in examples:
         if rng is None:
-            from boneai.preprocess import resize_pad
-
             img = resize_pad(ex.image, size).image
             msk = resize_pad(ex.mask, size).image
         else:
@@ -211,9 +220,6 @@ def _loss(mask_logits: torch.Tensor, image_logits: torch.Tensor, masks: torch.Te
 
 def _val_figures(maps: np.ndarray, logits: np.ndarray, examples: list[_Example], size: int,
                  threshold: float) -> dict[str, Any]:
-    from boneai import evaluate as ev
-    from boneai.preprocess import resize_pad
-
     preds, truths = [], []
     for m, ex in zip(maps, examples):
         preds.append(np.array([b for b in boxes_from_map(m, threshold, scale=MAP_STRIDE)]).reshape(-1, 5))
@@ -245,8 +251,6 @@ def _split_frames(cfg: LocaliserConfig) -> tuple[pd.DataFrame, pd.DataFrame, dic
 
 def train_localiser(cfg: LocaliserConfig) -> dict[str, Any]:
     """Train the localiser on the split file's training images, choose the epoch on its validation images."""
-    from boneai.inference import read_weights
-
     t_start = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -255,10 +259,11 @@ def train_localiser(cfg: LocaliserConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     parent = Path(cfg.init_from)
-    parent_card = json.loads((parent / "card.json").read_text())
-    pipeline = [dict(s) for s in parent_card["pipeline"]]
+    parent_card = ModelCard.from_dir(parent)
+    pipeline = parent_card.pipeline_spec()
     pipeline[-1] = {"step": "resize_pad", "params": {"size": cfg.image_size}}
-    mean, std = parent_card.get("mean", [0.5] * 3), parent_card.get("std", [0.5] * 3)
+    mean = list(parent_card.mean) if parent_card.mean is not None else [0.5] * 3
+    std = list(parent_card.std) if parent_card.std is not None else [0.5] * 3
 
     train_df, val_df, boxes = _split_frames(cfg)
     max_side = int(cfg.image_size * 1.3)
@@ -278,7 +283,9 @@ def train_localiser(cfg: LocaliserConfig) -> dict[str, Any]:
     negatives = [i for i, ex in enumerate(train_examples) if ex.label == 0]
 
     model = FractureLocaliser(variant=0)
-    copied = model.load_encoder(read_weights(parent / parent_card.get("weights_file", "model.safetensors")))
+    copied = model.load_encoder(read_weights(parent / parent_card.weights_file))
+    if cfg.continue_from:
+        model.load_state_dict(read_weights(Path(cfg.continue_from) / "model.safetensors"))
     frozen = model.frozen_modules(cfg.freeze_blocks)
     for module in frozen:
         module.requires_grad_(False)
@@ -294,6 +301,13 @@ def train_localiser(cfg: LocaliserConfig) -> dict[str, Any]:
     val_inputs = [_batch([ex], cfg.image_size, None, mean, std)[0][0] for ex in val_examples]
     history: list[dict[str, Any]] = []
     best, best_state = -1.0, None
+    if cfg.continue_from:  # the starting network is the first candidate
+        maps, logits = _predict_inputs(model.eval(), val_inputs)
+        figures = _val_figures(maps, logits, val_examples, cfg.image_size, cfg.box_threshold)
+        best = (figures["hit_rate"] + figures["froc"]["1"]) / 2
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        history.append({"epoch": 0, **figures, "seconds": 0.0, "best": True})
+        print(json.dumps(history[-1]), flush=True)
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.time()
         if cfg.max_minutes and history and (time.time() - t_start) / 60 + history[-1]["seconds"] / 60 > cfg.max_minutes:
@@ -334,7 +348,7 @@ def train_localiser(cfg: LocaliserConfig) -> dict[str, Any]:
         "description": "FPN (segmentation-models-pytorch) on EfficientNet-Lite0 with an image-level head, "
                        "trained on the FracAtlas fracture boxes.",
         "input_size": cfg.image_size, "mean": mean, "std": std, "pipeline": pipeline,
-        "map_stride": MAP_STRIDE, "weights_file": "model.safetensors", "weights_dtype": "float16",
+        "map_stride": MAP_STRIDE, "weights_file": WEIGHTS_FILE, "weights_dtype": "float16",
         "encoder_from": str(parent), "encoder_tensors_copied": copied,
         "training": {"command": " ".join(shlex.quote(a) for a in ["python", "-m", "boneai"] + sys.argv[1:]),
                      "config": asdict(cfg), "history": history, "n_train_fractured": len(positives),
@@ -361,9 +375,9 @@ def _save(model: FractureLocaliser | None, state: dict[str, torch.Tensor] | None
 
     state = state if state is not None else model.state_dict()
     half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    tmp = out / "model.safetensors.tmp"
+    tmp = out / f"{WEIGHTS_FILE}.tmp"
     save_file(half, str(tmp))
-    tmp.replace(out / "model.safetensors")
+    tmp.replace(out / WEIGHTS_FILE)
 
 
 # --- Prediction ----------------------------------------------------------------------------------
@@ -402,17 +416,18 @@ def image_features(head_logit: np.ndarray, map_peak: np.ndarray) -> np.ndarray:
     return np.stack([np.asarray(head_logit, dtype=np.float64), np.log(peak / (1 - peak))], axis=1)
 
 
-class LocaliserPredictor:
+class LocaliserPredictor(CardOperatingPoints):
     """A fracture model that also returns boxes: probability from the image head and the map's peak
     (a logistic combination fitted on the validation split), boxes from the map's regions."""
 
-    def __init__(self, card: dict[str, Any], model: FractureLocaliser, directory: Path) -> None:
-        from boneai.models.fuse import inference_copy
-
-        self.card, self.model, self.directory = card, model.eval(), directory
-        self.name = card.get("name", directory.name)
+    def __init__(self, card: ModelCard | Mapping[str, Any], model: FractureLocaliser, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.card = card = ModelCard.coerce(card, self.directory)
+        self.model = model.eval()
+        self.name = card.name or self.directory.name
         self.task = "fracture"
-        self.pipeline, self.mean, self.std = card["pipeline"], card["mean"], card["std"]
+        self.pipeline = card.pipeline_spec()
+        self.mean, self.std = list(card.mean or ()), list(card.std or ())
         size = int(self.pipeline[-1]["params"]["size"])
         if os_environ_flag("BONEAI_FOLD_BN"):
             fast, self.batchnorm_folded = inference_copy(_Flat(self.model), torch.zeros(1, 3, size, size))
@@ -420,29 +435,18 @@ class LocaliserPredictor:
         else:
             self._forward, self.batchnorm_folded = self.model, False
 
-    # The operating-point interface shared with the classifiers.
-    @property
-    def operating_points(self) -> dict[str, float]:
-        return {k: float(v["threshold"]) for k, v in self.card.get("operating_points", {}).items()}
-
-    def threshold(self, operating_point: str | float | None = None) -> float:
-        from boneai.inference import CardOperatingPoints
-
-        return CardOperatingPoints.threshold(self, operating_point)
-
     @property
     def box_thresholds(self) -> dict[str, float]:
-        return {k: float(v["threshold"]) for k, v in self.card.get("box_operating_points", {}).items()}
+        return self.card.box_thresholds
 
     def input_image(self, image) -> np.ndarray:
-        from boneai.io import Radiograph
-        from boneai.preprocess import apply_pipeline
-
         return apply_pipeline(image.pixels if isinstance(image, Radiograph) else image, self.pipeline)
 
-    def views(self, images: list) -> list[LocalisedView]:
-        from boneai.io import Radiograph
+    def input_tensor(self, image) -> torch.Tensor:
+        """(1, 3, S, S) normalised tensor of ``input_image``."""
+        return to_tensor(self.input_image(image), self.mean, self.std).unsqueeze(0)
 
+    def views(self, images: list) -> list[LocalisedView]:
         staged = []
         for im in images:
             pixels = im.pixels if isinstance(im, Radiograph) else np.asarray(im)
@@ -462,9 +466,15 @@ class LocaliserPredictor:
         return cv2.resize(view.prob_map, (size, size), interpolation=cv2.INTER_LINEAR), view.stages
 
     def probability(self, head_logit: np.ndarray, map_peak: np.ndarray) -> np.ndarray:
-        combo = self.card["image_score"]
-        z = image_features(head_logit, map_peak) @ np.asarray(combo["weights"], dtype=np.float64) + float(combo["bias"])
-        return 1.0 / (1.0 + np.exp(-z))
+        if self.card.image_score is None:
+            raise DatasetError(f"Localiser {self.name!r} has no image score yet; run fit-localiser on it.")
+        return combined_probability(self.card.image_score, head_logit, map_peak)
+
+    @property
+    def region_threshold(self) -> float:
+        """The map threshold that outlines box regions."""
+        t = self.card.region_threshold
+        return float(t if t is not None else DEFAULT_REGION_THRESHOLD)
 
     def boxes(self, view: LocalisedView, operating_point: str | None = None) -> list[dict[str, Any]]:
         """Boxes in the original file's pixels, each tagged with the strictest box operating point it passes.
@@ -475,7 +485,8 @@ class LocaliserPredictor:
         if not thresholds:
             return []
         floor = thresholds[operating_point] if operating_point else min(thresholds.values())
-        found = boxes_from_map(view.prob_map, float(self.card.get("region_threshold", 0.3)), scale=MAP_STRIDE)
+        found = boxes_from_map(view.prob_map, self.region_threshold, scale=MAP_STRIDE,
+                               relative=self.card.region_relative)
         kept = [b for b in found if b[4] >= floor]
         if not kept:
             return []
@@ -487,16 +498,13 @@ class LocaliserPredictor:
                         "y1": round(float(y1), 1), "score": round(float(b[4]), 4), "operating_point": passed[-1]})
         return out
 
-    def predict_many(self, images: list, operating_point: str | float | None = None, male=None) -> list:
-        from boneai.inference import Prediction
-
+    def predict_many(self, images: list, operating_point: str | float | None = None, male=None) -> list[Prediction]:
         if not len(images):
             return []
         views = self.views(list(images))
         probs = self.probability(np.array([v.head_logit for v in views]), np.array([v.map_peak for v in views]))
         thr = self.threshold(operating_point)
-        name = operating_point if isinstance(operating_point, str) else (
-            "custom" if operating_point is not None else self.card.get("default_operating_point", "balanced"))
+        name = self.operating_point_name(operating_point)
         out = []
         for v, p in zip(views, probs):
             out.append(Prediction(task="fracture", model=self.name, probability=float(p),
@@ -505,7 +513,7 @@ class LocaliserPredictor:
                                   extras={"boxes": self.boxes(v), "fracture_map": v.prob_map}))
         return out
 
-    def predict(self, image, operating_point: str | float | None = None, male=None):
+    def predict(self, image, operating_point: str | float | None = None, male=None) -> Prediction:
         return self.predict_many([image], operating_point)[0]
 
     def calibrate(self, logits: np.ndarray) -> np.ndarray:
@@ -513,19 +521,24 @@ class LocaliserPredictor:
         return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
 
 
-def os_environ_flag(name: str, default: str = "1") -> bool:
-    import os
+def combined_probability(image_score: ImageScore, head_logit: np.ndarray, map_peak: np.ndarray) -> np.ndarray:
+    """The image probability: the card's logistic combination of the head's logit and the map's peak."""
+    z = (image_features(head_logit, map_peak) @ np.asarray(image_score.weights, dtype=np.float64)
+         + float(image_score.bias))
+    return 1.0 / (1.0 + np.exp(-z))
 
+
+def os_environ_flag(name: str, default: str = "1") -> bool:
     return os.environ.get(name, default).strip() != "0"
 
 
-def load_localiser(card: dict[str, Any], directory: Path) -> LocaliserPredictor:
-    """Build the network from its card and weights (float16 on disk)."""
-    from boneai.inference import read_weights
-
-    model = FractureLocaliser(variant=0)
-    model.load_state_dict(read_weights(directory / card.get("weights_file", "model.safetensors")))
-    return LocaliserPredictor(card, model, directory)
+@register_loader("localiser")
+def load_localiser(card: ModelCard | Mapping[str, Any], directory: str | Path,
+                   resolve: ModelResolver | None = None) -> LocaliserPredictor:
+    """Build the network from its card and weights (float16 on disk); the loader of localiser cards."""
+    directory = Path(directory)
+    card = ModelCard.coerce(card, directory)
+    return LocaliserPredictor(card, _load_network(directory, card), directory)
 
 
 # --- Fitting on validation, evaluating on a folder ------------------------------------------------
@@ -548,8 +561,8 @@ def localised_views(predictor: LocaliserPredictor, paths: list[str], batch_size:
     return views
 
 
-def _region_boxes(view: LocalisedView, threshold: float) -> np.ndarray:
-    found = boxes_from_map(view.prob_map, threshold, scale=MAP_STRIDE)
+def _region_boxes(view: LocalisedView, threshold: float, relative: float | None = None) -> np.ndarray:
+    found = boxes_from_map(view.prob_map, threshold, scale=MAP_STRIDE, relative=relative)
     if not found:
         return np.zeros((0, 5))
     mapped = map_boxes(np.array([b[:4] for b in found]), view.stages, view.original_shape, inverse=True)
@@ -557,7 +570,8 @@ def _region_boxes(view: LocalisedView, threshold: float) -> np.ndarray:
 
 
 def fit_on_validation(run_dir: str | Path, data: str | Path, split: str | Path,
-                      region_thresholds: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5)) -> dict[str, Any]:
+                      region_thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5),
+                      region_relatives: tuple[float | None, ...] = (None, 0.5, 0.7)) -> dict[str, Any]:
     """Every choice of the localiser, made on the split file's validation images (original files):
 
     the map threshold that outlines regions, the two box operating points (sensitive: at most one
@@ -565,14 +579,12 @@ def fit_on_validation(run_dir: str | Path, data: str | Path, split: str | Path,
     and the map's peak (logistic regression), and the image-level operating points. Writes them, with
     the validation figures, into the run's card and ``val_predictions.csv``.
     """
-    from sklearn.linear_model import LogisticRegression
-
-    from boneai import evaluate as ev
+    from sklearn.linear_model import LogisticRegression  # sklearn's models load only where fitted
 
     run_dir = Path(run_dir)
-    card = json.loads((run_dir / "card.json").read_text())
-    card.setdefault("name", run_dir.name)
-    predictor = LocaliserPredictor(card, _load_network(run_dir, card), run_dir)
+    typed = ModelCard.from_dir(run_dir)  # named after its folder when the card names none
+    predictor = LocaliserPredictor(typed, _load_network(run_dir, typed), run_dir)
+    card = typed.to_dict()  # the JSON: the choices below are written into it
     df = read_fracatlas(data).merge(read_split_file(split)[["image_id", "split"]], on="image_id")
     val = df[df["split"] == "val"].reset_index(drop=True)
     boxes = fracture_boxes(data)
@@ -582,11 +594,12 @@ def fit_on_validation(run_dir: str | Path, data: str | Path, split: str | Path,
 
     trials = {}
     for t in region_thresholds:
-        preds = [_region_boxes(v, t) for v in views]
-        fig = ev.localisation_figures(preds, truths, y)
-        trials[t] = (fig, preds)
-    region_t = max(trials, key=lambda t: (trials[t][0]["hit_rate"] or 0) + (trials[t][0]["froc"]["1"] or 0))
-    figures, preds = trials[region_t]
+        for rel in region_relatives:
+            preds = [_region_boxes(v, t, rel) for v in views]
+            trials[(t, rel)] = (ev.localisation_figures(preds, truths, y), preds)
+    best = max(trials, key=lambda k: (trials[k][0]["hit_rate"] or 0) + (trials[k][0]["froc"]["1"] or 0))
+    region_t, region_rel = best
+    figures, preds = trials[best]
     curve = ev.froc_curve(preds, truths)
 
     def score_at(max_fp: float) -> float:
@@ -605,10 +618,11 @@ def fit_on_validation(run_dir: str | Path, data: str | Path, split: str | Path,
     card["image_score"] = {"weights": lr.coef_[0].tolist(), "bias": float(lr.intercept_[0]),
                            "inputs": ["image head logit", "logit of the map's peak"],
                            "fitted_on": "validation split (logistic regression)"}
-    prob = predictor.probability(head, peak)
+    prob = combined_probability(ImageScore.from_dict(card["image_score"]), head, peak)
     card["operating_points"] = ev.operating_points(y, prob)
-    card["default_operating_point"] = "balanced"
+    card["default_operating_point"] = DEFAULT_OPERATING_POINT
     card["region_threshold"] = region_t
+    card["region_relative"] = region_rel
     card["box_operating_points"] = box_points
     card["validation"] = {
         **ev.binary_metrics(y, prob, threshold=card["operating_points"]["balanced"]["threshold"]),
@@ -616,7 +630,8 @@ def fit_on_validation(run_dir: str | Path, data: str | Path, split: str | Path,
         "auc_head_only": round(float(ev.roc_auc(y, head)), 4),
         "auc_map_peak_only": round(float(ev.roc_auc(y, peak)), 4),
         "localisation": figures,
-        "region_threshold_trials": {str(t): f for t, (f, _) in trials.items()},
+        "region_trials": [{"threshold": t, "relative": rel, **{k: f[k] for k in ("hit_rate", "froc", "map50")}}
+                          for (t, rel), (f, _) in trials.items()],
         "note": "validation figures: every choice above was made on these images",
     }
     (run_dir / "card.json").write_text(json.dumps(card, indent=2, default=float))
@@ -626,88 +641,14 @@ def fit_on_validation(run_dir: str | Path, data: str | Path, split: str | Path,
     return card
 
 
-def _load_network(directory: Path, card: dict[str, Any]) -> FractureLocaliser:
-    from boneai.inference import read_weights
-
+def _load_network(directory: Path, card: ModelCard) -> FractureLocaliser:
     model = FractureLocaliser(variant=0)
-    model.load_state_dict(read_weights(directory / card.get("weights_file", "model.safetensors")))
+    model.load_state_dict(read_weights(directory / card.weights_file))
     return model
-
-
-def evaluate_localisation(data: str | Path, model: str | None = None, method: str = "boxes",
-                          split: str | Path | None = None, subset: str | None = None,
-                          batch_size: int = 16) -> dict[str, Any]:
-    """The ``evaluate --task localisation`` report on a FracAtlas-layout folder.
-
-    ``method="boxes"`` scores the localiser's boxes (all regions, no operating point, so the FROC
-    curve is whole); ``method="gradcam"`` the Grad-CAM peak of a fracture classifier, which gives
-    a hit rate only. A folder with fractured images only is fine: figures needing normal images are null.
-    """
-    from boneai import evaluate as ev
-    from boneai.inference import load_model
-
-    df = read_fracatlas(data)
-    if split is not None:
-        df = df.merge(read_split_file(split)[["image_id", "split"]], on="image_id")
-        if subset:
-            df = df[df["split"] == subset].reset_index(drop=True)
-    if df.empty:
-        raise DatasetError(f"No images to evaluate in {data}" + (f" (subset {subset!r})" if subset else "") + ".")
-    boxes = fracture_boxes(data)
-    y = df["label"].to_numpy().astype(int)
-    truths = [truth_boxes(boxes, r.image_id) if r.label else np.zeros((0, 4)) for r in df.itertuples()]
-    report: dict[str, Any] = {"task": "localisation", "method": method, "data": str(data)}
-    if subset:
-        report["subset"] = subset
-    if method == "gradcam":
-        from boneai.explain import explain
-
-        predictor = load_model(model or "fracture")
-        points, probs = [], []
-        for r in df.itertuples():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                rg = read_radiograph(r.path)
-            probs.append(predictor.predict(rg).probability)
-            points.append(explain(predictor, rg).peak if r.label else None)
-        rate = ev.point_hit_rate(points, truths)
-        report.update({"model": predictor.name, "n_images": len(df), "n_fractured_images": int(y.sum()),
-                       "n_boxes": int(sum(len(t) for t in truths)),
-                       "hit_rate": None if rate is None else round(rate, 4),
-                       "froc": {"0.5": None, "1": None, "2": None}, "map50": None})
-        prob = np.asarray(probs)
-    elif method == "boxes":
-        predictor = load_model(model or "fracture_localiser")
-        if not isinstance(predictor, LocaliserPredictor):
-            raise DatasetError(f"Model {predictor.name!r} gives no boxes; use a localiser or --method gradcam.")
-        views = localised_views(predictor, df["path"].tolist(), batch_size)
-        t = float(predictor.card.get("region_threshold", 0.3))
-        preds = [_region_boxes(v, t) for v in views]
-        report.update({"model": predictor.name, **ev.localisation_figures(preds, truths, y)})
-        curve = ev.froc_curve(preds, truths)
-        report["froc_curve"] = {"fp_per_image": curve["fp_per_image"].round(4).tolist(),
-                                "sensitivity": curve["sensitivity"].round(4).tolist()}
-        prob = predictor.probability(np.array([v.head_logit for v in views]), np.array([v.map_peak for v in views]))
-        report["box_operating_points"] = {name: {"threshold": thr, **_box_point_figures(preds, truths, thr)}
-                                          for name, thr in predictor.box_thresholds.items()}
-    else:
-        raise DatasetError(f"Unknown localisation method {method!r}: use boxes or gradcam.")
-    both = 0 < y.sum() < len(y)
-    report["auc"] = round(float(ev.roc_auc(y, prob)), 4) if both else None
-    if both:
-        report["auc_ci95"] = [round(v, 4) for v in ev.bootstrap_auc_ci(y, prob)]
-        thr = predictor.threshold(None)
-        report["operating_points"] = {name: ev.threshold_metrics(y, prob, t)
-                                      for name, t in predictor.operating_points.items()}
-        report["sensitivity_at_specificity_0.90"] = round(ev.sensitivity_at_specificity(y, prob, 0.90), 4)
-        report["threshold"] = thr
-    return report
 
 
 def _box_point_figures(preds: list[np.ndarray], truths: list[np.ndarray], threshold: float) -> dict[str, float | None]:
     """Share of annotated boxes found and false-positive boxes per image, keeping boxes >= ``threshold``."""
-    from boneai import evaluate as ev
-
     kept = [p[p[:, 4] >= threshold] if len(p) else p for p in preds]
     found, false_positives, n_truth = ev.box_counts(kept, truths)
     return {"sensitivity": round(found / n_truth, 4) if n_truth else None,

@@ -21,17 +21,19 @@ from typing import Any
 
 import pandas as pd
 
+from boneai.card import CARD_FILE, ModelCard
 from boneai.data import read_split_file
 from boneai.errors import BoneAIError
+from boneai.evaluate import classifier_validation
 
 __all__ = ["refit_on_split", "record_test"]
 
 
-def _card(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "card.json"
+def _card(model_dir: Path) -> ModelCard:
+    path = model_dir / CARD_FILE
     if not path.is_file():
         raise BoneAIError(f"No model card in {model_dir}.")
-    return json.loads(path.read_text())
+    return ModelCard.from_json(path.read_text(), model_dir)
 
 
 def refit_on_split(model_dir: str | Path, split: str | Path) -> dict[str, Any]:
@@ -40,10 +42,8 @@ def refit_on_split(model_dir: str | Path, split: str | Path) -> dict[str, Any]:
     The earlier validation figures stay in the card under ``validation_before_protocol``. Only the
     shipped validation predictions are read; the model is not run.
     """
-    from boneai.train import classifier_validation
-
     model_dir = Path(model_dir)
-    card = _card(model_dir)
+    written = _card(model_dir).to_dict()  # the JSON, edited below and written back
     preds_path = model_dir / "val_predictions.csv"
     if not preds_path.is_file():
         raise BoneAIError(f"{model_dir} has no val_predictions.csv to refit from.")
@@ -58,18 +58,18 @@ def refit_on_split(model_dir: str | Path, split: str | Path) -> dict[str, Any]:
                           "its validation predictions cannot be refitted on this split.")
     val = preds[preds["split"] == "val"].reset_index(drop=True)
     fields, prob = classifier_validation(val)
-    card.setdefault("validation_before_protocol", card.get("validation"))
-    card.update(fields)
-    card["validation"]["note"] = ("validation figures: calibration and operating points were chosen on these "
+    written.setdefault("validation_before_protocol", written.get("validation"))
+    written.update(fields)
+    written["validation"]["note"] = ("validation figures: calibration and operating points were chosen on these "
                                   "images; the epoch and architecture were chosen earlier on these plus the test images")
-    card["protocol"] = {"split_file": str(split), "refitted_on": "val", "n_val": int(len(val)),
+    written["protocol"] = {"split_file": str(split), "refitted_on": "val", "n_val": int(len(val)),
                         "n_test_excluded": int((preds["split"] == "test").sum()),
                         "refitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    (model_dir / "card.json").write_text(json.dumps(card, indent=2))
+    (model_dir / CARD_FILE).write_text(json.dumps(written, indent=2))
     # The file keeps what its name says: validation rows only, with the refitted probabilities.
     # (The test rows' predictions come from `evaluate --subset test --record` into test_predictions.csv.)
     val.assign(probability=prob).drop(columns=["image_id", "split"]).to_csv(preds_path, index=False)
-    return card
+    return written
 
 
 def record_test(model_dir: str | Path, report: dict[str, Any], command: str,
@@ -81,12 +81,12 @@ def record_test(model_dir: str | Path, report: dict[str, Any], command: str,
         predictions.to_csv(model_dir / "test_predictions.csv", index=False)
     if report.get("froc_curve"):
         pd.DataFrame(report["froc_curve"]).to_csv(model_dir / "test_froc.csv", index=False)
-    card = _card(model_dir)
+    written = _card(model_dir).to_dict()
     keep = ("n", "n_positive", "auc", "auc_ci95", "ap", "ece", "operating_points", "per_region",
             "n_images", "n_fractured_images", "n_boxes", "hit_rate", "froc", "map50",
             "sensitivity_at_specificity_0.90", "box_operating_points", "subset", "split")
-    card["test"] = {k: report[k] for k in keep if k in report}
-    card["test"]["command"] = command
-    card["test"]["note"] = "test figures: no choice was made on these images"
-    (model_dir / "card.json").write_text(json.dumps(card, indent=2, default=float))
-    return card
+    written["test"] = {k: report[k] for k in keep if k in report}
+    written["test"]["command"] = command
+    written["test"]["note"] = "test figures: no choice was made on these images"
+    (model_dir / CARD_FILE).write_text(json.dumps(written, indent=2, default=float))
+    return written

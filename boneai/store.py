@@ -39,10 +39,11 @@ import sqlite3
 from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
+from boneai.card import ModelCard
 from boneai.errors import BoneAIError
 
 __all__ = [
@@ -172,15 +173,17 @@ def safe_view_label(index: int, label: Any) -> str:
     return text if VIEW_LABEL_RE.fullmatch(text) else f"view {int(index)}"
 
 
-def model_version(card: dict[str, Any]) -> str:
+def model_version(card: ModelCard | Mapping[str, Any]) -> str:
     """The card's ``version`` if it has one, else the first 12 hex digits of the weights' SHA-256.
 
-    The hash identifies the exact weights a decision was made with, even if a folder is renamed.
+    ``card`` is a :class:`~boneai.card.ModelCard` read from its folder, or a listing's card dict
+    (with ``dir``). The hash identifies the exact weights a decision was made with, even if a folder
+    is renamed.
     """
-    if card.get("version"):
-        return str(card["version"])
-    directory = card.get("dir")
-    weights = Path(directory) / card.get("weights_file", "model.safetensors") if directory else None
+    card = ModelCard.coerce(card)
+    if card.version:
+        return str(card.version)
+    weights = card.directory / card.weights_file if card.directory is not None else None
     if weights is None or not weights.is_file():
         return "unknown"
     digest = hashlib.sha256()

@@ -35,14 +35,20 @@ from torch.utils.data.distributed import DistributedSampler
 
 from boneai import evaluate as ev
 from boneai._json import json_default
+from boneai.card import WEIGHTS_FILE, Figures, ModelCard, Training, card_split_key, validation_split_key
 from boneai.data import read_boneage, read_classification_dir, split_train_val
+from boneai.evaluate import classifier_validation
+from boneai.inference import load_model
 from boneai.io import read_radiograph
 from boneai.losses import build_loss
 from boneai.models import build_model, get_spec
+from boneai.predictor import read_weights
 from boneai.preprocess import apply_pipeline
 from boneai.transforms import Augment, to_tensor
 
 __all__ = ["TrainConfig", "train", "pipeline_for", "RadiographDataset"]
+# card_split_key and validation_split_key (now in boneai.card) and classifier_validation (now in
+# boneai.evaluate) stay importable from here.
 
 
 @dataclass
@@ -103,40 +109,24 @@ def pipeline_for(task: str, size: int, crop: bool = True, use_clahe: bool = Fals
     return steps
 
 
-def validation_split_key(config: dict[str, Any]) -> tuple:
-    """What decides a run's validation split (from its ``TrainConfig`` as a dict): two runs with the
-    same key validated on the same images."""
-    val_fraction = config.get("val_fraction")
-    return (str(Path(str(config.get("data", ""))).resolve()), None if val_fraction is None else float(val_fraction),
-            config.get("seed"), config.get("limit"))
-
-
-def card_split_key(card: dict[str, Any]) -> tuple:
-    """:func:`validation_split_key` of a model card: the split its current validation figures come
-    from (after ``revalidate``, the same split of the data it was validated on again)."""
-    config = dict(card.get("training", {}).get("config", {}))
-    if card.get("revalidation"):
-        config["data"] = card["revalidation"]["data"]
-    return validation_split_key(config)
-
-
-def _read_model_card(directory: Path, option: str, task: str) -> dict[str, Any]:
+def _read_model_card(directory: Path, option: str, task: str) -> ModelCard:
     """The card of a trained model folder named by a command-line option, checked to be of ``task``."""
     card_path = directory / "card.json"
     if not card_path.is_file():
         raise ValueError(f"{option} {directory}: no card.json there (expected a trained model folder)")
-    card = json.loads(card_path.read_text())
-    if card.get("task") != task:
-        raise ValueError(f"{option} {directory} is a {card.get('task')} model; this run trains {task}")
+    card = ModelCard.from_dir(directory)
+    if card.task != task:
+        raise ValueError(f"{option} {directory} is a {card.task} model; this run trains {task}")
     return card
 
 
-def _headline(validation: dict[str, Any]) -> dict[str, Any]:
+def _headline(validation: Figures | None) -> dict[str, Any]:
     """The figures of a card's validation block that a derived model's card repeats."""
-    return {k: validation[k] for k in ("auc", "ap", "mae") if k in validation}
+    written = validation.to_dict() if validation is not None else {}
+    return {k: written[k] for k in ("auc", "ap", "mae") if k in written}
 
 
-def check_same_validation_split(directory: Path, card: dict[str, Any], cfg: TrainConfig,
+def check_same_validation_split(directory: Path, card: ModelCard, cfg: TrainConfig,
                                  val_images: list[str] | None, role: str) -> None:
     """Refuse a parent or teacher model whose training images could sit in this run's validation split.
 
@@ -166,30 +156,30 @@ def load_init_weights(model: nn.Module, cfg: TrainConfig, val_images: list[str] 
     this run's validation split and every figure of the new model would be optimistic. An ensemble
     parent needs ``cfg.init_member``: the member whose weights start this run.
     """
-    from boneai.inference import read_weights
-
     directory = Path(cfg.init_from)
     parent = _read_model_card(directory, "--init-from", cfg.task)
-    source, prefix = parent, ""
-    if parent.get("members"):
-        members = parent["members"]
+    source: Any = parent
+    prefix = ""
+    if parent.members:
+        members = parent.members
         if cfg.init_member is None or not 0 <= cfg.init_member < len(members):
             raise ValueError(f"--init-from {directory} is an ensemble of {len(members)} models; choose one with "
                              f"--init-member 0..{len(members) - 1}")
-        source, prefix = members[cfg.init_member], members[cfg.init_member]["prefix"]
+        source = members[cfg.init_member]
+        prefix = source.prefix
     elif cfg.init_member is not None:
         raise ValueError(f"--init-member applies to an ensemble; {directory} is a single model")
-    if source.get("architecture") != cfg.model:
-        raise ValueError(f"--init-from {directory} is a {parent.get('task')} {source.get('architecture')} model; "
+    if source.architecture != cfg.model:
+        raise ValueError(f"--init-from {directory} is a {parent.task} {source.architecture} model; "
                          f"this run trains a {cfg.task} {cfg.model}")
     check_same_validation_split(directory, parent, cfg, val_images, "--init-from")
-    weights = directory / parent.get("weights_file", "model.safetensors")
-    model.load_state_dict(read_weights(weights, prefix))
-    training = source.get("training", source)  # an ensemble member keeps its commands and figures at top level
-    info = {"path": str(directory), "architecture": source.get("architecture"),
-            "input_size": source.get("input_size"), "commands": training.get("commands", [training.get("command")]),
-            "epochs_run": training.get("epochs_run"), "train_seconds": training.get("train_seconds"),
-            "validation": _headline(source.get("validation", {}))}
+    model.load_state_dict(read_weights(directory / parent.weights_file, prefix))
+    # An ensemble member keeps its commands and figures at its top level (Member.training is that view).
+    training: Training = source.training or Training()
+    info = {"path": str(directory), "architecture": source.architecture,
+            "input_size": source.input_size, "commands": training.all_commands,
+            "epochs_run": training.epochs_run, "train_seconds": training.train_seconds,
+            "validation": _headline(source.validation)}
     if prefix:
         info["member"] = cfg.init_member
     return info
@@ -206,8 +196,6 @@ def teacher_targets(cfg: TrainConfig, train_df: pd.DataFrame, target: str, val_i
     outputs are cached in ``out/teacher_outputs.csv`` (a resumed run reuses them).
     """
     import warnings
-
-    from boneai.inference import load_model
 
     directory = Path(cfg.distill_from)
     card = _read_model_card(directory, "--distill-from", cfg.task)
@@ -238,10 +226,10 @@ def teacher_targets(cfg: TrainConfig, train_df: pd.DataFrame, target: str, val_i
         pd.DataFrame({"image": rel, column: teacher}).to_csv(cache, index=False)
     labels = train_df[target].to_numpy(dtype=np.float64)
     mixed = (1 - cfg.distill_weight) * labels + cfg.distill_weight * teacher
-    info = {"teacher": str(directory), "teacher_name": card.get("name", directory.name),
-            "teacher_description": card.get("description"), "weight": cfg.distill_weight,
+    info = {"teacher": str(directory), "teacher_name": card.name or directory.name,
+            "teacher_description": card.description, "weight": cfg.distill_weight,
             "teacher_output": column.replace("teacher_", ""), "teacher_seconds": round(time.time() - t0, 1),
-            "teacher_validation": _headline(card.get("validation", {}))}
+            "teacher_validation": _headline(card.validation)}
     if cfg.task == "fracture":
         info["teacher_train_auc"] = round(float(ev.roc_auc(labels.astype(int), teacher)), 4)
     return mixed.astype(np.float32), info
@@ -704,7 +692,7 @@ def _finish(cfg, model, spec, pipeline, size, loss_name, val_df, val_ds, val_loa
     raw = _predict_loader(model, cfg.task, val_loader, device, tta=cfg.tta)
     state = {k: (v.half() if cfg.fp16_weights and v.is_floating_point() else v).contiguous().cpu()
              for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"))
+    save_file(state, str(out / WEIGHTS_FILE))
     data_root = Path(cfg.data)
     rel = [os.path.relpath(p, data_root) for p in val_df["path"]]
     card: dict[str, Any] = {
@@ -712,7 +700,7 @@ def _finish(cfg, model, spec, pipeline, size, loss_name, val_df, val_ds, val_loa
         "initial_weights": (f"fine-tuned from {init_info['path']}" if init_info else
                             spec.pretrained if cfg.pretrained else "none (trained from scratch)"),
         "input_size": size, "mean": list(spec.mean), "std": list(spec.std), "pipeline": pipeline,
-        "tta_hflip": cfg.tta, "weights_file": "model.safetensors",
+        "tta_hflip": cfg.tta, "weights_file": WEIGHTS_FILE,
         "weights_dtype": "float16" if cfg.fp16_weights else "float32",
         "training": {
             "command": cfg.command, "commands": [c for c in commands if c], "config": asdict(cfg), "loss": loss_name, "device": str(device),
@@ -755,17 +743,17 @@ def revalidate(run_dir: str | Path, data: str | Path, command: str = "", batch_s
     operating points and metrics in the card are replaced, and the previous figures are kept under
     ``revalidation``. The weights are not touched.
     """
-    from boneai.inference import load_model
-
     run = Path(run_dir)
     card_path, preds_path = run / "card.json", run / "val_predictions.csv"
-    for path in (card_path, preds_path, run / "model.safetensors"):
+    for path in (card_path, preds_path, run / WEIGHTS_FILE):
         if not path.is_file():
             raise ValueError(f"{run} is not a finished training run (no {path.name})")
-    card = json.loads(card_path.read_text())
-    if card.get("members") or card.get("task") not in ("fracture", "boneage"):
+    card = ModelCard.from_json(card_path.read_text(), run)
+    if card.members or card.task not in ("fracture", "boneage"):
         raise ValueError("revalidate applies to single fracture or bone-age runs; rebuild ensembles from revalidated runs")
-    config = card["training"]["config"]
+    if card.training is None or card.training.config is None:
+        raise ValueError(f"{run} records no training configuration; its validation split cannot be rebuilt")
+    config = card.training.config
     cfg = TrainConfig(**{**{k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__},
                          "data": str(data)})
     _, val_df, target, _ = _read_task_data(cfg)
@@ -774,58 +762,29 @@ def revalidate(run_dir: str | Path, data: str | Path, command: str = "", batch_s
     if rel != old["image"].astype(str).tolist():
         raise ValueError(f"{data} does not give this run's validation split (other images or order); "
                          f"revalidating there would mix training and validation images")
-    pipeline = card["pipeline"]
-    val_ds = RadiographDataset(val_df["path"].tolist(), val_df[target].to_numpy(), pipeline, card["mean"], card["std"],
-                               None, val_df["male"].to_numpy() if card["task"] == "boneage" else None)
+    val_ds = RadiographDataset(val_df["path"].tolist(), val_df[target].to_numpy(), card.pipeline_spec(),
+                               list(card.mean or ()), list(card.std or ()), None,
+                               val_df["male"].to_numpy() if card.task == "boneage" else None)
     loader = DataLoader(val_ds, batch_size=batch_size, shuffle=False)
     model = load_model(run).model  # the float32 weights, as the card's own loader reads them
-    raw = _predict_loader(model, card["task"], loader, torch.device("cpu"), tta=bool(card.get("tta_hflip")))
-    previous = {"data": card.get("data", {}).get("root", config.get("data")), "validation": card.get("validation"),
-                "temperature": card.get("temperature"), "operating_points": card.get("operating_points")}
-    if card["task"] == "fracture":
+    raw = _predict_loader(model, card.task, loader, torch.device("cpu"), tta=card.tta_hflip)
+    # The card as it will be written: the JSON read, the refitted blocks replaced, the previous ones kept.
+    written = card.to_dict()
+    previous = {"data": (card.data or {}).get("root", config.get("data")), "validation": written.get("validation"),
+                "temperature": written.get("temperature"), "operating_points": written.get("operating_points")}
+    if card.task == "fracture":
         preds = old.drop(columns=[c for c in ("logit", "probability") if c in old]).assign(logit=raw)
         fields, prob = classifier_validation(preds, has_region="region" in preds)
         preds.insert(preds.columns.get_loc("logit") + 1, "probability", prob)
-        card.update(fields)
+        written.update(fields)
     else:
         preds = old.assign(predicted_months=raw)
-        card["validation"] = ev.regression_metrics(val_ds.targets, raw)
-    card["revalidation"] = {"data": str(data), "command": command, "previous": previous}
-    card.setdefault("data", {})["root"] = str(data)
+        written["validation"] = ev.regression_metrics(val_ds.targets, raw)
+    written["revalidation"] = {"data": str(data), "command": command, "previous": previous}
+    written.setdefault("data", {})["root"] = str(data)
     preds.to_csv(preds_path, index=False)
-    card_path.write_text(json.dumps(card, indent=2, default=json_default))
-    return card
-
-
-def classifier_validation(preds: pd.DataFrame, has_region: bool = True) -> tuple[dict[str, Any], np.ndarray]:
-    """Calibration, operating points and validation metrics of a classifier from its validation
-    logits (``preds`` with ``label``, ``logit`` and optionally ``region``); card fields and the
-    calibrated probabilities."""
-    y, raw = preds["label"].to_numpy().astype(int), preds["logit"].to_numpy(dtype=float)
-    temperature, offset = ev.fit_temperature_offset(y, raw)
-    prob = ev.apply_temperature(raw, temperature, offset)
-    ece_before = {"uncalibrated": ev.expected_calibration_error(y, ev.apply_temperature(raw, 1.0)),
-                  "temperature_only": ev.expected_calibration_error(
-                      y, ev.apply_temperature(raw, ev.fit_temperature(y, raw)))}
-    points = ev.operating_points(y, prob)
-    metrics = ev.binary_metrics(y, prob, threshold=points["balanced"]["threshold"])
-    fields: dict[str, Any] = {
-        "temperature": temperature,
-        "logit_offset": offset,
-        "calibration": "p = sigmoid(logit / temperature + logit_offset), fitted on the validation split",
-        "operating_points": {k: {"threshold": v["threshold"], "sensitivity": v["sensitivity"],
-                                 "specificity": v["specificity"], "ppv": v["ppv"], "npv": v["npv"]}
-                             for k, v in points.items()},
-        "default_operating_point": "balanced",
-        "validation": {**{k: metrics[k] for k in ("n", "n_positive", "auc", "auc_ci95", "ap", "ece")},
-                       "ece_uncalibrated": ece_before["uncalibrated"],
-                       "ece_temperature_only": ece_before["temperature_only"]},
-    }
-    if has_region and "region" in preds:
-        with_prob = preds.assign(probability=prob)
-        fields["validation"]["per_region"] = ev.per_group_metrics(
-            with_prob, "region", points["balanced"]["threshold"]).to_dict(orient="records")
-    return fields, prob
+    card_path.write_text(json.dumps(written, indent=2, default=json_default))
+    return written
 
 
 def command_line() -> str:
