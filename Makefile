@@ -33,9 +33,11 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/inference_latency.py
 
-# App figures in headless Chromium: 4-view study upload to heatmaps, start to first page.
+# App figures in headless Chromium: 4-view study upload to probabilities and heatmaps, start to first
+# page; four reviewers uploading and saving at the same moment.
 app-bench: $(STAMP) browser-deps
 	$(PY) bench/app_bench.py
+	$(PY) bench/concurrent_reviewers.py
 
 # One screenshot per page into docs/screenshots/ (for the README).
 screenshots: $(STAMP) browser-deps

@@ -381,6 +381,7 @@ class ModelCard(_Part):
     image_score: ImageScore | None = _key("image_score", _part(ImageScore), default=None)
     region_threshold: float | None = None
     region_relative: float | None = None  # boxes drawn round cells >= this share of the region's peak
+    region_shrink: float = 1.0  # each box scaled about its centre (fitted on validation)
     box_operating_points: Mapping[str, OperatingPoint] = _key("box_operating_points", _part_map(OperatingPoint),
                                                               default_factory=lambda: _EMPTY)
     map_stride: int | None = None

@@ -95,13 +95,14 @@ class FractureLocaliser(nn.Module):
 
 
 def boxes_from_map(prob_map: np.ndarray, threshold: float, scale: float = 1.0, max_boxes: int = 10,
-                   min_area: int = 1, relative: float | None = None) -> list[list[float]]:
+                   min_area: int = 1, relative: float | None = None, shrink: float = 1.0) -> list[list[float]]:
     """Connected regions of ``prob_map >= threshold`` as ``[x0, y0, x1, y1, score]``, best first.
 
     The score is the map's peak inside the region. With ``relative``, a region's box is drawn round
     only its cells at or above ``relative`` times its peak (a tighter box on a broad, low region).
-    Coordinates are multiplied by ``scale`` (the map's stride) and are pixel edges: a region covering
-    columns 10..19 spans x 10 to 20.
+    ``shrink`` scales each box about its centre (a fitted correction for maps broader than the
+    annotated boxes). Coordinates are multiplied by ``scale`` (the map's stride) and are pixel
+    edges: a region covering columns 10..19 spans x 10 to 20.
     """
     m = np.asarray(prob_map, dtype=np.float32)
     if not np.isfinite(threshold) or float(m.max(initial=0.0)) < threshold:
@@ -117,7 +118,8 @@ def boxes_from_map(prob_map: np.ndarray, threshold: float, scale: float = 1.0, m
         if relative:
             ys, xs = np.nonzero(inside & (m >= relative * score))
             x, y, w, h = int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
-        boxes.append([x * scale, y * scale, (x + w) * scale, (y + h) * scale, score])
+        cx, cy, half_w, half_h = x + w / 2, y + h / 2, w * shrink / 2, h * shrink / 2
+        boxes.append([(cx - half_w) * scale, (cy - half_h) * scale, (cx + half_w) * scale, (cy + half_h) * scale, score])
     boxes.sort(key=lambda b: -b[4])
     return boxes[:max_boxes]
 
@@ -486,7 +488,7 @@ class LocaliserPredictor(CardOperatingPoints):
             return []
         floor = thresholds[operating_point] if operating_point else min(thresholds.values())
         found = boxes_from_map(view.prob_map, self.region_threshold, scale=MAP_STRIDE,
-                               relative=self.card.region_relative)
+                               relative=self.card.region_relative, shrink=self.card.region_shrink)
         kept = [b for b in found if b[4] >= floor]
         if not kept:
             return []
@@ -561,8 +563,9 @@ def localised_views(predictor: LocaliserPredictor, paths: list[str], batch_size:
     return views
 
 
-def _region_boxes(view: LocalisedView, threshold: float, relative: float | None = None) -> np.ndarray:
-    found = boxes_from_map(view.prob_map, threshold, scale=MAP_STRIDE, relative=relative)
+def _region_boxes(view: LocalisedView, threshold: float, relative: float | None = None,
+                  shrink: float = 1.0) -> np.ndarray:
+    found = boxes_from_map(view.prob_map, threshold, scale=MAP_STRIDE, relative=relative, shrink=shrink)
     if not found:
         return np.zeros((0, 5))
     mapped = map_boxes(np.array([b[:4] for b in found]), view.stages, view.original_shape, inverse=True)
@@ -570,8 +573,9 @@ def _region_boxes(view: LocalisedView, threshold: float, relative: float | None 
 
 
 def fit_on_validation(run_dir: str | Path, data: str | Path, split: str | Path,
-                      region_thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5),
-                      region_relatives: tuple[float | None, ...] = (None, 0.5, 0.7)) -> dict[str, Any]:
+                      region_thresholds: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9),
+                      region_relatives: tuple[float | None, ...] = (None, 0.7, 0.9, 0.97),
+                      region_shrinks: tuple[float, ...] = (1.0, 0.8, 0.6)) -> dict[str, Any]:
     """Every choice of the localiser, made on the split file's validation images (original files):
 
     the map threshold that outlines regions, the two box operating points (sensitive: at most one
@@ -595,10 +599,11 @@ def fit_on_validation(run_dir: str | Path, data: str | Path, split: str | Path,
     trials = {}
     for t in region_thresholds:
         for rel in region_relatives:
-            preds = [_region_boxes(v, t, rel) for v in views]
-            trials[(t, rel)] = (ev.localisation_figures(preds, truths, y), preds)
+            for shrink in region_shrinks:
+                preds = [_region_boxes(v, t, rel, shrink) for v in views]
+                trials[(t, rel, shrink)] = (ev.localisation_figures(preds, truths, y), preds)
     best = max(trials, key=lambda k: (trials[k][0]["hit_rate"] or 0) + (trials[k][0]["froc"]["1"] or 0))
-    region_t, region_rel = best
+    region_t, region_rel, region_shrink = best
     figures, preds = trials[best]
     curve = ev.froc_curve(preds, truths)
 
@@ -623,6 +628,7 @@ def fit_on_validation(run_dir: str | Path, data: str | Path, split: str | Path,
     card["default_operating_point"] = DEFAULT_OPERATING_POINT
     card["region_threshold"] = region_t
     card["region_relative"] = region_rel
+    card["region_shrink"] = region_shrink
     card["box_operating_points"] = box_points
     card["validation"] = {
         **ev.binary_metrics(y, prob, threshold=card["operating_points"]["balanced"]["threshold"]),
@@ -630,8 +636,8 @@ def fit_on_validation(run_dir: str | Path, data: str | Path, split: str | Path,
         "auc_head_only": round(float(ev.roc_auc(y, head)), 4),
         "auc_map_peak_only": round(float(ev.roc_auc(y, peak)), 4),
         "localisation": figures,
-        "region_trials": [{"threshold": t, "relative": rel, **{k: f[k] for k in ("hit_rate", "froc", "map50")}}
-                          for (t, rel), (f, _) in trials.items()],
+        "region_trials": [{"threshold": t, "relative": rel, "shrink": sh, **{k: f[k] for k in ("hit_rate", "froc", "map50")}}
+                          for (t, rel, sh), (f, _) in trials.items()],
         "note": "validation figures: every choice above was made on these images",
     }
     (run_dir / "card.json").write_text(json.dumps(card, indent=2, default=float))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import sys
 import warnings
+import zlib
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,9 @@ def test_upload_review_and_find_it_in_the_log(tmp_path: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="python package playwright not installed")
     from boneai import inference
     from boneai.io import read_radiograph
+    from boneai.store import view_label
 
+    label = view_label(1, SAMPLE.read_bytes())  # what the log and the reports name the view by
     try:
         card = next(c for c in inference.available_models("fracture")
                     if c["name"] == inference.default_model_name("fracture"))
@@ -70,9 +73,10 @@ def test_upload_review_and_find_it_in_the_log(tmp_path: Path) -> None:
             metric.wait_for(timeout=60_000)
             assert metric.locator('[data-testid="stMetricValue"]').inner_text().strip() == f"{expected:.3f}"
             page.get_by_text(re.compile(r"^Heatmap \(\w+\), hottest point")).wait_for(timeout=120_000)
-            image = page.locator('[data-testid="stImage"] img').first
-            image.wait_for(timeout=60_000)
-            assert page.evaluate("(img) => img.complete && img.naturalWidth > 100", image.element_handle())
+            # The overlay replaces the plain radiograph once the heatmap is ready: wait for it to load.
+            page.wait_for_function(
+                "() => { const img = document.querySelector('[data-testid=\"stMain\"] [data-testid=\"stImage\"] img');"
+                " return !!img && img.complete && img.naturalWidth > 100; }", timeout=60_000)
 
             # Record a decision.
             form = page.locator('[data-testid="stForm"]')
@@ -82,9 +86,11 @@ def test_upload_review_and_find_it_in_the_log(tmp_path: Path) -> None:
             page.get_by_text(re.compile(r"Saved to the review log as review #1")).wait_for(timeout=60_000)
             page.screenshot(path=str(ARTIFACTS / "browser_study_review.png"))
 
-            # Both reports download, with the decision just recorded.
+            # Both reports download, with the decision just recorded; the view is named by its number
+            # and content hash, never by the upload's file name.
             report = _download(page, "Download report (HTML)", sync_api).read_text()
-            assert SAMPLE.name in report and "agree" in report and "data:image/png;base64," in report
+            assert f"View 1 · sha256:{label.rsplit(':', 1)[1]}" in report and SAMPLE.name not in report
+            assert "agree" in report and "data:image/png;base64," in report
             assert _download(page, "Download report (PDF)", sync_api).read_bytes().startswith(b"%PDF-")
 
             # Find it on the review-log page.
@@ -93,13 +99,13 @@ def test_upload_review_and_find_it_in_the_log(tmp_path: Path) -> None:
             shown = page.locator('[data-testid="stMetric"]').filter(has_text="Reviews shown").first
             shown.wait_for(timeout=60_000)
             assert shown.locator('[data-testid="stMetricValue"]').inner_text().strip() == "1"
-            grid = page.locator('[data-testid="stDataFrame"]')
+            grid = page.locator('[data-testid="stDataFrame"]').first  # the reviews; the audit log's is below
             grid.wait_for(timeout=60_000)
             # The grid draws on a canvas; its accessible cells carry the text.
             page.wait_for_function(
                 "(name) => document.querySelector('[data-testid=\"stDataFrame\"]').textContent.includes(name)",
-                arg=SAMPLE.name, timeout=30_000)
-            assert "agree" in grid.text_content()
+                arg=label, timeout=30_000)
+            assert "agree" in grid.text_content() and SAMPLE.name not in grid.text_content()
             page.screenshot(path=str(ARTIFACTS / "browser_review_log.png"))
         finally:
             browser.close()
@@ -107,9 +113,91 @@ def test_upload_review_and_find_it_in_the_log(tmp_path: Path) -> None:
     from boneai.store import ReviewStore
 
     rows = ReviewStore(db).query()
-    assert rows["views"].tolist() == [[SAMPLE.name]]
+    assert rows["views"].tolist() == [[label]]
     assert rows["reviewer_decision"].tolist() == ["agree"]
     assert rows["view_probabilities"].iloc[0] == pytest.approx([expected], abs=1e-6)
+
+
+def _pdf_text(pdf: bytes) -> str:
+    """The text drawn in a PDF made by fpdf2 (its content streams, decompressed)."""
+    chunks = []
+    for m in re.finditer(rb"stream\r?\n(.*?)\r?\nendstream", pdf, re.S):
+        try:
+            chunks.append(zlib.decompress(m.group(1)).decode("latin-1"))
+        except zlib.error:
+            pass
+    return "".join(chunks).replace("\\(", "(").replace("\\)", ")")
+
+
+def test_a_patient_named_dicom_leaves_no_identifier_in_the_log_the_export_or_the_reports(
+        tmp_path: Path, dicom_bytes, patient_identifiers, sample_gray) -> None:
+    """``Doe_Jane_MRN123.dcm`` with the patient in its header: upload, save, both reports, the CSV export.
+
+    The name is on screen during the session only; the database file, the CSV and the reports name
+    the view ``view 1 · sha256:...`` and carry neither the file name nor the header's identifiers.
+    """
+    if not CHROMIUM.is_file():
+        pytest.skip(f"Chromium not installed at {CHROMIUM} (run `make browser-deps` or apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="python package playwright not installed")
+    from boneai import inference
+    from boneai.store import view_label
+
+    if not inference.available_models("fracture"):
+        pytest.skip(f"no fracture model in {inference.WEIGHTS_DIR}")
+    name = "Doe_Jane_MRN123.dcm"
+    data = dicom_bytes(sample_gray("fracatlas/IMG0000019.jpg"), extra={"OtherPatientIDs": "MRN123"})
+    assert b"Doe^Jane" in data and patient_identifiers["PatientID"].encode() in data  # the header has them
+    upload = tmp_path / "upload" / name
+    upload.parent.mkdir()
+    upload.write_bytes(data)
+    label = view_label(1, data)
+    forbidden = ["Doe_Jane", "MRN123", patient_identifiers["PatientName"], patient_identifiers["PatientID"],
+                 "Doe^Jane"]
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    db = tmp_path / "db" / "reviews.sqlite"
+    db.parent.mkdir()
+    env = {"BONEAI_REVIEW_DB": str(db), "BONEAI_JOBS_DIR": str(tmp_path / "jobs"),
+           "BONEAI_WEIGHTS_DIR": str(inference.WEIGHTS_DIR)}
+    with AppServer(env, log_path=ARTIFACTS / "browser_identifiers_server.log") as url, \
+            sync_api.sync_playwright() as pw:
+        browser = launch_chromium(pw)
+        try:  # the default single-user mode: the local user is the admin, so the export is offered
+            page = browser.new_page(viewport={"width": 1400, "height": 1800}, accept_downloads=True)
+            page.set_default_timeout(120_000)
+            page.goto(url)
+            page.get_by_role("heading", name="Study review").wait_for(timeout=120_000)
+            page.get_by_text("Upload files", exact=True).click()
+            page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(str(upload))
+            page.get_by_text(f"View 1: {name}").wait_for(timeout=120_000)  # on screen, this session only
+            page.locator('[data-testid="stMetric"]').filter(has_text="Probability").first.wait_for(timeout=120_000)
+
+            form = page.locator('[data-testid="stForm"]')
+            form.get_by_text("Agree", exact=True).click()
+            form.locator("textarea").fill("browser test: no identifiers")
+            form.get_by_role("button", name="Save to review log").click()
+            page.get_by_text(re.compile(r"Saved to the review log as review #1")).wait_for(timeout=120_000)
+
+            html_report = _download(page, "Download report (HTML)", sync_api).read_bytes()
+            pdf_report = _download(page, "Download report (PDF)", sync_api).read_bytes()
+
+            page.get_by_role("link", name="Review log").click()
+            page.get_by_role("heading", name="Review log").wait_for(timeout=60_000)
+            csv_export = _download(page, "Export CSV", sync_api).read_bytes()
+            page.screenshot(path=str(ARTIFACTS / "browser_no_identifiers.png"))
+        finally:
+            browser.close()
+
+    # What was saved and printed is the view label, so the searches below look where the view went.
+    heading = f"View 1 · sha256:{label.rsplit(':', 1)[1]}"
+    pdf_text = _pdf_text(pdf_report)
+    assert heading.encode() in html_report and heading in pdf_text and label.encode() in csv_export
+    database = b"".join(p.read_bytes() for p in sorted(db.parent.iterdir()) if p.name.startswith(db.name))
+    assert label.split(" ")[-1].encode() in database  # the hash part: the views column is JSON (\u00b7)
+    for where, blob in (("database file", database), ("CSV export", csv_export), ("HTML report", html_report),
+                        ("PDF report", pdf_report), ("PDF report text", pdf_text.encode("latin-1"))):
+        for needle in forbidden:
+            assert needle.encode() not in blob, f"{needle!r} in the {where}"
 
 
 def test_training_progress_updates_live_without_reload(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ import hashlib
 import os
 import re
 import runpy
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,12 +116,6 @@ def predictor_for(card: dict[str, Any]) -> inference.Predictor:
     weights = Path(card["dir"]) / card.get("weights_file", "model.safetensors")
     # The weights' mtime in the key: a model folder replaced on disk is loaded afresh.
     return get_predictor(card["dir"], weights.stat().st_mtime if weights.is_file() else 0.0)
-
-
-@st.cache_resource
-def model_lock(model_dir: str) -> threading.Lock:
-    """Serialises heatmap passes on a shared model: CAM hooks are per model, sessions are threads."""
-    return threading.Lock()
 
 
 @st.cache_data(show_spinner=False)
