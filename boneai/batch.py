@@ -1,6 +1,7 @@
 """Batch evaluation of a model on a labelled folder, and prediction over a list of files.
 
-These are what ``python -m boneai evaluate`` and ``predict`` run; hospital scripts can call them too.
+These are what ``python -m boneai evaluate`` (``evaluate --task localisation`` included) and ``predict``
+run; hospital scripts can call them too.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import numpy as np
 import pandas as pd
 
 from boneai import evaluate as ev
-from boneai.data import read_boneage, read_classification_dir, read_split_file
-from boneai.errors import BoneAIError
-from boneai.inference import Predictor, load_model
+from boneai.data import fracture_boxes, read_boneage, read_classification_dir, read_fracatlas, read_split_file
+from boneai.errors import BoneAIError, DatasetError
+from boneai.inference import ModelPredictor, load_model
 from boneai.io import read_radiograph
+from boneai.localisation import LocaliserPredictor, _box_point_figures, _region_boxes, localised_views, truth_boxes
+from boneai.scope import check_views
 
-__all__ = ["evaluate_folder", "predict_files", "predict_dataframe"]
+__all__ = ["evaluate_folder", "evaluate_localisation", "predict_files", "predict_dataframe"]
 
 
 def _read_all(paths: Sequence[str]) -> tuple[list[Any], list[dict[str, str]]]:
@@ -34,7 +37,7 @@ def _read_all(paths: Sequence[str]) -> tuple[list[Any], list[dict[str, str]]]:
     return images, errors
 
 
-def predict_dataframe(predictor: Predictor, df: pd.DataFrame, batch_size: int = 32,
+def predict_dataframe(predictor: ModelPredictor, df: pd.DataFrame, batch_size: int = 32,
                       male_column: str | None = None) -> tuple[np.ndarray, list[dict[str, str]]]:
     """Raw outputs (logits, months or anomaly scores) for every row's ``path``; NaN where unreadable."""
     out = np.full(len(df), np.nan)
@@ -98,13 +101,14 @@ def evaluate_folder(task: str, data: str | Path, model: str | None = None, regio
             df["anomaly_score"] = raw
             m = ev.binary_metrics(y, score, threshold=predictor.threshold(None))
             report.update(m)
-            report["score"] = predictor.card.get("score", "mean reconstruction error under the mask")
+            score = predictor.card.score
+            report["score"] = score.to_dict() if score is not None else "mean reconstruction error under the mask"
         else:
             prob = predictor.calibrate(raw[ok])
             df["logit"], df["probability"] = raw, np.where(ok, predictor.calibrate(np.nan_to_num(raw)), np.nan)
             thr = predictor.threshold(None)
             report.update(ev.binary_metrics(y, prob, threshold=thr))
-            report["operating_point"] = predictor.card.get("default_operating_point", "balanced")
+            report["operating_point"] = predictor.card.default_operating_point
             if 0 < y.sum() < len(y):
                 report["sensitivity_at_specificity_0.90"] = ev.sensitivity_at_specificity(y, prob, 0.90)
             report["operating_points"] = {name: ev.threshold_metrics(y, prob, t)
@@ -136,11 +140,17 @@ def predict_files(files: Sequence[str], task: str = "fracture", model: str | Non
     results = []
     for f in files:
         name = Path(f).name
-        row: dict[str, Any] = {"file": name, "ok": False, "probability": None, "decision": None, "error": None}
+        row: dict[str, Any] = {"file": name, "ok": False, "probability": None, "decision": None, "error": None,
+                               "in_scope": None, "scope_reason": None, "familiarity": None, "unfamiliar": None}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 rg = read_radiograph(f)
+            row.update(check_views([rg])[0].fields())  # boneai.scope: checked before any finding
+            if not row["in_scope"]:  # read and checked; a view out of scope gets no finding
+                row["ok"] = True
+                results.append(row)
+                continue
             pred = predictor.predict(rg, operating_point=op, male=male)
             row["ok"] = True
             if pred.task == "boneage":
@@ -151,7 +161,7 @@ def predict_files(files: Sequence[str], task: str = "fracture", model: str | Non
                             "decision": "abnormal" if pred.decision else "normal",
                             "probability": pred.probability})
             else:
-                row.update({"probability": round(pred.probability, 4), "threshold": round(pred.threshold, 4),
+                row.update({"probability": round(pred.probability, 4), "threshold": round(pred.threshold, 6),
                             "operating_point": pred.operating_point,
                             "decision": "fracture" if pred.decision else "no fracture",
                             # In the file's own pixels; empty when the model gives no boxes or none passes.
@@ -170,3 +180,71 @@ def predict_files(files: Sequence[str], task: str = "fracture", model: str | Non
             row["error"] = f"could not process this file ({type(exc).__name__})"
         results.append(row)
     return results
+
+
+def evaluate_localisation(data: str | Path, model: str | None = None, method: str = "boxes",
+                          split: str | Path | None = None, subset: str | None = None,
+                          batch_size: int = 16) -> dict[str, Any]:
+    """The ``evaluate --task localisation`` report on a FracAtlas-layout folder.
+
+    ``method="boxes"`` scores the localiser's boxes (all regions, no operating point, so the FROC
+    curve is whole); ``method="gradcam"`` the Grad-CAM peak of a fracture classifier, which gives
+    a hit rate only. A folder with fractured images only is fine: figures needing normal images are null.
+    """
+    df = read_fracatlas(data)
+    if split is not None:
+        df = df.merge(read_split_file(split)[["image_id", "split"]], on="image_id")
+        if subset:
+            df = df[df["split"] == subset].reset_index(drop=True)
+    if df.empty:
+        raise DatasetError(f"No images to evaluate in {data}" + (f" (subset {subset!r})" if subset else "") + ".")
+    boxes = fracture_boxes(data)
+    y = df["label"].to_numpy().astype(int)
+    truths = [truth_boxes(boxes, r.image_id) if r.label else np.zeros((0, 4)) for r in df.itertuples()]
+    report: dict[str, Any] = {"task": "localisation", "method": method, "data": str(data)}
+    if subset:
+        report["subset"] = subset
+    predictor: ModelPredictor
+    if method == "gradcam":
+        from boneai.explain import explain  # pytorch-grad-cam: loaded only for heatmaps
+
+        predictor = load_model(model or "fracture")
+        points, probs = [], []
+        for r in df.itertuples():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rg = read_radiograph(r.path)
+            probs.append(predictor.predict(rg).probability)
+            points.append(explain(predictor, rg).peak if r.label else None)
+        rate = ev.point_hit_rate(points, truths)
+        report.update({"model": predictor.name, "n_images": len(df), "n_fractured_images": int(y.sum()),
+                       "n_boxes": int(sum(len(t) for t in truths)),
+                       "hit_rate": None if rate is None else round(rate, 4),
+                       "froc": {"0.5": None, "1": None, "2": None}, "map50": None})
+        prob = np.asarray(probs)
+    elif method == "boxes":
+        predictor = load_model(model or "fracture_localiser")
+        if not isinstance(predictor, LocaliserPredictor):
+            raise DatasetError(f"Model {predictor.name!r} gives no boxes; use a localiser or --method gradcam.")
+        views = localised_views(predictor, df["path"].tolist(), batch_size)
+        preds = [_region_boxes(v, predictor.region_threshold, predictor.card.region_relative, predictor.card.region_shrink)
+                 for v in views]
+        report.update({"model": predictor.name, **ev.localisation_figures(preds, truths, y)})
+        curve = ev.froc_curve(preds, truths)
+        report["froc_curve"] = {"fp_per_image": curve["fp_per_image"].round(4).tolist(),
+                                "sensitivity": curve["sensitivity"].round(4).tolist()}
+        prob = predictor.probability(np.array([v.head_logit for v in views]), np.array([v.map_peak for v in views]))
+        report["box_operating_points"] = {name: {"threshold": thr, **_box_point_figures(preds, truths, thr)}
+                                          for name, thr in predictor.box_thresholds.items()}
+    else:
+        raise DatasetError(f"Unknown localisation method {method!r}: use boxes or gradcam.")
+    both = 0 < y.sum() < len(y)
+    report["auc"] = round(float(ev.roc_auc(y, prob)), 4) if both else None
+    if both:
+        report["auc_ci95"] = [round(v, 4) for v in ev.bootstrap_auc_ci(y, prob)]
+        thr = predictor.threshold(None)
+        report["operating_points"] = {name: ev.threshold_metrics(y, prob, t)
+                                      for name, t in predictor.operating_points.items()}
+        report["sensitivity_at_specificity_0.90"] = round(ev.sensitivity_at_specificity(y, prob, 0.90), 4)
+        report["threshold"] = thr
+    return report

@@ -84,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--test-share", type=float, default=0.5,
                     help="share of the earlier validation split's clean groups drawn for the test split")
 
+    sc = sub.add_parser("train-scope", help="fit the scope check (is it a musculoskeletal radiograph?) and the "
+                        "familiarity statistics on the fracture model's features")
+    sc.add_argument("--data", required=True, help="FracAtlas folder (radiographs; train split fits, val chooses)")
+    sc.add_argument("--split", default="weights/splits/fracatlas.csv")
+    sc.add_argument("--boneage", default=None, help="RSNA bone-age folder (images/): a few hands as radiographs too")
+    sc.add_argument("--out", default="weights/scope")
+    sc.add_argument("--feature-model", default="fracture", help="model whose pooled features are used")
+    sc.add_argument("--cache", default="runs/scope/features.npz", help="feature cache (reruns skip done images)")
+
     tl = sub.add_parser("train-localiser", help="train the fracture localiser (boxes + image logit) on a split file")
     add_config_arguments(tl, LocaliserConfig)
 
@@ -171,15 +180,15 @@ def _cmd_revalidate(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(_: argparse.Namespace) -> int:
-    from boneai.inference import available_models
+    from boneai.inference import available_cards
     from boneai.models import REGISTRY
 
     print("Architectures:")
     for name, spec in REGISTRY.items():
         print(f"  {name:20s} {spec.task:9s} {spec.input_size:4d}px  init: {spec.pretrained}")
     print("Models in weights/:")
-    for card in available_models():
-        print(f"  {card['name']:20s} {card['task']:9s} {card.get('architecture', '')}")
+    for card in available_cards():
+        print(f"  {card.name:20s} {card.task:9s} {card.architecture or ''}")
     return 0
 
 
@@ -196,6 +205,17 @@ def _cmd_train_localiser(args: argparse.Namespace) -> int:
 
     card = train_localiser(LocaliserConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
     print(json.dumps({"out": args.out, "epochs": len(card["training"]["history"])}))
+    return 0
+
+
+def _cmd_train_scope(args: argparse.Namespace) -> int:
+    from boneai.scope_train import train_scope
+    from boneai.train import command_line
+
+    card = train_scope(args.data, args.split, args.out, boneage=args.boneage, feature_model=args.feature_model,
+                       cache=args.cache, command=command_line(), log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps({"out": args.out, "radiograph_threshold": card["classifier"]["radiograph_threshold"],
+                      "validation_flagged": card["classifier"]["validation_flagged"]}))
     return 0
 
 
@@ -234,7 +254,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from boneai.batch import evaluate_folder
 
     if args.task == "localisation":
-        from boneai.localisation import evaluate_localisation
+        from boneai.batch import evaluate_localisation
 
         report = evaluate_localisation(args.data, args.model, method=args.method, split=args.split, subset=args.subset)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -276,19 +296,23 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _result_line(r: dict) -> str:
     if not r["ok"]:
         return f"{r['file']}: error: {r['error']}"
+    if r.get("in_scope") is False:
+        return f"{r['file']}: out of scope: {r['scope_reason']} (no finding)"
     if r.get("boneage_months") is not None:
         return f"{r['file']}: bone age {r['boneage_months']:.1f} months ({r['boneage_months'] / 12:.1f} years)"
     if r.get("anomaly_score") is not None:
         return f"{r['file']}: anomaly score {r['anomaly_score']:.4f} -> {r['decision']}"
+    unfamiliar = "; unfamiliar: output less reliable" if r.get("unfamiliar") else ""
     return (f"{r['file']}: probability {r['probability']:.3f} -> {r['decision']} "
-            f"(threshold {r['threshold']:.3f}, {r['operating_point']})")
+            f"(threshold {r['threshold']:.3f}, {r['operating_point']}{unfamiliar})")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": _cmd_train, "models": _cmd_models, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
                 "ensemble": _cmd_ensemble, "revalidate": _cmd_revalidate,
-                "split": _cmd_split, "refit": _cmd_refit, "fit-localiser": _cmd_fit_localiser, "train-localiser": _cmd_train_localiser}
+                "split": _cmd_split, "refit": _cmd_refit, "fit-localiser": _cmd_fit_localiser, "train-localiser": _cmd_train_localiser,
+                "train-scope": _cmd_train_scope}
     try:
         return handlers[args.command](args)
     except BoneAIError as exc:

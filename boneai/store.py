@@ -72,7 +72,7 @@ COLUMNS = [
 ]
 
 #: What the callers record in the audit table (``action``); documentation, not a closed list.
-AUDIT_ACTIONS = ("sign-in", "export", "register-model", "set-default", "save-review")
+AUDIT_ACTIONS = ("sign-in", "export", "register-model", "set-default", "save-review", "show-anyway")
 
 #: Columns of :meth:`ReviewStore.audit_log`.
 AUDIT_COLUMNS = ["id", "created_at", "actor", "action", "detail"]

@@ -28,7 +28,6 @@ from ui.common import (
     card_link,
     intended_use_note,
     model_cards,
-    model_lock,
     plain,
     predictor_for,
     read_views,
@@ -40,6 +39,8 @@ from ui.common import (
     selected_card,
     version_of,
 )
+from ui import heatmaps as heatmap_service
+from ui import scope as view_scope
 
 try:  # written alongside this page; without it the page still predicts, only heatmaps are off
     from boneai import explain as _explain
@@ -61,12 +62,10 @@ def predict_views(model_dir: str, digests: tuple[str, ...], operating_point: str
     return _predictor.predict_many([v.radiograph for v in _views], operating_point=operating_point, male=male)
 
 
-@st.cache_data(show_spinner="Computing heatmap...", max_entries=128)
-def heatmap_for(model_dir: str, digest: str, method: str | None, male: bool | None,
-                _predictor: Predictor, _view: View) -> Any:
-    """The :class:`boneai.explain.Heatmap` (map on the radiograph's grid, method, peak)."""
-    with model_lock(model_dir):
-        return _explain.explain(_predictor, _view.radiograph, method=method, male=male)
+def heatmap_for(digest: str, method: str | None, male: bool | None, _predictor: Predictor, _view: View) -> Any:
+    """The :class:`boneai.explain.Heatmap` (map on the radiograph's grid, method, peak), from the shared
+    heatmap workers (:mod:`ui.heatmaps`: no lock on the shared model, results cached by bytes)."""
+    return heatmap_service.heatmap(_predictor, digest, _view.radiograph, method=method, male=male)
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
@@ -215,10 +214,15 @@ try:
 except BoneAIError as exc:
     st.error(plain(exc))
     st.stop()
+scopes = view_scope.scope_for(digests, views)  # out-of-scope views: greyed, no finding (boneai.scope)
+counted = view_scope.counted_views(scopes, views)  # the views the study finding uses
 
 # -- per view ----------------------------------------------------------------------------------------
 st.subheader("Views")
 heatmaps: dict[int, np.ndarray] = {}
+# Heatmaps are drawn after every number on the page (end of the script): probabilities, the study
+# finding and the review form never wait for a heatmap, this session's or another's.
+pending_heatmaps: list[heatmap_service.Pending] = []
 per_row = 2 if len(views) <= 4 else 3
 for start in range(0, len(views), per_row):
     cols = st.columns(per_row)
@@ -226,24 +230,20 @@ for start in range(0, len(views), per_row):
         with cols[i - start].container(border=True):
             st.text(f"View {i + 1}: {view.name}")
             gray = display_gray(view.digest, view)
+            if not view_scope.out_of_scope_notice(scopes[i], view, i + 1, user):
+                st.image(view_scope.greyed(gray), width="stretch")
+                view_scope.image_details(view)
+                continue
             shown = gray
-            if show_heatmaps and _explain is not None:
-                try:
-                    heat = heatmap_for(card["dir"], view.digest, method, male, predictor, view)
-                    shown = _explain.overlay(gray, heat.map, opacity=opacity)
-                    heatmaps[i] = shown
-                    hot_spot = f"hottest point at x={heat.peak[0]}, y={heat.peak[1]}"
-                except BoneAIError as exc:
-                    st.warning(plain(exc))
-                except Exception as exc:  # an explanation failure must not hide the prediction
-                    st.warning(plain(f"Heatmap unavailable for this view ({type(exc).__name__})."))
             boxes = pred.extras.get("boxes", []) if evidence == "boxes" else []
             if evidence == "boxes" and gives_boxes:
                 shown = _explain.draw_boxes(gray, boxes)
                 heatmaps[i] = shown
-            st.image(shown, width="stretch")
-            if i in heatmaps and evidence == "heatmap":
-                st.caption(f"Heatmap ({heat.method.replace('_', ' ')}), {hot_spot}")
+            image_slot = st.empty()
+            image_slot.image(shown, width="stretch")
+            if show_heatmaps and _explain is not None:  # filled in at the end of the page
+                pending_heatmaps.append(heatmap_service.Pending(i, view.digest, view.radiograph, gray, image_slot,
+                                                                st.empty()))
             if evidence == "boxes" and gives_boxes:
                 if not boxes:
                     st.caption("No box passes the sensitive box operating point.")
@@ -268,6 +268,8 @@ for start in range(0, len(views), per_row):
                 finding = finding_text(task, pred.decision)
                 m2.metric("Decision", finding or "-",
                           help=None if pred.threshold is None else f"At threshold {fmt_score(task, pred.threshold)}")
+                if task == "fracture":
+                    view_scope.unfamiliar_note(scopes[i])
             members = pred.extras.get("member_outputs")
             if members:  # an ensemble: show how far its members agree
                 unit = " months" if pred.boneage_months is not None else " (logit)"
@@ -284,19 +286,23 @@ st.subheader("Study")
 study_probability = None
 study_decision = None
 threshold = predictions[0].threshold
-if task == "boneage":
-    months = [p.boneage_months for p in predictions]
+if not counted:
+    st.info("No view of this study is in scope, so there is no study finding. Choose \"Show anyway\" on a view "
+            "to count it.")
+elif task == "boneage":
+    months = [p.boneage_months for k, p in enumerate(predictions) if k in counted]
     st.metric("Bone age, mean of views (months)", f"{np.mean(months):.1f}",
               help=f"{np.mean(months) / 12:.1f} years; {len(months)} view(s).")
     if "boneage_months" in known:
         st.caption(f"Reference bone age of this sample: {float(known['boneage_months']):.0f} months.")
 else:
-    scores = [p.probability if p.probability is not None else p.anomaly_score for p in predictions]
+    scores = [p.probability if p.probability is not None else p.anomaly_score
+              for k, p in enumerate(predictions) if k in counted]
     study_probability = aggregate_study(scores, aggregation)
     study_decision = study_probability >= threshold
     s1, s2, s3 = st.columns(3)
     s1.metric("Study probability" if predictions[0].probability is not None else "Study anomaly score",
-              fmt_score(task, study_probability), help=f"{aggregation} of {len(views)} view(s)")
+              fmt_score(task, study_probability), help=f"{aggregation} of {len(scores)} view(s) in scope")
     s2.metric("Study decision", finding_text(task, study_decision))
     s3.metric("Threshold", fmt_score(task, threshold), help=f"Operating point: {predictions[0].operating_point}")
     if "label" in known:
@@ -331,11 +337,12 @@ if submitted:
                 model_version=version_of(card), task=task,
                 operating_point=None if task == "boneage" else str(predictions[0].operating_point),
                 threshold=threshold, aggregation=None if task == "boneage" else aggregation,
-                view_probabilities=[p.probability if p.probability is not None else
+                view_probabilities=[None if k not in counted else p.probability if p.probability is not None else
                                     (p.boneage_months if p.boneage_months is not None else p.anomaly_score)
-                                    for p in predictions],
+                                    for k, p in enumerate(predictions)],
                 study_probability=study_probability,
-                boneage_months=float(np.mean([p.boneage_months for p in predictions])) if task == "boneage" else None,
+                boneage_months=float(np.mean([predictions[k].boneage_months for k in counted]))
+                if task == "boneage" and counted else None,
                 model_decision=finding_text(task, study_decision), reviewer_decision=decision, note=note,
                 reviewer=user.name)
         except BoneAIError as exc:
@@ -354,24 +361,24 @@ def build_report() -> StudyReport:
     view_reports = []
     for i, (view, pred) in enumerate(zip(views, predictions)):
         gray = standardise(view.radiograph.pixels).image
+        out = i not in counted  # out of scope and not shown anyway: no finding, no heatmap
         hm = heatmaps.get(i)
         hm_method = (method or ("error map" if task == "anomaly" else _explain.DEFAULT_CAM_METHOD)) if i in heatmaps else None
-        if gives_boxes:  # the report always shows the boxes, whatever the screen shows
+        if gives_boxes and not out:  # the report always shows the boxes, whatever the screen shows
             hm = _explain.draw_boxes(gray, pred.extras.get("boxes", []))
             hm_method = "fracture boxes (solid: balanced, dashed: sensitive)"
-        if hm is None and _explain is not None:
+        if hm is None and _explain is not None and not out:
             try:
-                with model_lock(card["dir"]):
-                    hm = _explain.overlay(gray, _explain.explain(predictor, view.radiograph, male=male).map)
+                hm = _explain.overlay(gray, heatmap_for(view.digest, None, male, predictor, view).map)
                 hm_method = "error map" if task == "anomaly" else _explain.DEFAULT_CAM_METHOD
             except Exception:  # the report still has the images and numbers
                 hm = None
         view_reports.append(ViewReport(
             name=view_label(i + 1, view.digest),  # never view.name: upload names may carry identifiers
-            image=gray, heatmap=hm, heatmap_method=hm_method, probability=pred.probability,
-            boneage_months=pred.boneage_months, anomaly_score=pred.anomaly_score,
-            finding=finding_text(task, pred.decision), metadata=dict(view.radiograph.metadata),
-            warnings=list(view.radiograph.warnings)))
+            image=gray, heatmap=hm, heatmap_method=hm_method, probability=None if out else pred.probability,
+            boneage_months=None if out else pred.boneage_months, anomaly_score=None if out else pred.anomaly_score,
+            finding=None if out else finding_text(task, pred.decision), metadata=dict(view.radiograph.metadata),
+            warnings=list(view.radiograph.warnings) + view_scope.report_notes(scopes[i], out, task)))
     return StudyReport(
         study_id=record.get("label", study_id), task=task, model_name=card["name"], model_version=version_of(card),
         model_card=card_link(card), views=view_reports,
@@ -390,3 +397,8 @@ r1.download_button("Download report (HTML)", data=lambda: to_html(build_report()
                    file_name=f"{study_id}.html", mime="text/html", key="report_html", on_click="ignore")
 r2.download_button("Download report (PDF)", data=lambda: to_pdf(build_report()), file_name=f"{study_id}.pdf",
                    mime="application/pdf", key="report_pdf", on_click="ignore")
+
+# -- heatmaps, last: every number above is on the screen already --------------------------------------
+if pending_heatmaps:
+    heatmap_service.draw_heatmaps(predictor, pending_heatmaps, method, male,
+                                  lambda gray, heat: _explain.overlay(gray, heat, opacity=opacity), heatmaps, plain)

@@ -1,0 +1,186 @@
+"""Scope and familiarity figures (issue 12, parts 1 and 2) of the shipped scope model ``weights/scope``.
+
+Scope (is the view a musculoskeletal radiograph of a trained region?):
+  * held-out negatives: whole sources (package images, synthetic generators) never fitted on, each
+    with its augmented variants, judged on their pixels alone (as a PNG export, no header): how many
+    are flagged out of scope;
+  * the original package files end to end (DICOM header included), e.g. pydicom's CT/MR test files;
+  * FracAtlas test split (never fitted on, never used for a choice): how many are wrongly flagged;
+  * the 40 full-resolution RSNA hands (other hospitals): in scope by definition, how many flagged.
+Familiarity (how like the fracture model's training images?):
+  * AUC of separating FracAtlas validation images from the 40 full-resolution RSNA hands;
+  * how many FracAtlas test (and validation) images are called unfamiliar;
+  * the number of principal components, chosen on a development proxy that is not the measured set:
+    FracAtlas validation vs 300 RSNA hands of the 100x100 copy (other images than the 40).
+
+Usage:
+  OMP_NUM_THREADS=1 .venv/bin/python bench/scope_familiarity.py --data ../shared/data/fracatlas \\
+      --boneage ../shared/data/boneage
+Writes bench/results/scope_familiarity.json. Features are cached (runs/scope/features.npz, shared with
+``python -m boneai train-scope``), so a rerun takes seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import warnings
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from boneai.evaluate import bootstrap_auc_ci, roc_auc  # noqa: E402
+from boneai.io import read_radiograph  # noqa: E402
+from boneai.scope import ScopeModel  # noqa: E402
+from boneai.scope_train import (  # noqa: E402
+    CLASSES,
+    FeatureCache,
+    Item,
+    fit_familiarity,
+    negative_items,
+    radiograph_items,
+)
+
+
+def _share(flags: np.ndarray) -> dict:
+    return {"n": int(len(flags)), "flagged": int(flags.sum()), "share": float(flags.mean()) if len(flags) else None}
+
+
+def _read(path: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return read_radiograph(path)
+
+
+def pydicom_files_end_to_end(model: ScopeModel) -> dict:
+    """Every readable image among pydicom's test files, with its header, through the whole check."""
+    from pydicom.data import get_testdata_files
+
+    rows = []
+    for path in sorted(set(get_testdata_files())):
+        try:
+            rg = _read(path)
+        except Exception:  # noqa: BLE001 - not an image we read (too small, no pixels, ...)
+            continue
+        res = model.check([rg])[0]
+        rows.append({"file": Path(path).name, "modality": rg.metadata.get("modality"),
+                     "body_part": rg.metadata.get("body_part"), "in_scope": res.in_scope, "source": res.source,
+                     "reason": res.reason})
+    by_modality: dict[str, list[bool]] = defaultdict(list)
+    for r in rows:
+        by_modality[str(r["modality"])].append(not r["in_scope"])
+    return {"files": rows, "by_modality": {m: _share(np.array(v)) for m, v in sorted(by_modality.items())}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default="../shared/data/fracatlas")
+    ap.add_argument("--split", default="weights/splits/fracatlas.csv")
+    ap.add_argument("--boneage", default="../shared/data/boneage")
+    ap.add_argument("--full-resolution", default=None, help="default: BONEAGE/full_resolution")
+    ap.add_argument("--scope", default=str(REPO / "weights" / "scope"))
+    ap.add_argument("--cache", default=str(REPO / "runs" / "scope" / "features.npz"))
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scope_familiarity.json"))
+    args = ap.parse_args(argv)
+
+    model = ScopeModel.load(args.scope)
+    d = model.card["data"]
+    rad = radiograph_items(args.data, args.split, args.boneage, d["n_boneage"], d["seed"])
+    panels = [it.path for it in rad if it.source == "fracatlas:train"][::50]
+    neg = negative_items(d["n_variants"], d["n_synthetic"], d["seed"], panels)
+    full_dir = Path(args.full_resolution or Path(args.boneage) / "full_resolution") / "images"
+    full = [Item(f"rsnafull:{p.name}", "radiograph", "rsna:full_resolution", (lambda p=p: _read(str(p))), True, str(p))
+            for p in sorted(full_dir.glob("*.png"))]
+    items = rad + neg + full
+    store = FeatureCache(args.cache, model.card["feature_model"]["sha256"])
+    pooled, colour = store.features(items, model.extractor, log=lambda m: print(m, file=sys.stderr))
+    src = np.array([it.source for it in items])
+    cls = np.array([it.cls for it in items])
+    held = np.array([it.held_out for it in items])
+
+    results = model.decide(pooled, colour, [{}] * len(items))  # pixels only: as a PNG export, no header
+    flagged = np.array([not r.in_scope for r in results])
+    decider = np.array([r.source for r in results])
+    is_neg = cls != "radiograph"
+
+    scope: dict = {"note": "pixels only (no DICOM header): the image model and the colour rule"}
+    scope["held_out_negatives"] = _share(flagged[is_neg & held])
+    scope["held_out_negatives_by_class"] = {c: _share(flagged[(cls == c) & held]) for c in CLASSES[1:]}
+    scope["held_out_negatives_by_source"] = {
+        s: {**_share(flagged[src == s]), "class": str(cls[src == s][0]),
+            "flagged_by_colour_rule": int(((decider == "colour") & flagged & (src == s)).sum())}
+        for s in sorted(set(src[is_neg & held]))}
+    original = np.array([it.id.endswith("#0") and not it.source.startswith("synthetic") for it in items])
+    scope["held_out_package_originals"] = _share(flagged[is_neg & held & original])  # unaugmented files
+    scope["fitted_negatives_in_sample"] = _share(flagged[is_neg & ~held])
+    for part in ("train", "val", "test"):
+        scope[f"fracatlas_{part}_wrongly_flagged"] = _share(flagged[src == f"fracatlas:{part}"])
+    scope["fracatlas_test_flagged_files"] = [{"image": it.id.split(":", 1)[1], "reason": r.reason}
+                                             for it, r, f in zip(items, results, flagged)
+                                             if f and it.source == "fracatlas:test"]
+    scope["rsna_full_resolution_flagged"] = _share(flagged[src == "rsna:full_resolution"])
+    scope["rsna_100px_fitted_flagged_in_sample"] = _share(flagged[src == "rsna:train"])
+    scope["targets"] = {"out_of_scope_flagged_min": 0.95, "fracatlas_test_flagged_max": 0.01}
+    scope["end_to_end_pydicom_test_files"] = pydicom_files_end_to_end(model)
+
+    fam = np.array([r.familiarity for r in results])
+    dist = model.distances(pooled)
+    unfamiliar = np.array([bool(r.unfamiliar) for r in results])
+    val, test, fullres, dev = (src == "fracatlas:val", src == "fracatlas:test", src == "rsna:full_resolution",
+                               src == "rsna:train")
+    y = np.r_[np.zeros(val.sum()), np.ones(fullres.sum())]
+    s = np.r_[dist[val], dist[fullres]]
+    familiarity: dict = {
+        "method": model.card["familiarity"]["method"], "threshold": model.familiarity_threshold,
+        "auc_val_vs_rsna_full_resolution": roc_auc(y, s),
+        "auc_ci95": list(bootstrap_auc_ci(y, s)),
+        "n_val": int(val.sum()), "n_rsna_full_resolution": int(fullres.sum()),
+        "fracatlas_test_unfamiliar": _share(unfamiliar[test]),
+        "fracatlas_val_unfamiliar": _share(unfamiliar[val]),
+        "rsna_full_resolution_unfamiliar": _share(unfamiliar[fullres]),
+        "median_familiarity": {"fracatlas_test": float(np.median(fam[test])),
+                               "rsna_full_resolution": float(np.median(fam[fullres]))},
+        "target_auc_min": 0.90,
+    }
+    # The component count: chosen on the development proxy (val vs 100x100 RSNA hands), reported for all.
+    train_feats = pooled[src == "fracatlas:train"]
+    choice = []
+    for k in (4, 8, 16, 32, 64, 128, 256):
+        stats = fit_familiarity(train_feats, pooled[val], k)
+        probe = ScopeModel.__new__(ScopeModel)
+        probe.a = stats
+        dd = probe.distances(pooled)
+        choice.append({"components": k,
+                       "dev_auc_val_vs_rsna_100px": roc_auc(np.r_[np.zeros(val.sum()), np.ones(dev.sum())],
+                                                            np.r_[dd[val], dd[dev]]),
+                       "auc_val_vs_rsna_full_resolution_not_used_for_choice": roc_auc(y, np.r_[dd[val], dd[fullres]])})
+    familiarity["components_used"] = int(model.a["fam_components"].shape[0])
+    familiarity["component_choice"] = choice
+
+    report = {"command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:]),
+              "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "scope_model": {"training_command": model.card["training"]["command"],
+                              "radiograph_threshold": model.radiograph_threshold,
+                              "feature_model": model.card["feature_model"]["name"]},
+              "scope": scope, "familiarity": familiarity}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2, default=float))
+    summary = {"held_out_negatives_flagged": scope["held_out_negatives"]["share"],
+               "fracatlas_test_wrongly_flagged": scope["fracatlas_test_wrongly_flagged"]["share"],
+               "rsna_full_resolution_flagged": scope["rsna_full_resolution_flagged"]["share"],
+               "familiarity_auc": familiarity["auc_val_vs_rsna_full_resolution"],
+               "fracatlas_test_unfamiliar": familiarity["fracatlas_test_unfamiliar"]}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

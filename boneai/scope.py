@@ -1,0 +1,381 @@
+"""Scope and familiarity: is a view a radiograph the fracture model reads, and how like its training images is it?
+
+Every view is checked before a finding is shown (``predict`` and the Study review page):
+
+* **Scope.** In scope means a plain musculoskeletal radiograph of a region the model was trained on
+  (FracAtlas: hand, leg, hip, shoulder). Out of scope, with a reason, are a colour photograph or a
+  screenshot, a DICOM whose Modality is CT, MR, US, ..., a chest radiograph and an unsupported region.
+  The DICOM header decides where it speaks (Modality, BodyPartExamined); where it is silent (PNG,
+  JPEG, secondary captures), a small image model does: a multinomial logistic regression on the
+  shipped fracture model's pooled encoder features plus colour statistics (``weights/scope/``,
+  trained by ``python -m boneai train-scope``; its card says on what).
+* **Familiarity.** A score in [0, 1] from the same pooled features: the squared Mahalanobis distance
+  to the fracture model's training-split features (a low-rank covariance: the top principal
+  components plus one pooled variance for the rest), turned into the share of FracAtlas *validation*
+  images at least as far away (a conformal p-value; training distances are in-sample and too small).
+  Below the card's threshold (0.01: beyond the 99th percentile of validation distances) the view is
+  *unfamiliar*: the model's output is less reliable there.
+
+Example:
+    >>> from boneai.io import read_radiograph
+    >>> from boneai.scope import check_views
+    >>> check_views([read_radiograph("samples/fracatlas/IMG0000019.jpg")])[0].in_scope  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from boneai.errors import BoneAIError
+from boneai.io import Radiograph
+
+__all__ = [
+    "SCOPE_CARD",
+    "UNFAMILIAR_NOTE",
+    "ScopeResult",
+    "ScopeModel",
+    "header_reason",
+    "colour_stats",
+    "colour_reason",
+    "load_scope_model",
+    "check_views",
+    "scope_dir",
+]
+
+#: The scope model's card inside its folder. Not ``card.json``: the scope model is not a predictor
+#: and must not be listed among the fracture, bone-age and anomaly models.
+SCOPE_CARD = "scope_card.json"
+SCOPE_WEIGHTS = "scope.safetensors"
+#: What the app says next to the finding of an unfamiliar view.
+UNFAMILIAR_NOTE = "this image is unlike the model's training images; its output is less reliable here"
+
+#: Plain radiography (DICOM PS3.3 C.7.3.1.1.1): CR, DX, and RG (radiographic imaging, conventional film).
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "RG"})
+#: Modalities that say nothing about the content: other, secondary capture (a scanned film or a screenshot).
+SILENT_MODALITIES = frozenset({"", "OT", "SC"})
+#: Other modalities named in the reason; any modality not listed here or above is out of scope too.
+MODALITY_NAMES = {
+    "CT": "computed tomography", "MR": "magnetic resonance", "US": "ultrasound", "NM": "nuclear medicine",
+    "PT": "PET", "MG": "mammography", "XA": "X-ray angiography", "RF": "fluoroscopy",
+    "IO": "intra-oral (dental) radiograph", "PX": "panoramic dental radiograph", "DG": "diaphanography",
+    "ES": "endoscopy", "XC": "external camera photograph", "OP": "ophthalmic photograph", "SM": "slide microscopy",
+    "GM": "general microscopy", "BMD": "bone densitometry", "OCT": "optical coherence tomography",
+    "ECG": "ECG waveform", "SR": "structured report", "SEG": "segmentation", "RTDOSE": "radiotherapy dose",
+    "RTSTRUCT": "radiotherapy structures", "RTIMAGE": "radiotherapy image", "PR": "presentation state",
+}
+#: FracAtlas regions, and the DICOM BodyPartExamined values (PS3.16 CID 4031, spaces and "_" removed)
+#: that fall in them. Anything else the header names is an unsupported region.
+TRAINED_REGIONS = ("hand", "leg", "hip", "shoulder")
+SUPPORTED_BODY_PARTS = {
+    **dict.fromkeys(("HAND", "WRIST", "FINGER", "THUMB", "FOREARM", "RADIUS", "ULNA"), "hand"),
+    **dict.fromkeys(("LEG", "LOWERLEG", "KNEE", "PATELLA", "ANKLE", "FOOT", "TOE", "HEEL", "CALCANEUS",
+                     "TIBIA", "FIBULA", "FEMUR", "THIGH", "LOWERLIMB", "LOWEREXTREMITY"), "leg"),
+    **dict.fromkeys(("HIP", "PELVIS", "SACROILIACJOINT"), "hip"),
+    **dict.fromkeys(("SHOULDER", "CLAVICLE", "SCAPULA", "HUMERUS", "ACJOINT", "ACROMIOCLAVICULARJOINT",
+                     "UPPERARM", "ARM", "UPPERLIMB", "UPPEREXTREMITY"), "shoulder"),
+    "EXTREMITY": "any",  # a limb, region not said: the image model decides
+}
+CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "RIBS", "RIB", "STERNUM", "CHESTABDOMEN",
+                              "CHESTTOPELVIS", "HEART", "MEDIASTINUM"})
+#: A grey radiograph has no hue. An image counts as colour when more than this share of its pixels
+#: have an HSV saturation over 0.2 (bright enough to have a hue); FracAtlas, RSNA bone age: 0.
+COLOUR_PIXEL_SHARE = 0.02
+
+
+@dataclass
+class ScopeResult:
+    """The scope and familiarity of one view.
+
+    Attributes:
+        in_scope: a plain musculoskeletal radiograph of a trained region (as far as the checks tell).
+        reason: why it is out of scope (one sentence); None when in scope.
+        source: what decided: "header", "colour", "image model", or "none" (no check available).
+        familiarity: in [0, 1]; the share of validation images at least as far from the training images.
+            None without a scope model.
+        unfamiliar: familiarity below the card's threshold; None without a scope model.
+        radiograph_probability: the image model's probability that the view is a radiograph.
+    """
+
+    in_scope: bool
+    reason: str | None = None
+    source: str = "none"
+    familiarity: float | None = None
+    unfamiliar: bool | None = None
+    radiograph_probability: float | None = None
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def fields(self) -> dict[str, Any]:
+        """The ``predict --json`` fields."""
+        return {"in_scope": self.in_scope, "scope_reason": self.reason,
+                "familiarity": None if self.familiarity is None else round(float(self.familiarity), 4),
+                "unfamiliar": self.unfamiliar}
+
+
+def _norm(value: Any) -> str:
+    return "".join(ch for ch in str(value or "").upper() if ch.isalnum())
+
+
+def header_reason(metadata: dict[str, Any]) -> str | None:
+    """Why the DICOM header puts a view out of scope; None where it does not (or says nothing)."""
+    modality = _norm(metadata.get("modality"))
+    if modality and modality not in RADIOGRAPH_MODALITIES and modality not in SILENT_MODALITIES:
+        name = MODALITY_NAMES.get(modality)
+        what = f"{modality} ({name})" if name else modality
+        return f"DICOM modality {what}: not a plain radiograph"
+    part = _norm(metadata.get("body_part"))
+    if not part:
+        return None
+    if part in CHEST_BODY_PARTS or part.startswith("CHEST"):
+        return (f"chest radiograph (DICOM body part {metadata.get('body_part')}): "
+                "the model was not trained on chest films")
+    if part not in SUPPORTED_BODY_PARTS:
+        return (f"unsupported region (DICOM body part {metadata.get('body_part')}): the model was trained on "
+                f"{', '.join(TRAINED_REGIONS[:-1])} and {TRAINED_REGIONS[-1]} radiographs")
+    return None
+
+
+def colour_stats(pixels: np.ndarray) -> np.ndarray:
+    """Colour statistics of a decoded image (zeros for a grey one), on a copy at most 256 px a side.
+
+    [has colour channels, mean saturation, share of pixels with saturation > 0.2, > 0.5,
+    mean spread between channels / 255].
+    """
+    img = np.asarray(pixels)
+    if img.ndim != 3 or img.shape[2] < 3:
+        return np.zeros(5, np.float32)
+    step = max(1, int(np.ceil(max(img.shape[:2]) / 256)))
+    rgb = img[::step, ::step, :3].astype(np.float32)
+    if img.dtype != np.uint8:
+        lo, hi = float(rgb.min()), float(rgb.max())
+        rgb = (rgb - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(rgb)
+    mx, mn = rgb.max(axis=2), rgb.min(axis=2)
+    sat = np.where(mx > 25, (mx - mn) / np.maximum(mx, 1e-6), 0.0)  # near-black pixels have no hue
+    return np.array([1.0, sat.mean(), (sat > 0.2).mean(), (sat > 0.5).mean(), (mx - mn).mean() / 255.0],
+                    np.float32)
+
+
+def colour_reason(stats: np.ndarray) -> str | None:
+    """'colour ...' when the colour statistics say the image is not grey; None otherwise."""
+    if stats[0] and stats[2] > COLOUR_PIXEL_SHARE:
+        return "colour image: a photograph or a screenshot, not a radiograph (radiographs are grey)"
+    return None
+
+
+def scope_dir(weights_dir: str | Path | None = None) -> Path:
+    from boneai.inference import WEIGHTS_DIR
+
+    return Path(weights_dir) / "scope" if weights_dir is not None else WEIGHTS_DIR / "scope"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fast_copy(model: Any) -> Any:
+    """The batch-norm-folded copy the predictors run (same features to float32 rounding, ~1.5x faster)."""
+    import torch
+
+    try:
+        from boneai.models.fuse import inference_copy
+
+        fast, _ = inference_copy(model, torch.zeros(1, 3, 64, 64))
+        return fast.to(memory_format=torch.channels_last).eval()
+    except Exception:  # noqa: BLE001 - the plain model gives the same features, only slower
+        return model.eval()
+
+
+class FeatureExtractor:
+    """Pooled encoder features (the input of the classifier head) of a fracture model, in float32."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        from boneai.inference import load_model
+
+        self.predictor = load_model(model_dir)
+        model = getattr(self.predictor, "model", None)
+        if not hasattr(model, "forward_features") or not hasattr(model, "forward_head"):
+            raise BoneAIError(f"Model {model_dir} has no pooled encoder features (a timm classifier is needed).")
+        self.model = _fast_copy(model)
+        self._lock = threading.Lock()  # one forward pass at a time (Streamlit sessions share the model)
+
+    def input_image(self, image: Radiograph | np.ndarray) -> np.ndarray:
+        return self.predictor.input_image(image)
+
+    def pooled(self, images: Sequence[Radiograph | np.ndarray], batch_size: int = 16) -> np.ndarray:
+        """(N, C) pooled features of the images through the model's own preprocessing."""
+        import torch
+
+        from boneai.transforms import to_tensor
+
+        mean, std = self.predictor.mean, self.predictor.std
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([to_tensor(self.input_image(im), mean, std) for im in images[start:start + batch_size]])
+            with self._lock, torch.inference_mode():
+                feats = self.model.forward_features(batch.to(memory_format=torch.channels_last))
+                out.append(self.model.forward_head(feats, pre_logits=True).float().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def classifier_input(pooled: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """What the scope classifier reads: sqrt of the pooled features (non-negative after ReLU6) and colour stats."""
+    return np.concatenate([np.sqrt(np.maximum(pooled, 0.0)), colour], axis=1).astype(np.float64)
+
+
+class ScopeModel:
+    """The scope classifier and the familiarity statistics of ``weights/scope/``, with their feature model."""
+
+    def __init__(self, card: dict[str, Any], arrays: dict[str, np.ndarray], directory: Path,
+                 extractor: FeatureExtractor | None = None) -> None:
+        self.card, self.directory = card, directory
+        self.a = {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}
+        self.classes: list[str] = list(card["classifier"]["classes"])
+        self.radiograph_threshold = float(card["classifier"]["radiograph_threshold"])
+        self.familiarity_threshold = float(card["familiarity"]["threshold"])
+        self._extractor = extractor
+
+    # -- loading ---------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, directory: str | Path | None = None, weights_dir: str | Path | None = None) -> "ScopeModel":
+        """Load a scope folder; the feature model must be the very one the scope model was fitted on.
+
+        Raises:
+            BoneAIError: no scope model, or its feature model is missing or has other weights.
+        """
+        from safetensors.numpy import load_file
+
+        folder = Path(directory) if directory is not None else scope_dir(weights_dir)
+        card_path = folder / SCOPE_CARD
+        if not card_path.is_file():
+            raise BoneAIError(f"No scope model in {folder} (no {SCOPE_CARD}); train one with "
+                              "`python -m boneai train-scope`.")
+        card = json.loads(card_path.read_text())
+        arrays = load_file(str(folder / card.get("weights_file", SCOPE_WEIGHTS)))
+        return cls(card, arrays, folder)
+
+    def feature_model_dir(self) -> Path:
+        fm = self.card["feature_model"]
+        path = Path(fm["dir"])
+        if not path.is_absolute():
+            path = self.directory.parent / path  # relative to the weights folder
+        return path
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            path = self.feature_model_dir()
+            weights = path / self.card["feature_model"].get("weights_file", "model.safetensors")
+            if not weights.is_file():
+                raise BoneAIError(f"The scope model's feature model is missing: {weights}.")
+            expected = self.card["feature_model"].get("sha256")
+            if expected and file_sha256(weights) != expected:
+                raise BoneAIError(f"The scope model was fitted on other weights of {path.name}; "
+                                  "run `python -m boneai train-scope` again.")
+            self._extractor = FeatureExtractor(path)
+        return self._extractor
+
+    # -- scores ----------------------------------------------------------------------------------------
+    def class_probabilities(self, pooled: np.ndarray, colour: np.ndarray) -> np.ndarray:
+        x = (classifier_input(pooled, colour) - self.a["x_mean"]) / self.a["x_scale"]
+        z = x @ self.a["coef"].T + self.a["intercept"]
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def distances(self, pooled: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distances to the training features (top components + pooled residual)."""
+        d = pooled.astype(np.float64) - self.a["fam_mean"]
+        comps = self.a["fam_components"]  # (k, C), orthonormal rows
+        proj = d @ comps.T
+        resid = (d * d).sum(axis=1) - (proj * proj).sum(axis=1)
+        resid_var = float(np.ravel(self.a["fam_residual_variance"])[0])
+        return (proj * proj / self.a["fam_eigenvalues"]).sum(axis=1) + np.maximum(resid, 0.0) / resid_var
+
+    def familiarity(self, distances: np.ndarray) -> np.ndarray:
+        """Share of validation images at least as far, (1 + #{d_val >= d}) / (n_val + 1)."""
+        ref = np.sort(self.a["fam_val_distances"])
+        at_least = len(ref) - np.searchsorted(ref, distances, side="left")
+        return (1.0 + at_least) / (len(ref) + 1.0)
+
+    def check(self, images: Sequence[Radiograph], pooled: np.ndarray | None = None) -> list[ScopeResult]:
+        """Scope and familiarity of each radiograph (one batch through the feature model)."""
+        if not len(images):
+            return []
+        if pooled is None:
+            pooled = self.extractor.pooled(list(images))
+        colour = np.stack([colour_stats(im.pixels) for im in images])
+        headers = [im.metadata if im.source_format == "DICOM" else {} for im in images]
+        return self.decide(pooled, colour, headers)
+
+    def decide(self, pooled: np.ndarray, colour: np.ndarray,
+               headers: Sequence[dict[str, Any]]) -> list[ScopeResult]:
+        """Decisions from features already computed: header first, then colour, then the image model."""
+        probs = self.class_probabilities(pooled, colour)
+        fam = self.familiarity(self.distances(pooled))
+        rad = self.classes.index("radiograph")
+        results = []
+        for header_meta, p, c, f in zip(headers, probs, colour, fam):
+            res = ScopeResult(in_scope=True, source="image model", familiarity=float(f),
+                              unfamiliar=bool(f < self.familiarity_threshold), radiograph_probability=float(p[rad]))
+            res.extras["class_probabilities"] = {k: round(float(v), 4) for k, v in zip(self.classes, p)}
+            header = header_reason(header_meta) if header_meta else None
+            colour_why = colour_reason(c)
+            if header:
+                res.in_scope, res.reason, res.source = False, header, "header"
+            elif colour_why:
+                res.in_scope, res.reason, res.source = False, colour_why, "colour"
+            elif p[rad] < self.radiograph_threshold:
+                other = max((k for k in range(len(self.classes)) if k != rad), key=lambda k: p[k])
+                res.in_scope, res.source = False, "image model"
+                res.reason = (f"looks like {self.card['classifier']['reasons'][self.classes[other]]}, "
+                              f"not a musculoskeletal radiograph (image check: radiograph "
+                              f"probability {p[rad]:.2f})")
+            results.append(res)
+        return results
+
+
+@lru_cache(maxsize=4)
+def _cached(directory: str, mtime: float) -> ScopeModel:
+    return ScopeModel.load(directory)
+
+
+def load_scope_model(weights_dir: str | Path | None = None) -> ScopeModel | None:
+    """The shipped scope model (cached per process), or None when there is none."""
+    folder = scope_dir(weights_dir)
+    card = folder / SCOPE_CARD
+    if not card.is_file():
+        return None
+    return _cached(str(folder), card.stat().st_mtime)
+
+
+def check_views(images: Sequence[Radiograph], weights_dir: str | Path | None = None) -> list[ScopeResult]:
+    """Scope and familiarity of each view. Without a usable scope model only the header and colour
+    rules apply (familiarity None): a missing image check never blocks a prediction."""
+    try:
+        model = load_scope_model(weights_dir)
+        if model is not None:
+            return model.check(images)
+        note = "no scope model installed"
+    except BoneAIError as exc:
+        note = str(exc)
+    results = []
+    for im in images:
+        header = header_reason(im.metadata) if im.source_format == "DICOM" else None
+        colour_why = colour_reason(colour_stats(im.pixels))
+        res = ScopeResult(in_scope=not (header or colour_why), reason=header or colour_why,
+                          source="header" if header else ("colour" if colour_why else "none"))
+        res.extras["note"] = note
+        results.append(res)
+    return results

@@ -1,0 +1,265 @@
+"""Scope and familiarity (issue 12): header rules, the shipped scope model on package files and samples,
+the ``predict --json`` fields and the Study review page. Needs no shared data: samples/ and files that
+pydicom and scikit-image ship."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from boneai.io import read_radiograph
+from boneai.scope import (
+    SCOPE_CARD,
+    UNFAMILIAR_NOTE,
+    ScopeModel,
+    check_views,
+    colour_reason,
+    colour_stats,
+    header_reason,
+    scope_dir,
+)
+from tests.conftest import make_dicom, load_sample_gray
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples"
+FRACATLAS = sorted((SAMPLES / "fracatlas").glob("*.jpg"))
+
+
+def _read(source, name: str | None = None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return read_radiograph(source, name)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def scope_model() -> ScopeModel:
+    if not (scope_dir() / SCOPE_CARD).is_file():
+        pytest.skip("no scope model in weights/scope (train one with `python -m boneai train-scope`)")
+    return ScopeModel.load()
+
+
+def _pydicom_file(name: str) -> str:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"pydicom does not ship {name}")
+    return path
+
+
+def _colour_photo() -> bytes:
+    skdata = pytest.importorskip("skimage.data")
+    return _png(skdata.astronaut())
+
+
+# -- rules -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("meta, expected", [
+    ({"modality": "CT"}, "DICOM modality CT (computed tomography)"),
+    ({"modality": "MR", "body_part": "KNEE"}, "DICOM modality MR (magnetic resonance)"),
+    ({"modality": "US"}, "DICOM modality US (ultrasound)"),
+    ({"modality": "MG"}, "mammography"),
+    ({"modality": "DX", "body_part": "CHEST"}, "chest radiograph"),
+    ({"modality": "CR", "body_part": "SKULL"}, "unsupported region (DICOM body part SKULL)"),
+    ({"modality": "DX", "body_part": "L SPINE"}, "unsupported region"),
+])
+def test_the_header_puts_other_modalities_chest_and_other_regions_out_of_scope(meta, expected) -> None:
+    reason = header_reason(meta)
+    assert reason is not None and expected in reason
+
+
+@pytest.mark.parametrize("meta", [
+    {"modality": "DX", "body_part": "HAND"}, {"modality": "CR", "body_part": "ANKLE"},
+    {"modality": "DX", "body_part": "HIP"}, {"modality": "RG", "body_part": "SHOULDER"},
+    {"modality": "OT"}, {"modality": None}, {},
+])
+def test_the_header_is_silent_or_agrees_for_radiographs_of_trained_regions(meta) -> None:
+    assert header_reason(meta) is None
+
+
+def test_colour_rule_flags_a_colour_photo_and_not_grey_or_grey_stored_as_rgb() -> None:
+    skdata = pytest.importorskip("skimage.data")
+    assert colour_reason(colour_stats(skdata.astronaut())).startswith("colour image")
+    grey = load_sample_gray("fracatlas/IMG0000351.jpg")
+    assert colour_reason(colour_stats(grey)) is None
+    assert colour_reason(colour_stats(np.repeat(grey[:, :, None], 3, axis=2))) is None
+
+
+# -- the shipped scope model -------------------------------------------------------------------------------
+def test_pydicom_ct_and_mr_test_files_are_out_of_scope_by_their_header(scope_model) -> None:
+    ct, mr = _read(_pydicom_file("CT_small.dcm")), _read(_pydicom_file("MR_small.dcm"))
+    res = scope_model.check([ct, mr])
+    assert [r.in_scope for r in res] == [False, False]
+    assert "DICOM modality CT" in res[0].reason and "DICOM modality MR" in res[1].reason
+    assert {r.source for r in res} == {"header"}
+
+
+def test_ct_and_mr_pixels_without_a_header_are_out_of_scope_by_the_image_model(scope_model) -> None:
+    # The same slices exported as PNG: nothing in the file says CT or MR any more.
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        rg = _read(_png(_read(_pydicom_file(name)).pixels), name + ".png")
+        res = scope_model.check([rg])[0]
+        assert not res.in_scope and res.source == "image model", (name, res)
+        assert "not a musculoskeletal radiograph" in res.reason
+
+
+def test_a_colour_photograph_is_out_of_scope(scope_model) -> None:
+    res = scope_model.check([_read(_colour_photo(), "photo.png")])[0]
+    assert not res.in_scope and "photograph" in res.reason
+
+
+def test_a_grey_photograph_is_out_of_scope(scope_model) -> None:
+    skdata = pytest.importorskip("skimage.data")
+    res = scope_model.check([_read(_png(skdata.camera()), "camera.png")])[0]
+    assert not res.in_scope and res.source == "image model", res
+
+
+def test_chest_and_ct_headers_win_over_radiograph_pixels(scope_model) -> None:
+    pixels = load_sample_gray("fracatlas/IMG0000351.jpg")
+    chest = _read(make_dicom(pixels, extra={"BodyPartExamined": "CHEST"}), "chest.dcm")
+    ct = _read(make_dicom(pixels, extra={"Modality": "CT"}), "ct.dcm")
+    hand = _read(make_dicom(pixels), "hand.dcm")
+    res = scope_model.check([chest, ct, hand])
+    assert not res[0].in_scope and res[0].reason.startswith("chest radiograph")
+    assert not res[1].in_scope and "CT" in res[1].reason
+    assert res[2].in_scope and res[2].reason is None
+
+
+def test_fracatlas_and_bone_age_samples_are_in_scope_with_a_familiarity(scope_model) -> None:
+    files = FRACATLAS + sorted((SAMPLES / "boneage").glob("*.png"))
+    res = scope_model.check([_read(f) for f in files])
+    assert [r.in_scope for r in res] == [True] * len(files), [(f.name, r.reason) for f, r in zip(files, res)]
+    for r in res:
+        assert 0.0 < r.familiarity <= 1.0 and isinstance(r.unfamiliar, bool)
+        assert r.unfamiliar == (r.familiarity < scope_model.familiarity_threshold)
+
+
+def test_familiarity_is_the_share_of_validation_images_at_least_as_far(scope_model) -> None:
+    ref = np.sort(scope_model.a["fam_val_distances"])
+    n = len(ref)
+    fam = scope_model.familiarity(np.array([0.0, ref[n // 2], ref[-1] * 10]))
+    assert fam[0] == 1.0
+    assert fam[1] == pytest.approx((1 + n - n // 2) / (n + 1), abs=2 / n)
+    assert fam[2] == pytest.approx(1 / (n + 1))
+    # The threshold sits at the validation split's 99th percentile: about 1 % of it is unfamiliar.
+    share = np.mean(scope_model.familiarity(ref) < scope_model.familiarity_threshold)
+    assert share <= 0.011
+
+
+def test_the_card_records_the_command_data_and_feature_model(scope_model) -> None:
+    card = scope_model.card
+    assert card["training"]["command"].startswith("python -m boneai train-scope")
+    assert card["feature_model"]["sha256"] and card["feature_model"]["name"]
+    assert card["data"]["held_out_sources"] and "chest" in card["data"]
+    assert card["classifier"]["classes"][0] == "radiograph"
+    assert 0.0 < card["familiarity"]["threshold"] < 0.5
+
+
+def test_without_a_scope_model_the_rules_still_apply(tmp_path) -> None:
+    ct = _read(_pydicom_file("CT_small.dcm"))
+    hand = _read(FRACATLAS[0])
+    res = check_views([ct, hand], weights_dir=tmp_path)
+    assert not res[0].in_scope and "CT" in res[0].reason
+    assert res[1].in_scope and res[1].familiarity is None and res[1].unfamiliar is None
+
+
+# -- command line -----------------------------------------------------------------------------------------
+def test_predict_json_has_scope_fields_and_out_of_scope_rows_have_no_finding(tmp_path, scope_model) -> None:
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(_colour_photo())
+    files = [str(FRACATLAS[0]), _pydicom_file("CT_small.dcm"), str(photo)]
+    proc = subprocess.run([sys.executable, "-m", "boneai", "predict", *files, "--json"], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout)
+    hand, ct, colour = rows
+    for r in rows:
+        assert {"in_scope", "scope_reason", "familiarity", "unfamiliar"} <= set(r) and r["ok"] and r["error"] is None
+        assert isinstance(r["familiarity"], float) and 0.0 <= r["familiarity"] <= 1.0
+        assert isinstance(r["unfamiliar"], bool)
+    assert hand["in_scope"] is True and hand["scope_reason"] is None
+    assert 0.0 <= hand["probability"] <= 1.0 and hand["decision"] in ("fracture", "no fracture")
+    for r, word in ((ct, "CT"), (colour, "colour")):
+        assert r["in_scope"] is False and word in r["scope_reason"]
+        assert r["probability"] is None and r["decision"] is None
+
+    lines = subprocess.run([sys.executable, "-m", "boneai", "predict", files[1]], cwd=REPO,
+                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert lines.returncode == 0 and "out of scope: DICOM modality CT" in lines.stdout
+
+
+# -- Study review ----------------------------------------------------------------------------------------
+@pytest.fixture()
+def isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("BONEAI_REVIEW_DB", str(tmp_path / "reviews.sqlite"))
+    monkeypatch.setenv("BONEAI_JOBS_DIR", str(tmp_path / "jobs"))
+    return tmp_path
+
+
+def test_study_review_greys_an_out_of_scope_upload_with_its_reason_and_show_anyway_is_audited(
+        isolated_state, scope_model) -> None:
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from streamlit.testing.v1 import AppTest
+
+    from boneai.inference import load_model
+    from boneai.store import ReviewStore
+
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=300).run()
+    at.radio(key="review_source").set_value("Upload files").run()
+    hand = FRACATLAS[0]
+    at.file_uploader(key="review_upload").set_value([
+        ("Doe_John.png", _colour_photo(), "image/png"),  # an upload name is never logged
+        (hand.name, hand.read_bytes(), "image/jpeg"),
+    ]).run()
+    assert not at.exception, [e.value for e in at.exception]
+    from ui.common import plain
+
+    errors = [e.value for e in at.error]  # markdown-escaped, as every shown text
+    assert len(errors) == 1 and plain("Out of scope: colour image") in errors[0] and "No finding" in errors[0]
+    p_hand = load_model("fracture").predict(_read(hand)).probability
+    probabilities = [m.value for m in at.main.metric if m.label == "Probability"]
+    assert probabilities == [f"{p_hand:.3f}"]  # the photo has no probability
+    assert [m.value for m in at.main.metric if m.label == "Study probability"] == [f"{p_hand:.3f}"]
+
+    at.toggle(key=next(t.key for t in at.toggle if t.label == "Show anyway")).set_value(True).run()
+    assert not at.exception
+    assert len([m for m in at.main.metric if m.label == "Probability"]) == 2
+    audit = ReviewStore(isolated_state / "reviews.sqlite").audit_log()
+    shown = audit[audit["action"] == "show-anyway"]
+    detail = shown["detail"].iloc[0]
+    assert len(shown) == 1 and detail.startswith("view 1 ") and "colour image" in detail and "Doe" not in detail
+
+
+def test_study_review_notes_an_unfamiliar_view_next_to_its_finding(isolated_state, scope_model,
+                                                                  monkeypatch) -> None:
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from streamlit.testing.v1 import AppTest
+
+    from boneai.scope import load_scope_model
+
+    # Every view unfamiliar: the familiarity threshold of the app's (cached) scope model above 1.
+    monkeypatch.setattr(load_scope_model(), "familiarity_threshold", 1.01)
+    mirrored = load_sample_gray("fracatlas/IMG0000597.jpg")[:, ::-1].copy()  # bytes no other test uploads
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=300).run()
+    at.radio(key="review_source").set_value("Upload files").run()
+    at.file_uploader(key="review_upload").set_value([("mirrored.png", _png(mirrored), "image/png")]).run()
+    assert not at.exception
+    assert [m.label for m in at.main.metric if m.label == "Probability"] == ["Probability"]
+    notes = [w.value for w in at.warning if UNFAMILIAR_NOTE in w.value]
+    assert len(notes) == 1 and notes[0].startswith("Unfamiliar image (familiarity ")
