@@ -346,7 +346,7 @@ def train_localiser(cfg: LocaliserConfig) -> dict[str, Any]:
             f.write(json.dumps(record) + "\n")
         _save(model if best_state is None else None, best_state, out)
     card = {
-        "name": out.name, "task": "localisation", "kind": "localiser", "architecture": "fpn_efficientnet_lite0",
+        "name": out.name, "task": "fracture", "kind": "localiser", "architecture": "fpn_efficientnet_lite0",
         "description": "FPN (segmentation-models-pytorch) on EfficientNet-Lite0 with an image-level head, "
                        "trained on the FracAtlas fracture boxes.",
         "input_size": cfg.image_size, "mean": mean, "std": std, "pipeline": pipeline,

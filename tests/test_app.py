@@ -344,7 +344,7 @@ def test_performance_threshold_slider_updates_every_metric(fracture_card) -> Non
     assert at.slider(key=f"perf_threshold_{name}").value == pytest.approx(sensitive)
     m = ev.threshold_metrics(df["label"].to_numpy(), df["probability"].to_numpy(), sensitive)
     assert _metrics(at, "Sensitivity") == [f"{m['sensitivity']:.3f}"]
-    charts = at.main.get("plotly_chart")
+    charts = [c for c in at.main.get("plotly_chart") if c.key != "perf_froc"]  # FROC: the localisation section
     assert len(charts) == 4  # confusion, ROC, PR, calibration
     roc = json.loads(charts[1].proto.spec)
     marker = roc["data"][-1]
@@ -619,3 +619,28 @@ def test_a_signed_in_reviewers_review_carries_their_name_and_is_audited(isolated
     audit = store.audit_log()  # newest first
     assert audit[["actor", "action"]].values.tolist() == [[REVIEWER["email"], "save-review"],
                                                          [REVIEWER["email"], "sign-in"]]
+
+
+def test_the_localiser_draws_boxes_lists_them_and_zooms_into_one() -> None:
+    from boneai.inference import load_model
+
+    at = _app()
+    at.sidebar.selectbox(key="model_fracture").set_value("fracture_localiser").run()
+    at.selectbox(key="review_sample_fracture").set_value("Single view IMG0000019.jpg, hand").run()
+    _no_exception(at)
+    assert at.radio(key="review_evidence").value == "boxes"
+    pred = load_model("fracture_localiser").predict(_read(REPO / "samples/fracatlas/IMG0000019.jpg"))
+    boxes = pred.extras["boxes"]
+    captions = [c.value for c in at.caption if "box(es)" in c.value or c.value.startswith("No box")]
+    if boxes:
+        assert captions == [f"{len(boxes)} box(es): " + ", ".join(
+            f"#{k} {b['score']:.2f} ({'solid' if b['operating_point'] == 'balanced' else 'dashed'})"
+            for k, b in enumerate(boxes, 1))]
+        n_images = len(at.main.image)
+        at.selectbox(key=next(s.key for s in at.selectbox if s.key and s.key.startswith("zoom_"))).set_value(1).run()
+        assert len(at.main.image) == n_images + 1
+    else:
+        assert captions == ["No box passes the sensitive box operating point."]
+    assert _metrics(at, "Probability") == [f"{pred.probability:.3f}"]
+    at.radio(key="review_evidence").set_value("heatmap").run()
+    _no_exception(at)
