@@ -2,7 +2,8 @@
 
 Same ``dataset.csv``, same folder layout and file names (so the same validation split), but each
 image is decoded (truncated JPEGs included), converted to grey, capped at ``--max-side`` pixels
-and stored as lossy WebP inside the original ``.jpg`` name (Pillow reads by content, not by name).
+and stored as lossy grey JPEG under the original name. (Earlier copies used WebP, which was a few MB
+smaller; the reader now opens PNG, JPEG and DICOM only, so the copy stays inside that list.)
 It is a lossy copy: models trained on it are validated again on the original files with
 ``python -m boneai revalidate``.
 
@@ -76,7 +77,7 @@ def main() -> int:
         if max(h, w) > args.max_side:
             s = args.max_side / max(h, w)
             img = cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
-        ok, buf = cv2.imencode(".webp", np.ascontiguousarray(img), [cv2.IMWRITE_WEBP_QUALITY, args.quality])
+        ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(img), [cv2.IMWRITE_JPEG_QUALITY, args.quality])
         if not ok:
             raise RuntimeError(f"could not encode {path}")
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
