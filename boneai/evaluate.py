@@ -310,39 +310,38 @@ def _top_box(pred: np.ndarray) -> np.ndarray | None:
     return pred[int(np.argmax(pred[:, 4]))] if len(pred) else None
 
 
+def _hit_share(truths: Sequence[np.ndarray], found: Any) -> float | None:
+    """Share of images with annotated boxes for which ``found(k, truth)`` is true; None without any."""
+    hits, n = 0, 0
+    for k, truth in enumerate(truths):
+        truth = np.asarray(truth, dtype=np.float64).reshape(-1, 4)
+        if len(truth):
+            n += 1
+            hits += bool(found(k, truth))
+    return hits / n if n else None
+
+
+def _inside(x: float, y: float, truth: np.ndarray) -> bool:
+    return bool(((truth[:, 0] <= x) & (x <= truth[:, 2]) & (truth[:, 1] <= y) & (y <= truth[:, 3])).any())
+
+
 def hit_rate(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], iou: float = HIT_IOU) -> float | None:
     """Share of images with annotated boxes whose top-scoring predicted box finds one.
 
     Found means IoU >= ``iou`` with an annotated box, or the predicted box's centre inside one.
     An image without predicted boxes is a miss. ``None`` when no image has an annotated box.
     """
-    hits, n = 0, 0
-    for pred, truth in zip(preds, truths):
-        truth = np.asarray(truth, dtype=np.float64).reshape(-1, 4)
-        if not len(truth):
-            continue
-        n += 1
-        top = _top_box(pred)
-        if top is None:
-            continue
-        cx, cy = (top[0] + top[2]) / 2, (top[1] + top[3]) / 2
-        inside = (truth[:, 0] <= cx) & (cx <= truth[:, 2]) & (truth[:, 1] <= cy) & (cy <= truth[:, 3])
-        hits += bool(inside.any() or (box_iou(top[None], truth) >= iou).any())
-    return hits / n if n else None
+    def found(k: int, truth: np.ndarray) -> bool:
+        top = _top_box(preds[k])
+        return top is not None and (_inside((top[0] + top[2]) / 2, (top[1] + top[3]) / 2, truth)
+                                    or bool((box_iou(top[None], truth) >= iou).any()))
+
+    return _hit_share(truths, found)
 
 
 def point_hit_rate(points: Sequence[tuple[float, float] | None], truths: Sequence[np.ndarray]) -> float | None:
     """Share of images with annotated boxes whose point (a heatmap peak) lies inside one of them."""
-    hits, n = 0, 0
-    for point, truth in zip(points, truths):
-        truth = np.asarray(truth, dtype=np.float64).reshape(-1, 4)
-        if not len(truth):
-            continue
-        n += 1
-        if point is not None:
-            x, y = point
-            hits += bool(((truth[:, 0] <= x) & (x <= truth[:, 2]) & (truth[:, 1] <= y) & (y <= truth[:, 3])).any())
-    return hits / n if n else None
+    return _hit_share(truths, lambda k, truth: points[k] is not None and _inside(*points[k], truth))
 
 
 def _matched(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], iou: float) -> tuple[np.ndarray, np.ndarray, int]:

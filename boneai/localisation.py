@@ -431,7 +431,7 @@ class LocaliserPredictor(CardOperatingPoints):
         self.pipeline = card.pipeline_spec()
         self.mean, self.std = list(card.mean or ()), list(card.std or ())
         size = int(self.pipeline[-1]["params"]["size"])
-        if os_environ_flag("BONEAI_FOLD_BN"):
+        if os.environ.get("BONEAI_FOLD_BN", "1").strip() != "0":  # as the classifiers (boneai.predictor)
             fast, self.batchnorm_folded = inference_copy(_Flat(self.model), torch.zeros(1, 3, size, size))
             self._forward = fast.inner
         else:
@@ -528,10 +528,6 @@ def combined_probability(image_score: ImageScore, head_logit: np.ndarray, map_pe
     z = (image_features(head_logit, map_peak) @ np.asarray(image_score.weights, dtype=np.float64)
          + float(image_score.bias))
     return 1.0 / (1.0 + np.exp(-z))
-
-
-def os_environ_flag(name: str, default: str = "1") -> bool:
-    return os.environ.get(name, default).strip() != "0"
 
 
 @register_loader("localiser")

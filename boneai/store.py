@@ -36,7 +36,6 @@ import os
 import re
 import secrets
 import sqlite3
-from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
