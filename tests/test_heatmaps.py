@@ -95,3 +95,20 @@ def test_a_failed_heatmap_is_not_kept(fracture_fast, radiographs) -> None:
     finally:
         service.pool.shutdown(wait=True)
     assert not service.cache
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are a Linux feature")
+def test_heatmap_workers_run_below_the_page_priority(monkeypatch) -> None:
+    """Heatmaps take the CPU that page runs and probabilities leave: their workers are niced, the
+    calling (page) thread is not."""
+    import os
+
+    monkeypatch.setenv("BONEAI_HEATMAP_NICE", "7")
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    service = _Service(n_workers=1, max_bytes=1 << 20)
+    try:
+        worker = service.pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    finally:
+        service.pool.shutdown()
+    assert worker == min(19, max(base, 7))
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base

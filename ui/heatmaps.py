@@ -11,6 +11,9 @@ Now the page draws every view with its numbers first, then calls :func:`draw_hea
   sessions (default: the cores left once one set of torch's intra-op threads is kept for the
   sessions' predictions and page runs, 1 to 4: one worker on 2 cores), so heatmaps never take more
   of the machine than that, however many reviewers ask at once;
+* runs its workers at a lower CPU priority (``BONEAI_HEATMAP_NICE``, default 10; Linux keeps a nice
+  value per thread): a heatmap takes whatever CPU the page runs and probabilities leave, so under
+  several reviewers a *Save* or a probability is never queued behind someone's Grad-CAM;
 * gives each worker its own copy of the network for Grad-CAM (CAM hooks and ``requires_grad`` are
   state on the module), so no lock is held and the shared predictor's forward pass is never touched;
 * keeps results (and computations in flight) in a cache bounded by bytes, keyed by the loaded
@@ -53,6 +56,16 @@ def workers() -> int:
     return max(1, min(4, ((os.cpu_count() or 2) - per_pass) // per_pass))
 
 
+def _lower_priority() -> None:
+    """Pool initializer: this worker thread (and the threads it starts) at ``BONEAI_HEATMAP_NICE``."""
+    try:
+        tid = threading.get_native_id()
+        nice = max(0, min(19, int(os.environ.get("BONEAI_HEATMAP_NICE", "10"))))
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))  # never raised
+    except (ValueError, OSError, AttributeError):  # not Linux, or not allowed: normal priority
+        pass
+
+
 def _cache_bytes() -> int:
     return int(float(os.environ.get("BONEAI_HEATMAP_CACHE_MB", "256")) * 2**20)
 
@@ -76,7 +89,8 @@ class _Service:
     """The worker pool, each worker's network copies, and the byte-bounded result cache."""
 
     def __init__(self, n_workers: int, max_bytes: int) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="boneai-heatmap")
+        self.pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="boneai-heatmap",
+                                       initializer=_lower_priority)
         self.max_bytes = max_bytes
         self.lock = threading.Lock()  # guards the cache only, never held during a computation
         self.cache: OrderedDict[tuple, tuple[Any, Future]] = OrderedDict()  # key -> (predictor, future)
