@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast bench app-bench screenshots browser-deps clean-venv
+.PHONY: run test test-fast bench app-bench screenshots browser-deps pacs-deps pacs clean-venv
 
 # The virtual environment is (re)built whenever requirements.txt changes.
 $(STAMP): requirements.txt pyproject.toml
@@ -24,7 +24,23 @@ browser-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	  else echo "chromium not installed: the browser test will be skipped"; fi; }
 
-test: $(STAMP) browser-deps
+# Orthanc and its DICOMweb plugin from Debian for the archive tests and `make pacs`; skipped quietly where
+# apt is not available (the archive tests then skip with the reason).
+pacs-deps:
+	@{ command -v Orthanc >/dev/null 2>&1 && ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null \
+	      || echo "could not install Orthanc: the archive tests will be skipped"; \
+	  else echo "Orthanc not installed: the archive tests will be skipped"; fi; }
+
+# A local archive with the sample studies: our own Orthanc configuration, loopback only, storage in .pacs/.
+# Then `BONEAI_PACS_URL=http://127.0.0.1:$(PACS_HTTP_PORT)/dicom-web make run` shows it on the Worklist page.
+PACS_HTTP_PORT  ?= 8042
+PACS_DICOM_PORT ?= 4242
+pacs: $(STAMP) pacs-deps
+	$(PY) -m boneai.pacs_server --dir .pacs --http-port $(PACS_HTTP_PORT) --dicom-port $(PACS_DICOM_PORT)
+
+test: $(STAMP) browser-deps pacs-deps
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

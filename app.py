@@ -23,11 +23,14 @@ if user is None:
 
 pages = [
     st.Page("pages/study_review.py", title="Study review", icon=":material/radiology:", default=True),
+    # Every reviewer; the page says how to configure an archive when none is.
+    st.Page("pages/worklist.py", title="Worklist", icon=":material/view_list:"),
     st.Page("pages/preprocessing.py", title="Preprocessing inspector", icon=":material/tune:"),
     st.Page("pages/performance.py", title="Model performance", icon=":material/monitoring:"),
 ]
 if user.is_admin:  # reviewers never see Training; the page checks the role itself as well
     pages.append(st.Page("pages/training.py", title="Training", icon=":material/model_training:"))
+    pages.append(st.Page("pages/site_validation.py", title="Site validation", icon=":material/verified:"))
 pages.append(st.Page("pages/review_log.py", title="Review log", icon=":material/fact_check:"))
 navigation = st.navigation(pages)
 

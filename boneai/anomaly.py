@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 import warnings
@@ -35,6 +34,7 @@ from torch import nn
 from boneai import evaluate as ev
 from boneai._json import json_default
 from boneai.card import CARD_FILE, DEFAULT_OPERATING_POINT, WEIGHTS_FILE, AnomalyScore, ModelCard
+from boneai.config import TrainConfig
 from boneai.data import read_classification_dir, split_train_val
 from boneai.errors import BoneAIError, ModelNotFoundError
 from boneai.io import Radiograph, read_radiograph
@@ -247,19 +247,19 @@ def _load_inputs(paths: Sequence[str], pipeline: list[dict[str, Any]]) -> list[n
         return list(pool.map(load, paths))
 
 
-def _anomaly_split(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _anomaly_split(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The fracture trainer's split of the whole folder, then the region: validation stays unseen by both."""
-    df = read_classification_dir(args.data)
-    train_df, val_df = split_train_val(df, getattr(args, "val_fraction", 0.2) or 0.2, seed=args.seed)
-    region = getattr(args, "region", None)
+    df = read_classification_dir(cfg.data)
+    train_df, val_df = split_train_val(df, cfg.val_fraction or 0.2, seed=cfg.seed)
+    region = cfg.region
     if region:
         if "region" not in df or not (df["region"] == region).any():
-            raise BoneAIError(f"No images of region {region!r} in {args.data}.")
+            raise BoneAIError(f"No images of region {region!r} in {cfg.data}.")
         train_df = train_df[train_df["region"] == region].reset_index(drop=True)
         val_df = val_df[val_df["region"] == region].reset_index(drop=True)
     train_df = train_df[train_df["label"] == 0].reset_index(drop=True)  # normals only
-    if getattr(args, "limit", None):
-        train_df = train_df.iloc[: int(args.limit)].reset_index(drop=True)
+    if cfg.limit:
+        train_df = train_df.iloc[: int(cfg.limit)].reset_index(drop=True)
     return train_df, val_df
 
 
@@ -272,20 +272,20 @@ def _augment_batch(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator) -> tu
     return torch.roll(x, (dy, dx), dims=(2, 3)), torch.roll(m, (dy, dx), dims=(2, 3))
 
 
-def _fit_autoencoder(model: nn.Module, x: torch.Tensor, m: torch.Tensor, args: argparse.Namespace,
+def _fit_autoencoder(model: nn.Module, x: torch.Tensor, m: torch.Tensor, cfg: TrainConfig,
                      loss_kind: str, kl_weight: float, log: Any) -> list[dict[str, Any]]:
-    gen = torch.Generator().manual_seed(args.seed)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    steps = max(1, int(np.ceil(len(x) / args.batch_size))) * args.epochs
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.15)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    steps = max(1, int(np.ceil(len(x) / cfg.batch_size))) * cfg.epochs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
     history = []
-    for epoch in range(args.epochs):
+    for epoch in range(cfg.epochs):
         t0 = time.time()
         model.train()
         order = torch.randperm(len(x), generator=gen)
         total, seen = 0.0, 0
-        for i in range(0, len(x), args.batch_size):
-            idx = order[i:i + args.batch_size]
+        for i in range(0, len(x), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
             xb, mb = _augment_batch(x[idx], m[idx], gen)
             recon, reg = model.loss_terms(xb)
             diff = (recon - xb).abs() if loss_kind == "l1" else (recon - xb) ** 2
@@ -303,30 +303,33 @@ def _fit_autoencoder(model: nn.Module, x: torch.Tensor, m: torch.Tensor, args: a
     return history
 
 
-def train_autoencoder(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
+def train_autoencoder(cfg: TrainConfig) -> dict[str, Any]:
     """Train an anomaly model on the normal training images and write card, weights and predictions.
 
-    ``args`` is the ``train --task anomaly`` namespace (data, out, model, epochs, image_size, batch_size,
-    lr, loss, region, seed, limit, val_fraction). The score definition and the "balanced" and
-    "sensitive" thresholds are chosen on the validation split; the card records the exact command.
+    ``cfg`` is the ``train --task anomaly`` configuration; of it this trainer reads data, out, model,
+    epochs, image_size, batch_size, lr, loss (``l1``, else squared error), region, seed, limit and
+    val_fraction. The score definition and the "balanced" and "sensitive" thresholds are chosen on the
+    validation split; the card records ``cfg.command``.
     """
     from safetensors.torch import save_file
 
-    name = args.model or "cae"
+    if cfg.init_from or cfg.distill_from:
+        raise ValueError("--init-from and --distill-from apply to the fracture and bone-age tasks")
+    name = cfg.model or "cae"
     spec = get_spec(name)
     if spec.task != "anomaly":
         raise ValueError(f"model {name!r} is a {spec.task} model; anomaly models: cae, vae, lite0_gaussian")
-    torch.manual_seed(args.seed)
-    size = args.image_size or spec.input_size
+    torch.manual_seed(cfg.seed)
+    size = cfg.image_size or spec.input_size
     pipeline = anomaly_pipeline(size)
-    out = Path(args.out)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
     def log(record: dict[str, Any]) -> None:
         print(json.dumps(record), flush=True)
 
     t_data = time.time()
-    train_df, val_df = _anomaly_split(args)
+    train_df, val_df = _anomaly_split(cfg)
     if train_df.empty or val_df.empty or val_df["label"].nunique() < 2:
         raise BoneAIError("Anomaly training needs normal training images and both classes in validation.")
     train_imgs, val_imgs = _load_inputs(train_df["path"].tolist(), pipeline), _load_inputs(val_df["path"].tolist(), pipeline)
@@ -334,7 +337,7 @@ def train_autoencoder(args: argparse.Namespace, command: str = "") -> dict[str, 
     y_val = val_df["label"].to_numpy().astype(int)
     model = build_model(name, pretrained=True)
     t0 = time.time()
-    loss_kind = "l1" if getattr(args, "loss", None) == "l1" else "mse"
+    loss_kind = "l1" if cfg.loss == "l1" else "mse"
     kl_weight = 0.0
     history: list[dict[str, Any]] = []
     score_rows: dict[str, np.ndarray] = {}
@@ -342,7 +345,7 @@ def train_autoencoder(args: argparse.Namespace, command: str = "") -> dict[str, 
         kl_weight = 1e-3 if name == "vae" else 0.0
         x = _unit_tensor(train_imgs)
         m = torch.from_numpy(np.stack([foreground_mask(im) for im in train_imgs])).unsqueeze(1)
-        history = _fit_autoencoder(model, x, m, args, loss_kind, kl_weight, log)
+        history = _fit_autoencoder(model, x, m, cfg, loss_kind, kl_weight, log)
         errors = _reconstruction_error(model, val_imgs)
         masks = [foreground_mask(im) for im in val_imgs]
         candidates = {"mean": {"kind": "mean"}, "topk": {"kind": "topk", "top_fraction": 0.05}}
@@ -377,12 +380,12 @@ def train_autoencoder(args: argparse.Namespace, command: str = "") -> dict[str, 
         state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
     save_file({k: v.half().contiguous() if v.is_floating_point() and name in _AUTOENCODERS else v.contiguous()
                for k, v in state.items()}, str(out / WEIGHTS_FILE))
-    data_root = Path(args.data)
+    data_root = Path(cfg.data)
     pd.DataFrame({"image": [str(Path(p).relative_to(data_root)) if Path(p).is_relative_to(data_root) else p
                             for p in val_df["path"]],
                   "label": y_val, "region": val_df.get("region", "unknown"), "anomaly_score": score}
                  ).to_csv(out / "val_predictions.csv", index=False)
-    region = getattr(args, "region", None)
+    region = cfg.region
     card: dict[str, Any] = {
         "name": out.name, "task": "anomaly", "architecture": name, "description": spec.description,
         "initial_weights": spec.pretrained, "input_size": size,
@@ -395,18 +398,18 @@ def train_autoencoder(args: argparse.Namespace, command: str = "") -> dict[str, 
         "operating_points": points, "default_operating_point": DEFAULT_OPERATING_POINT,
         "validation": {k: metrics[k] for k in ("n", "n_positive", "auc", "auc_ci95", "ap")},
         "training": {
-            "command": command, "model": name, "loss": f"masked {loss_kind}" + (f" + {kl_weight} x KL" if kl_weight else "")
-            if name in _AUTOENCODERS else "none (Gaussian fit)", "epochs": args.epochs if name in _AUTOENCODERS else 0,
-            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "region": region,
+            "command": cfg.command, "model": name, "loss": f"masked {loss_kind}" + (f" + {kl_weight} x KL" if kl_weight else "")
+            if name in _AUTOENCODERS else "none (Gaussian fit)", "epochs": cfg.epochs if name in _AUTOENCODERS else 0,
+            "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, "region": region,
             "n_train_normal": len(train_df), "n_val": len(val_df), "torch": torch.__version__,
             "train_seconds": round(train_seconds, 1), "data_load_seconds": round(data_seconds, 1), "history": history,
         },
-        "data": {"root": str(args.data), "region": region or "all",
-                 "validation_split": f"{args.val_fraction or 0.2:.0%} stratified, seed {args.seed} "
+        "data": {"root": str(cfg.data), "region": region or "all",
+                 "validation_split": f"{cfg.val_fraction or 0.2:.0%} stratified, seed {cfg.seed} "
                                      "(the fracture trainer's split), then the region"},
     }
     if name not in _AUTOENCODERS:
-        card["heatmap_model"] = getattr(args, "heatmap_model", None) or "anomaly_cae"
+        card["heatmap_model"] = "anomaly_cae"  # the shipped autoencoder draws the Gaussian model's heatmaps
     (out / "card.json").write_text(json.dumps(card, indent=2, default=json_default))
     return card
 

@@ -62,7 +62,7 @@ DEFAULT_LOGIT_OFFSET = 0.0
 #: A localiser's map threshold that outlines box regions, when its card has none.
 DEFAULT_REGION_THRESHOLD = 0.3
 #: What ``ModelCard.model_kind`` can be: the key of the loader that builds the model.
-MODEL_KINDS = ("classifier", "ensemble", "anomaly", "localiser")
+MODEL_KINDS = ("classifier", "ensemble", "anomaly", "localiser", "site_probe")
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 

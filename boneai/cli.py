@@ -11,54 +11,15 @@ import sys
 from pathlib import Path
 
 from boneai._json import json_default
-from boneai.config import LocaliserConfig, add_config_arguments
+from boneai.config import LocaliserConfig, TrainConfig, add_config_arguments, config_argv, config_from_args
 from boneai.errors import BoneAIError
 
 __all__ = ["main", "build_parser"]
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a fracture classifier or bone-age regressor")
-    p.add_argument("--task", choices=["fracture", "boneage", "anomaly"], default="fracture")
-    p.add_argument("--data", required=True, help="FracAtlas, image-folder or bone-age folder")
-    p.add_argument("--model", default=None, help="registered architecture (see `python -m boneai models`)")
-    p.add_argument("--out", required=True, help="output folder, e.g. weights/NAME")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adamw")
-    p.add_argument("--scheduler", choices=["onecycle", "cosine", "plateau", "none"], default="onecycle")
-    p.add_argument("--loss", choices=["bce", "weighted_bce", "focal", "l1", "smooth_l1", "masked_mse"], default=None)
-    p.add_argument("--augment", choices=["none", "basic", "strong"], default="strong")
-    p.add_argument("--no-crop", action="store_true", help="skip the Otsu crop to the image content")
-    p.add_argument("--clahe", action="store_true", help="CLAHE (clip 2.0, 8x8) in the input pipeline")
-    p.add_argument("--weighted-sampler", action="store_true", help="inverse-frequency class sampling")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--patience", type=int, default=10)
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="wall-clock budget; training stops before an epoch that would overrun it")
-    p.add_argument("--limit", type=int, default=None, help="use only N images (quick runs)")
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--no-resume", action="store_true", help="ignore checkpoint_last.pt in --out")
-    p.add_argument("--no-tta", action="store_true", help="no mirror test-time augmentation at validation")
-    p.add_argument("--fp32", action="store_true", help="save float32 weights instead of float16")
-    p.add_argument("--from-scratch", action="store_true", help="do not load ImageNet weights")
-    p.add_argument("--freeze-blocks", type=int, default=0, help="EfficientNet: freeze stem + first N blocks")
-    p.add_argument("--init-from", default=None, metavar="MODEL_DIR",
-                   help="fine-tune a trained model folder (same architecture and validation split), "
-                        "e.g. at a higher --image-size")
-    p.add_argument("--init-member", type=int, default=None, metavar="K",
-                   help="with an ensemble as --init-from: start from its member K (0-based)")
-    p.add_argument("--distill-from", default=None, metavar="MODEL_DIR",
-                   help="knowledge distillation: train towards this model's outputs (a single model or an "
-                        "ensemble validated on the same split), e.g. a smaller, faster student")
-    p.add_argument("--distill-weight", type=float, default=0.5,
-                   help="share of the teacher's output in the training target (default 0.5)")
-    p.add_argument("--region", default=None, help="anomaly task: only this body region (e.g. hand)")
+    p = sub.add_parser("train", help="train a fracture classifier, bone-age regressor or anomaly model")
+    add_config_arguments(p, TrainConfig, config_file=True)  # every option is defined once, on TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +83,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--region", default=None, help="only images of this body region (when the data knows regions)")
     e.add_argument("--batch-size", type=int, default=32)
 
+    vs = sub.add_parser("validate-site", help="validate a model on a site's own labelled radiographs: AUC, "
+                        "operating points, calibration, familiarity (bootstrap CIs), a verdict and an HTML report")
+    vs.add_argument("--task", choices=["fracture"], default="fracture")
+    vs.add_argument("--data", required=True, help="labelled folder: fractured/ + not_fractured/, or FracAtlas layout")
+    vs.add_argument("--model", default=None, help="model name in weights/ or a model folder (default: the task's)")
+    vs.add_argument("--out", required=True, help="JSON file to write; the HTML report goes next to it")
+    vs.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
+
+    ad = sub.add_parser("adapt", help="make a site model from a parent and a labelled local folder, choosing "
+                        "recalibration, head fine-tuning or feature probes by cross-validation inside the folder")
+    ad.add_argument("--task", choices=["fracture"], default="fracture")
+    ad.add_argument("--data", required=True, help="labelled folder: fractured/ + not_fractured/, or FracAtlas layout")
+    ad.add_argument("--from", dest="parent", default="fracture", help="parent model (name, task or folder)")
+    ad.add_argument("--out", required=True, help="model folder to write (load it with --model MODEL_DIR)")
+    ad.add_argument("--feature-models", default=None,
+                    help="comma-separated models whose networks add probes (default: the other single-network "
+                         "fracture classifiers in weights/; 'none' for the parent's only)")
+    ad.add_argument("--methods", default=None, help="comma-separated candidates (default: all)")
+    ad.add_argument("--folds", type=int, default=5)
+    ad.add_argument("--seed", type=int, default=0)
+    ad.add_argument("--cache", default=None, help="feature cache folder (reruns on the same files skip the networks)")
+
     pr = sub.add_parser("predict", help="predict on image files (PNG, JPEG, DICOM)")
     pr.add_argument("files", nargs="+")
     pr.add_argument("--task", choices=["fracture", "boneage", "anomaly"], default="fracture")
@@ -131,32 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--heatmap-dir", default=None, help="write one PNG heatmap overlay per file here")
     pr.add_argument("--cam-method", default=None, help="Grad-CAM method for --heatmap-dir (fracture)")
     pr.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
+    from boneai.pacs import add_pacs_arguments  # pacs process: the archive batch (boneai/pacs.py)
+
+    add_pacs_arguments(sub)
     return parser
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from boneai.train import TrainConfig, command_line, train
+    import shlex
 
-    if args.task == "anomaly":
+    from boneai.train import command_line, train
+
+    cfg = config_from_args(TrainConfig, args)
+    # With --config the card records the equivalent flags, so its command reproduces the run without the file.
+    cfg.command = ("python -m boneai " + shlex.join(["train", *config_argv(cfg)]) if args.config
+                   else command_line())
+    if cfg.task == "anomaly":
         from boneai.anomaly import train_autoencoder
 
-        card = train_autoencoder(args, command=command_line())
+        card = train_autoencoder(cfg)
     else:
-        default_model = "efficientnet_lite0" if args.task == "fracture" else "boneage_lite0"
-        cfg = TrainConfig(
-            task=args.task, data=args.data, model=args.model or default_model, out=args.out, epochs=args.epochs,
-            image_size=args.image_size, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-            optimizer=args.optimizer, scheduler=args.scheduler, loss=args.loss, augment=args.augment,
-            crop=not args.no_crop, clahe=args.clahe, weighted_sampler=args.weighted_sampler,
-            val_fraction=args.val_fraction, seed=args.seed, patience=args.patience, max_minutes=args.max_minutes, limit=args.limit,
-            workers=args.workers, device=args.device, resume=not args.no_resume, tta=not args.no_tta,
-            fp16_weights=not args.fp32, pretrained=not args.from_scratch,
-            freeze_blocks=args.freeze_blocks, init_from=args.init_from, init_member=args.init_member,
-            distill_from=args.distill_from, distill_weight=args.distill_weight, command=command_line(),
-        )
         card = train(cfg)
     if card:
-        print(json.dumps({"event": "done", "out": args.out, "validation": card.get("validation")}, default=str))
+        print(json.dumps({"event": "done", "out": cfg.out, "validation": card.get("validation")}, default=str))
     return 0
 
 
@@ -280,6 +260,33 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_validate_site(args: argparse.Namespace) -> int:
+    from boneai.site_validate import validate_site, write_report
+
+    report = validate_site(args.data, args.model, task=args.task, n_boot=args.n_boot,
+                           log=lambda m: print(m, file=sys.stderr))
+    _, page = write_report(report, args.out)
+    print(json.dumps({"verdict": report["verdict"], "verdict_text": report["verdict_text"],
+                      "auc": report["auc"], "html": str(page)}, default=json_default))
+    return 0
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    from boneai.site import METHODS, adapt
+    from boneai.train import command_line
+
+    extra = None if args.feature_models is None else (
+        [] if args.feature_models.strip().lower() == "none" else [m for m in args.feature_models.split(",") if m])
+    methods = METHODS if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    card = adapt(args.data, args.out, parent=args.parent, feature_models=extra, methods=methods, folds=args.folds,
+                 seed=args.seed, cache=args.cache, command=command_line(), log=lambda m: print(m, file=sys.stderr))
+    site = card["site"]
+    print(json.dumps({"event": "done", "out": args.out, "method": site["method"],
+                      "cross_validated_auc": card["validation"]["auc"], "parent_auc": site["parent_cv_auc"],
+                      "candidates": {k: v["cv_auc"] for k, v in site["candidates"].items()}}, default=json_default))
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from boneai.batch import predict_files
 
@@ -307,12 +314,18 @@ def _result_line(r: dict) -> str:
             f"(threshold {r['threshold']:.3f}, {r['operating_point']}{unfamiliar})")
 
 
+def _cmd_pacs(args: argparse.Namespace) -> int:
+    from boneai.pacs import pacs_command
+
+    return pacs_command(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": _cmd_train, "models": _cmd_models, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
                 "ensemble": _cmd_ensemble, "revalidate": _cmd_revalidate,
                 "split": _cmd_split, "refit": _cmd_refit, "fit-localiser": _cmd_fit_localiser, "train-localiser": _cmd_train_localiser,
-                "train-scope": _cmd_train_scope}
+                "train-scope": _cmd_train_scope, "validate-site": _cmd_validate_site, "adapt": _cmd_adapt, "pacs": _cmd_pacs}
     try:
         return handlers[args.command](args)
     except BoneAIError as exc:

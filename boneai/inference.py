@@ -28,6 +28,7 @@ from typing import Any, Iterator
 from boneai import anomaly as _anomaly  # noqa: F401
 from boneai import ensemble as _ensemble  # noqa: F401
 from boneai import localisation as _localisation  # noqa: F401
+from boneai import site as _site  # noqa: F401
 from boneai.card import CARD_FILE, WEIGHTS_FILE, ModelCard
 from boneai.errors import BoneAIError, ModelNotFoundError
 from boneai.predictor import (

@@ -1,9 +1,9 @@
 """Background training jobs: start, follow, cancel. One job at a time per machine.
 
-A job is ``python -m boneai train ...`` run by a small supervisor process (``python -m boneai.jobs
-supervise JOB_DIR LOCK_FILE LOCK_FD``) that is detached from whoever started it. The supervisor writes
-the exit status and releases the machine-wide lock when training ends, so a job outlives the web page,
-the Streamlit session and even the Streamlit server.
+A job is ``python -m boneai train --config JOB/config.json`` run by a small supervisor process
+(``python -m boneai.jobs supervise JOB_DIR LOCK_FILE LOCK_FD``) that is detached from whoever started
+it. The supervisor writes the exit status and releases the machine-wide lock when training ends, so a
+job outlives the web page, the Streamlit session and even the Streamlit server.
 
 The lock is ``jobs/lock`` held with ``fcntl.flock`` by the supervisor for the job's lifetime: the
 starter takes it (the file appears already locked, through a hard link) and hands the open file to
@@ -17,6 +17,7 @@ training runs unseen beside a second job. Everything about a job lives on disk::
       lock                 id of the running job, flock-ed by its supervisor (absent when the machine is free)
       <job id>/
         job.json           what was asked: task, arguments, command, output folder, pids, times
+        config.json        a training job's options (``TrainConfig`` as JSON), read by ``train --config``
         stdout.log         one JSON line per epoch (from the train command), then {"event": "done"}
         stderr.log         progress bars, warnings, and ``error: ...`` on failure
         result.json        written at the end: state (succeeded/failed/cancelled), return code, time
@@ -37,16 +38,17 @@ import ctypes
 import fcntl
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from boneai.card import CARD_FILE, ModelCard
+from boneai.config import TrainConfig, check_config, config_argv, config_to_dict
 from boneai.errors import BoneAIError
 
 __all__ = [
@@ -77,101 +79,42 @@ def default_jobs_dir() -> Path:
 
 
 @dataclass
-class TrainRequest:
-    """The train command's options the app exposes; ``None`` leaves the command's default."""
+class TrainRequest(TrainConfig):
+    """A training job: the options of ``python -m boneai train``, each defined once on
+    :class:`~boneai.config.TrainConfig` (this class adds none); the job chooses ``out`` itself."""
 
-    task: str = "fracture"
-    data: str = ""
-    model: str | None = None
-    epochs: int = 10
-    image_size: int | None = None
-    batch_size: int = 32
-    lr: float = 1e-3
-    loss: str | None = None
-    limit: int | None = None
-    augment: str | None = None  # none | basic | strong; None: the command's default (strong)
-    clahe: bool = False
-    freeze_blocks: int = 0
-    init_from: str | None = None  # a trained model folder to fine-tune (same task and architecture)
-    init_member: int | None = None  # with an ensemble as init_from: the member to start from
-    distill_from: str | None = None  # a trained model folder (an ensemble too) to distil into this run
-    distill_weight: float = 0.5  # share of the teacher's output in the training target
-    extra_args: list[str] = field(default_factory=list)
+    def config(self, out: str | Path) -> TrainConfig:
+        """The run's configuration with output folder ``out``, checked as the train command checks it,
+        so that the form says at once what is wrong instead of a job failing a moment later.
 
-    def argv(self, out: str | Path) -> list[str]:
-        """Arguments after ``python``: ``-m boneai train ... --out OUT``."""
-        if self.task not in ("fracture", "boneage", "anomaly"):
-            raise BoneAIError(f"Unknown task {self.task!r}; choose fracture, boneage or anomaly.")
+        The parent (``init_from``) and teacher (``distill_from``) go through
+        :func:`boneai.train.check_related_models`, the very function the command runs: task,
+        architecture, ensemble member, teacher's weight, and that neither trained on this run's
+        validation images (a model of other data is fine).
+
+        Raises:
+            BoneAIError: what is wrong, in the command's words.
+        """
+        try:
+            check_config(self)
+        except ValueError as exc:
+            raise BoneAIError(f"Invalid training option: {exc}.") from None
         if not self.data or not Path(self.data).is_dir():
             raise BoneAIError(f"Data folder not found: {self.data or '(empty)'}.")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise BoneAIError("Epochs and batch size must be at least 1 and the learning rate positive.")
-        args = ["-m", "boneai", "train", "--task", self.task, "--data", str(self.data), "--out", str(out),
-                "--epochs", str(int(self.epochs)), "--batch-size", str(int(self.batch_size)), "--lr", repr(float(self.lr))]
-        if self.model:
-            args += ["--model", self.model]
-        if self.image_size:
-            args += ["--image-size", str(int(self.image_size))]
-        if self.loss:
-            args += ["--loss", self.loss]
-        if self.limit:
-            args += ["--limit", str(int(self.limit))]
-        if self.augment:
-            if self.augment not in ("none", "basic", "strong"):
-                raise BoneAIError(f"Unknown augmentation {self.augment!r}; choose none, basic or strong.")
-            args += ["--augment", self.augment]
-        if self.clahe:
-            args.append("--clahe")
-        if self.freeze_blocks:
-            if self.freeze_blocks < 0:
-                raise BoneAIError("Frozen blocks cannot be negative.")
-            args += ["--freeze-blocks", str(int(self.freeze_blocks))]
-        if self.init_from:
-            args += ["--init-from", str(self._check_parent())]
-            if self.init_member is not None:
-                args += ["--init-member", str(int(self.init_member))]
-        if self.distill_from:
-            args += ["--distill-from", str(self._check_teacher()), "--distill-weight", repr(float(self.distill_weight))]
-        return args + list(self.extra_args)
+        if self.freeze_blocks < 0:
+            raise BoneAIError("Frozen blocks cannot be negative.")
+        config = TrainConfig(**{**config_to_dict(self), "out": str(out)})
+        # Imported here, not at the top: boneai.train loads torch, and the supervisor process, which
+        # imports this module, should stay small for the hours a job runs.
+        from boneai.train import check_related_models
 
-    def _check_teacher(self) -> Path:
-        """The teacher of a distillation run: a trained model folder of this task."""
-        if self.task == "anomaly":
-            raise BoneAIError("Distillation applies to the fracture and bone-age tasks.")
-        if not 0.0 <= float(self.distill_weight) <= 1.0:
-            raise BoneAIError("The teacher's weight must lie between 0 and 1.")
-        teacher = Path(self.distill_from)
-        self._task_card(teacher)
-        return teacher
-
-    def _task_card(self, folder: Path) -> ModelCard:
-        """The card of a trained model folder the form names, checked to be of this job's task."""
-        if not (folder / CARD_FILE).is_file():
-            raise BoneAIError(f"No trained model at {folder} (no card.json).")
         try:
-            card = ModelCard.from_dir(folder)
-        except ValueError as exc:
-            raise BoneAIError(f"The card of {folder.name} cannot be read ({exc}).") from None
-        if card.task != self.task:
-            raise BoneAIError(f"{folder.name} is a {card.task} model; this job trains {self.task}.")
-        return card
-
-    def _check_parent(self) -> Path:
-        """The model folder to fine-tune, checked here so the form can say what is wrong at once."""
-        parent = Path(self.init_from)
-        card = self._task_card(parent)
-        architecture = card.architecture
-        if card.members:
-            members = card.members
-            if self.init_member is None or not 0 <= int(self.init_member) < len(members):
-                raise BoneAIError(f"{parent.name} is an ensemble of {len(members)} models; choose which member to "
-                                  f"fine-tune.")
-            architecture = members[int(self.init_member)].architecture
-        elif self.init_member is not None:
-            raise BoneAIError(f"{parent.name} is a single model, not an ensemble; it has no members to choose from.")
-        if self.model and architecture != self.model:
-            raise BoneAIError(f"{parent.name} is a {architecture}; choose that architecture to fine-tune it.")
-        return parent
+            check_related_models(config)
+        except (ValueError, FileNotFoundError) as exc:
+            raise BoneAIError(str(exc)) from None
+        return config
 
 
 @dataclass
@@ -287,13 +230,38 @@ class JobRunner:
 
     # -- start -----------------------------------------------------------------------------------
     def start(self, request: TrainRequest) -> JobStatus:
-        """Start a training job; raises :class:`JobBusyError` while another one runs."""
-        return self.start_command(request.argv(out="{run_dir}"), task=request.task,
-                                  epochs_total=request.epochs, request=asdict(request))
+        """Start ``python -m boneai train --config JOB/config.json`` as a job.
+
+        Raises:
+            BoneAIError: the request is one the command would refuse (see :meth:`TrainRequest.config`).
+            JobBusyError: another job runs.
+        """
+        config = config_to_dict(request.config(out="{run_dir}"))
+        return self.start_command(["-m", "boneai", "train", "--config", "{job_dir}/config.json"], task=request.task,
+                                  epochs_total=request.epochs, request=config, files={"config.json": config})
+
+    def start_adapt(self, data: str | Path, parent: str = "fracture") -> JobStatus:
+        """Start site adaptation, ``python -m boneai adapt --data DATA --from PARENT``, as a job (its
+        model folder is the job's ``run/``; the Site validation page registers it like a training run).
+
+        Raises:
+            BoneAIError: no such data folder. JobBusyError: another job runs.
+        """
+        if not Path(data).is_dir():
+            raise BoneAIError(f"Data folder not found: {data}.")
+        argv = ["-m", "boneai", "adapt", "--task", "fracture", "--data", str(data), "--from", str(parent),
+                "--out", "{run_dir}", "--cache", "{job_dir}/features"]
+        return self.start_command(argv, task="fracture", request={"kind": "adapt", "data": str(data), "from": parent})
 
     def start_command(self, argv: list[str], task: str = "fracture", epochs_total: int | None = None,
-                      request: dict[str, Any] | None = None) -> JobStatus:
-        """Start ``python ARGV`` as a job (``{run_dir}`` in ARGV becomes the job's output folder)."""
+                      request: dict[str, Any] | None = None,
+                      files: dict[str, dict[str, Any]] | None = None) -> JobStatus:
+        """Start ``python ARGV`` as a job.
+
+        ``{run_dir}`` in ARGV, and in the string values of ``files``, becomes the job's output folder;
+        ``{job_dir}`` in ARGV the job's folder. ``files`` (name -> JSON object) are written into the job's
+        folder before the command starts.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         job_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{os.urandom(2).hex()}"
         job_dir = self.root / job_id
@@ -302,9 +270,12 @@ class JobRunner:
         try:
             job_dir.mkdir()
             run_dir = job_dir / "run"
-            command = [self.python] + [a.replace("{run_dir}", str(run_dir)) for a in argv]
+            command = [self.python] + [a.replace("{run_dir}", str(run_dir)).replace("{job_dir}", str(job_dir))
+                                       for a in argv]
+            for name, data in (files or {}).items():
+                _write_json(job_dir / name, _with_run_dir(data, run_dir))
             meta = {"id": job_id, "task": task, "command": command, "run_dir": str(run_dir),
-                    "epochs_total": epochs_total, "request": request or {},
+                    "epochs_total": epochs_total, "request": _with_run_dir(request or {}, run_dir),
                     "started_at": _now(), "supervisor_pid": None, "train_pid": None}
             _write_json(job_dir / "job.json", meta)
             env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -406,6 +377,19 @@ class JobRunner:
             return self.status(running)
         ids = self.list_jobs()
         return self.status(ids[0]) if ids else None
+
+    def command_text(self, job_id: str) -> str:
+        """The job's command for display: a training job's ``train --config FILE`` spelled out as the
+        equivalent flags (what its model card records), any other job's command as it ran."""
+        d = self.job_dir(job_id)
+        meta = json.loads((d / "job.json").read_text())
+        config = _read_json(d / "config.json")
+        if config is not None and meta["command"][1:4] == ["-m", "boneai", "train"]:
+            try:
+                return "python -m boneai " + shlex.join(["train", *config_argv(TrainConfig(**config))])
+            except (TypeError, ValueError):  # a config.json from another version: show the command as run
+                pass
+        return " ".join(meta["command"][1:])
 
     def log_tail(self, job_id: str, lines: int = 30) -> str:
         """The last lines of the job's output (epoch records and progress/errors), for display."""
@@ -617,6 +601,11 @@ def _pid_alive(pid: int) -> bool:
         return fields[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def _with_run_dir(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """``data`` with ``{run_dir}`` in its string values replaced by the job's output folder."""
+    return {k: v.replace("{run_dir}", str(run_dir)) if isinstance(v, str) else v for k, v in data.items()}
 
 
 def _now() -> str:

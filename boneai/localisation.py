@@ -573,7 +573,7 @@ def _region_boxes(view: LocalisedView, threshold: float, relative: float | None 
 
 
 def fit_on_validation(run_dir: str | Path, data: str | Path, split: str | Path,
-                      region_thresholds: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9),
+                      region_thresholds: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9),
                       region_relatives: tuple[float | None, ...] = (None, 0.7, 0.9, 0.97),
                       region_shrinks: tuple[float, ...] = (1.0, 0.8, 0.6)) -> dict[str, Any]:
     """Every choice of the localiser, made on the split file's validation images (original files):

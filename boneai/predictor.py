@@ -321,6 +321,21 @@ class Predictor(CalibratedPredictions):
         batch = torch.stack([to_tensor(im, self.mean, self.std) for im in inputs])
         return self.raw_outputs(batch, sex), inputs, [{} for _ in inputs]
 
+    def pooled_features(self, batch: torch.Tensor, mirror: bool = True) -> np.ndarray:
+        """(N, C) pooled encoder features (the head's input) of a classifier, averaged over the image
+        and its mirror when ``mirror``; the head applied to them gives the mirror-averaged logit."""
+        model = self._forward_model
+        if self.task == "boneage" or not hasattr(model, "forward_features") or not hasattr(model, "forward_head"):
+            raise BoneAIError(f"Model {self.name!r} has no pooled encoder features (a timm classifier is needed).")
+        with torch.inference_mode():
+            n = batch.shape[0]
+            x = torch.cat([batch, torch.flip(batch, dims=[3])]) if mirror else batch
+            x = x.to(dtype=self.dtype, memory_format=torch.channels_last)
+            out = model.forward_head(model.forward_features(x), pre_logits=True).float()
+            if mirror:
+                out = (out[:n] + out[n:]) / 2
+        return out.numpy()
+
 
 def _channels(values: Sequence[float] | None) -> list[float] | None:
     return None if values is None else list(values)

@@ -1,6 +1,11 @@
 """Training loop for the fracture classifiers and the bone-age regressor.
 
-One entry point, :func:`train`, driven by a :class:`TrainConfig`. Features: Adam/AdamW/SGD with
+One entry point, :func:`train`, driven by a :class:`~boneai.config.TrainConfig` (each option defined
+once there, with its help text; the command line is generated from it). Its parts, each usable and
+tested on its own: the optimiser and scheduler factories (:data:`OPTIMIZERS`, :data:`SCHEDULERS`),
+:func:`train_one_epoch`, :func:`save_checkpoint` / :func:`restore_checkpoint`,
+:func:`setup_distributed`, and :func:`check_related_models` (the checks on ``--init-from`` and
+``--distill-from``, which the Training page calls too). Features: Adam/AdamW/SGD with
 momentum; one-cycle, cosine or ReduceLROnPlateau; early stopping; best checkpoint by validation AUC
 (MAE for regression); mixed precision on CUDA; augmentation; optional inverse-frequency sampling;
 seeded; resumable after a kill from ``checkpoint_last.pt``; one JSON line of metrics per epoch in
@@ -20,6 +25,7 @@ import random
 import shlex
 import sys
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,10 +38,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
 
 from boneai import evaluate as ev
 from boneai._json import json_default
 from boneai.card import WEIGHTS_FILE, Figures, ModelCard, Training, card_split_key, validation_split_key
+from boneai.config import TrainConfig
 from boneai.data import read_boneage, read_classification_dir, split_train_val
 from boneai.evaluate import classifier_validation
 from boneai.inference import load_model
@@ -46,48 +54,12 @@ from boneai.predictor import read_weights
 from boneai.preprocess import apply_pipeline
 from boneai.transforms import Augment, to_tensor
 
-__all__ = ["TrainConfig", "train", "pipeline_for", "RadiographDataset"]
-# card_split_key and validation_split_key (now in boneai.card) and classifier_validation (now in
+__all__ = ["TrainConfig", "train", "pipeline_for", "RadiographDataset", "check_related_models", "OPTIMIZERS",
+           "SCHEDULERS", "create_optimizer", "create_scheduler", "train_one_epoch", "LoopState", "save_checkpoint",
+           "restore_checkpoint", "restore_scheduler", "DistributedContext", "setup_distributed", "revalidate"]
+# TrainConfig now lives in boneai.config (torch-free, so the parser needs no torch) and is re-exported
+# here. card_split_key and validation_split_key (now in boneai.card) and classifier_validation (now in
 # boneai.evaluate) stay importable from here.
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; recorded verbatim in the model card."""
-
-    task: str = "fracture"
-    data: str = ""
-    model: str = "efficientnet_lite0"
-    out: str = "runs/model"
-    epochs: int = 30
-    image_size: int | None = None
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    optimizer: str = "adamw"  # adam | adamw | sgd
-    scheduler: str = "onecycle"  # onecycle | cosine | plateau | none
-    loss: str | None = None  # default: bce (fracture), l1 (boneage)
-    augment: str = "strong"  # none | basic | strong
-    crop: bool = True  # Otsu crop to the image content before resizing
-    clahe: bool = False  # CLAHE in the deterministic pipeline
-    weighted_sampler: bool = False
-    val_fraction: float = 0.2
-    seed: int = 0
-    patience: int = 10
-    max_minutes: float | None = None  # wall-clock budget: no new epoch starts once it would be exceeded
-    limit: int | None = None  # use only this many images (quick runs, tests)
-    workers: int = 0
-    device: str = "auto"
-    resume: bool = True
-    tta: bool = True  # average the logits of the image and its mirror at validation
-    fp16_weights: bool = True
-    pretrained: bool = True
-    freeze_blocks: int = 0  # EfficientNet: keep the stem and the first N blocks fixed (about 2x faster on CPU)
-    init_from: str | None = None  # fine-tune: start from a trained model folder (card + weights) of this architecture
-    init_member: int | None = None  # with an ensemble as init_from: which member's weights (0-based)
-    distill_from: str | None = None  # knowledge distillation: a trained model folder (single or ensemble) as teacher
-    distill_weight: float = 0.5  # share of the teacher's output in the training target (0: labels only, 1: teacher only)
-    command: str = field(default="")
 
 
 def pipeline_for(task: str, size: int, crop: bool = True, use_clahe: bool = False) -> list[dict[str, Any]]:
@@ -126,36 +98,107 @@ def _headline(validation: Figures | None) -> dict[str, Any]:
     return {k: written[k] for k in ("auc", "ap", "mae") if k in written}
 
 
-def check_same_validation_split(directory: Path, card: ModelCard, cfg: TrainConfig,
-                                 val_images: list[str] | None, role: str) -> None:
-    """Refuse a parent or teacher model whose training images could sit in this run's validation split.
+@dataclass(frozen=True)
+class _SplitImages:
+    """This run's images as paths relative to its data folder: its validation split, and the whole folder."""
 
-    The other model must have been validated on exactly this run's validation images (its
-    ``val_predictions.csv`` lists them, in order; the check that works for revalidated runs and
-    ensembles too). Without that file, its recorded split (data, validation fraction, seed, limit)
-    must be this run's.
+    validation: list[str]
+    everything: frozenset[str]
+
+
+def _relative(paths: Iterable[str], root: str | Path) -> list[str]:
+    return [os.path.relpath(p, Path(root)) for p in paths]
+
+
+def _split_images(cfg: TrainConfig, df: pd.DataFrame | None = None, val_df: pd.DataFrame | None = None) -> _SplitImages:
+    """The images of ``cfg``'s split, read from its data folder unless the caller has them."""
+    if df is None or val_df is None:
+        df, _, stratify = _read_task_table(cfg)
+        _, val_df = _split_task_table(cfg, df, stratify)
+    return _SplitImages(_relative(val_df["path"], cfg.data), frozenset(_relative(df["path"], cfg.data)))
+
+
+def _rebuilt_training_images(card: ModelCard, cfg: TrainConfig, theirs: list[str] | None) -> set[str] | None:
+    """The images another model trained on, rebuilt on this run's data folder from its recorded split.
+
+    Only when this folder is that model's data: its split rebuilt here lists exactly the validation
+    images of its ``val_predictions.csv`` (or, without that file, its recorded data folder is this
+    one). ``None`` when it cannot be known (an ensemble, no recorded split, other data).
+    """
+    config = card.training.config if card.training is not None else None
+    if card.members or not config:
+        return None
+    known = {k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__ and k != "command"}
+    theirs_cfg = TrainConfig(**{**known, "task": cfg.task, "data": cfg.data})
+    if theirs is None and card_split_key(card)[0] != validation_split_key(asdict(cfg))[0]:
+        return None
+    try:
+        train_df, val_df, _, _ = _read_task_data(theirs_cfg)
+    except (ValueError, KeyError):  # its settings do not split this folder (e.g. a --limit beyond it)
+        return None
+    if theirs is not None and _relative(val_df["path"], cfg.data) != theirs:
+        return None
+    return set(_relative(train_df["path"], cfg.data))
+
+
+def _check_no_leak(directory: Path, card: ModelCard, cfg: TrainConfig, split: _SplitImages, role: str) -> str:
+    """Refuse a parent or teacher model that may have trained on this run's validation images.
+
+    A model that trained on part of this run's validation split would make every figure of the new
+    model optimistic. Images are compared by their path inside the data folder. In order:
+
+    1. it was validated on exactly this run's validation images (its ``val_predictions.csv``): fine;
+    2. its split, rebuilt on this folder from its recorded settings, reproduces its validation images:
+       this folder is its data, and its training images are known exactly; refused if any of them is
+       among this run's validation images (``--seed``, ``--val-fraction`` or ``--limit`` differ);
+    3. none of its validation images is in this folder: it was trained on other data (another
+       hospital's, another data set) and never saw these images: fine;
+    4. otherwise it comes from overlapping data with unknown training images: fine only if each of
+       this run's validation images was one of its validation images.
+
+    Without ``val_predictions.csv`` the recorded split settings must be this run's (or step 2 must
+    apply with its recorded data folder being this one). Returns how the model passed, for the card.
+
+    Raises:
+        ValueError: the model may have trained on this run's validation images; the message says why.
     """
     preds = directory / "val_predictions.csv"
-    if preds.is_file() and val_images is not None:
-        theirs = pd.read_csv(preds, usecols=["image"])["image"].astype(str).tolist()
-        if theirs != list(val_images):
-            raise ValueError(f"{role} {directory} was validated on another data split (other images than this "
-                             f"run's validation split: data, --val-fraction, --seed or --limit differ); its "
-                             f"training images could leak into this validation split")
-        return
-    if card_split_key(card) != validation_split_key(asdict(cfg)):
-        raise ValueError(f"{role} {directory} was trained with another data split (data, --val-fraction, "
-                         f"--seed or --limit differ); its training images could leak into this validation split")
+    theirs = pd.read_csv(preds, usecols=["image"])["image"].astype(str).tolist() if preds.is_file() else None
+    ours = split.validation
+    if theirs is not None and theirs == ours:
+        return "validated on this run's validation images"
+    if theirs is None and card_split_key(card) == validation_split_key(asdict(cfg)):
+        return "trained with this run's data split (recorded settings)"
+    trained = _rebuilt_training_images(card, cfg, theirs)
+    if trained is not None:
+        leaked = [image for image in ours if image in trained]
+        if leaked:
+            raise ValueError(f"{role} {directory} was trained on another data split of this data (data, "
+                             f"--val-fraction, --seed or --limit differ): {len(leaked)} of this run's {len(ours)} "
+                             f"validation images (e.g. {leaked[0]}) were among its training images, so they would "
+                             f"leak into this validation split")
+        return (f"trained on another split of this data; none of its {len(trained)} training images is among this "
+                f"run's validation images")
+    if theirs is None:
+        raise ValueError(f"{role} {directory} was trained with another data split (data, --val-fraction, --seed or "
+                         f"--limit differ) and has no val_predictions.csv to tell which images it was validated "
+                         f"on; its training images could leak into this validation split")
+    if not split.everything.intersection(theirs):
+        return "trained on other data: none of its validation images is in this data folder"
+    validated = set(theirs)
+    unseen = [image for image in ours if image not in validated]
+    if unseen:
+        raise ValueError(f"{role} {directory} was validated on another data split of overlapping data (data, "
+                         f"--val-fraction, --seed or --limit differ): {len(unseen)} of this run's validation "
+                         f"images (e.g. {unseen[0]}) were not among its validation images, so its training images "
+                         f"could leak into this validation split")
+    return "validated on all of this run's validation images (and more)"
 
 
-def load_init_weights(model: nn.Module, cfg: TrainConfig, val_images: list[str] | None = None) -> dict[str, Any]:
-    """Load a trained model folder's weights into ``model`` for fine-tuning; returns its provenance.
-
-    The parent must have the same task and architecture, and must have been validated on the same
-    split (see :func:`check_same_validation_split`): otherwise its training images would sit in
-    this run's validation split and every figure of the new model would be optimistic. An ensemble
-    parent needs ``cfg.init_member``: the member whose weights start this run.
-    """
+def _parent_source(cfg: TrainConfig) -> tuple[ModelCard, Any, str]:
+    """The ``--init-from`` model's card, the card part whose weights start this run (the model or
+    one ensemble member) and that part's key prefix in the weights file; checked for task,
+    ensemble member and architecture."""
     directory = Path(cfg.init_from)
     parent = _read_model_card(directory, "--init-from", cfg.task)
     source: Any = parent
@@ -168,11 +211,59 @@ def load_init_weights(model: nn.Module, cfg: TrainConfig, val_images: list[str] 
         source = members[cfg.init_member]
         prefix = source.prefix
     elif cfg.init_member is not None:
-        raise ValueError(f"--init-member applies to an ensemble; {directory} is a single model")
+        raise ValueError(f"--init-member applies to an ensemble; {directory} is a single model, not an ensemble")
     if source.architecture != cfg.model:
-        raise ValueError(f"--init-from {directory} is a {parent.task} {source.architecture} model; "
-                         f"this run trains a {cfg.task} {cfg.model}")
-    check_same_validation_split(directory, parent, cfg, val_images, "--init-from")
+        raise ValueError(f"--init-from {directory} is a {parent.task} {source.architecture} model; this run trains "
+                         f"a {cfg.task} {cfg.model}: choose that architecture to fine-tune it")
+    return parent, source, prefix
+
+
+def check_related_models(cfg: TrainConfig, split: _SplitImages | None = None) -> dict[str, str]:
+    """Check the models ``--init-from`` and ``--distill-from`` name, before any training starts.
+
+    The one place these checks live: :func:`train` runs them, and the Training page runs them when
+    its form is sent, so a wrong parent or teacher is refused before a job starts. The parent must be
+    a model folder of this task and architecture (an ensemble with ``--init-member``); the teacher a
+    model folder of this task, with ``0 <= --distill-weight <= 1``; and neither may have trained on
+    this run's validation images (:func:`_check_no_leak`). A model trained on other data passes.
+
+    Args:
+        cfg: the run's configuration.
+        split: this run's images; read from ``cfg.data`` (a file listing, no decoding) when not given.
+
+    Returns:
+        For each of ``init_from`` and ``distill_from`` that is set, how its leak check was passed.
+
+    Raises:
+        ValueError: what is wrong, naming the option.
+    """
+    if not (cfg.init_from or cfg.distill_from):
+        return {}
+    if cfg.task not in ("fracture", "boneage"):
+        raise ValueError("--init-from and --distill-from apply to the fracture and bone-age tasks")
+    cleared: dict[str, str] = {}
+    if cfg.init_from:
+        parent, _, _ = _parent_source(cfg)
+        split = split or _split_images(cfg)
+        cleared["init_from"] = _check_no_leak(Path(cfg.init_from), parent, cfg, split, "--init-from")
+    if cfg.distill_from:
+        teacher = _read_model_card(Path(cfg.distill_from), "--distill-from", cfg.task)
+        if not 0.0 <= cfg.distill_weight <= 1.0:
+            raise ValueError("--distill-weight must lie between 0 and 1")
+        split = split or _split_images(cfg)
+        cleared["distill_from"] = _check_no_leak(Path(cfg.distill_from), teacher, cfg, split, "--distill-from")
+    return cleared
+
+
+def load_init_weights(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
+    """Load a trained model folder's weights into ``model`` for fine-tuning; returns its provenance.
+
+    The parent (or, for an ensemble, member ``cfg.init_member``) must have the same task and
+    architecture; whether it may have trained on this run's validation images is checked by
+    :func:`check_related_models`, which :func:`train` runs first.
+    """
+    directory = Path(cfg.init_from)
+    parent, source, prefix = _parent_source(cfg)
     model.load_state_dict(read_weights(directory / parent.weights_file, prefix))
     # An ensemble member keeps its commands and figures at its top level (Member.training is that view).
     training: Training = source.training or Training()
@@ -185,15 +276,16 @@ def load_init_weights(model: nn.Module, cfg: TrainConfig, val_images: list[str] 
     return info
 
 
-def teacher_targets(cfg: TrainConfig, train_df: pd.DataFrame, target: str, val_images: list[str],
+def teacher_targets(cfg: TrainConfig, train_df: pd.DataFrame, target: str,
                     out: Path) -> tuple[np.ndarray, dict[str, Any]]:
     """Knowledge distillation: the training targets mixed with a teacher model's outputs.
 
     The teacher (a fracture or bone-age model folder, an ensemble included) predicts every training
     image through its own card pipeline: calibrated probabilities for a classifier, months for bone
-    age. The target becomes ``(1 - w) * label + w * teacher`` with ``w = cfg.distill_weight``. The
-    teacher must have been validated on this run's validation images, so it never saw them. Its
-    outputs are cached in ``out/teacher_outputs.csv`` (a resumed run reuses them).
+    age. The target becomes ``(1 - w) * label + w * teacher`` with ``w = cfg.distill_weight``. That the
+    teacher never trained on this run's validation images is checked by :func:`check_related_models`,
+    which :func:`train` runs first. Its outputs are cached in ``out/teacher_outputs.csv`` (a resumed
+    run reuses them).
     """
     import warnings
 
@@ -201,8 +293,7 @@ def teacher_targets(cfg: TrainConfig, train_df: pd.DataFrame, target: str, val_i
     card = _read_model_card(directory, "--distill-from", cfg.task)
     if not 0.0 <= cfg.distill_weight <= 1.0:
         raise ValueError("--distill-weight must lie between 0 and 1")
-    check_same_validation_split(directory, card, cfg, val_images, "--distill-from")
-    rel = [os.path.relpath(p, Path(cfg.data)) for p in train_df["path"]]
+    rel = _relative(train_df["path"], cfg.data)
     cache = out / "teacher_outputs.csv"
     column = "teacher_probability" if cfg.task == "fracture" else "teacher_months"
     cached = pd.read_csv(cache) if cache.is_file() else None
@@ -212,8 +303,6 @@ def teacher_targets(cfg: TrainConfig, train_df: pd.DataFrame, target: str, val_i
     else:
         predictor = load_model(directory)
         teacher_list: list[float] = []
-        from tqdm import tqdm
-
         paths, batch = train_df["path"].tolist(), 8
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # truncated FracAtlas JPEGs are read with a warning
@@ -343,7 +432,8 @@ def _validate(model: nn.Module, task: str, loader: DataLoader, targets: np.ndarr
     return {"val_loss": round(loss, 5), "val_mae": round(score, 3)}, score
 
 
-def _read_task_data(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame, str, str | None]:
+def _read_task_table(cfg: TrainConfig) -> tuple[pd.DataFrame, str, str]:
+    """Every image of ``cfg.data`` with its target: (table, target column, stratification column)."""
     if cfg.task == "fracture":
         df = read_classification_dir(cfg.data)
         target, stratify = "label", "label"
@@ -353,11 +443,21 @@ def _read_task_data(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame, str, 
         target, stratify = "boneage_months", "age_bin"
     else:
         raise ValueError(f"train supports tasks 'fracture' and 'boneage', not {cfg.task!r} (see train_autoencoder)")
+    return df, target, stratify
+
+
+def _split_task_table(cfg: TrainConfig, df: pd.DataFrame, stratify: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The run's training and validation images (after ``--limit``)."""
     if cfg.limit:
         # Keep the class balance of the full data in small runs.
         df, _ = split_train_val(df, val_fraction=max(1e-6, 1 - cfg.limit / len(df)), seed=cfg.seed, stratify=stratify) \
             if cfg.limit < len(df) else (df, None)
-    train_df, val_df = split_train_val(df, cfg.val_fraction, seed=cfg.seed, stratify=stratify)
+    return split_train_val(df, cfg.val_fraction, seed=cfg.seed, stratify=stratify)
+
+
+def _read_task_data(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame, str, str | None]:
+    df, target, stratify = _read_task_table(cfg)
+    train_df, val_df = _split_task_table(cfg, df, stratify)
     return train_df, val_df, target, stratify
 
 
@@ -462,22 +562,226 @@ def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     return state
 
 
+# -- optimisers and schedules: name -> builder (the pattern of timm's optim and scheduler factories) ----
+#: Optimiser builders: ``(trainable parameters, learning rate, weight decay) -> optimiser``.
+OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], float, float], torch.optim.Optimizer]] = {
+    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
+    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
+    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd, nesterov=True),
+}
+
+
+def create_optimizer(name: str, params: Iterable[nn.Parameter], lr: float,
+                     weight_decay: float) -> torch.optim.Optimizer:
+    """The optimiser ``name`` (a key of :data:`OPTIMIZERS`) over ``params``.
+
+    Example:
+        >>> opt = create_optimizer("sgd", [nn.Parameter(torch.zeros(1))], lr=0.1, weight_decay=0.0)
+        >>> type(opt).__name__, opt.param_groups[0]["nesterov"]
+        ('SGD', True)
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; use {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name](list(params), lr, weight_decay)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A learning-rate schedule: how to build it, and whether it steps after each batch (else after
+    each epoch's validation, given the validation score)."""
+
+    build: Callable[..., Any]  # (optimizer, lr=, epochs=, steps_per_epoch=, higher_better=) -> scheduler | None
+    per_step: bool
+
+
+def _one_cycle(opt: torch.optim.Optimizer, lr: float, epochs: int, steps_per_epoch: int, higher_better: bool) -> Any:
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                                               pct_start=0.15)
+
+
+def _cosine(opt: torch.optim.Optimizer, lr: float, epochs: int, steps_per_epoch: int, higher_better: bool) -> Any:
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+
+
+def _plateau(opt: torch.optim.Optimizer, lr: float, epochs: int, steps_per_epoch: int, higher_better: bool) -> Any:
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max" if higher_better else "min", factor=0.3,
+                                                      patience=2)
+
+
+#: Scheduler builders by name: one-cycle (warm-up over 15 % of the steps) and cosine step after each
+#: batch; the plateau schedule (x0.3 after 2 epochs without a better score) after each validation.
+SCHEDULERS: dict[str, Schedule] = {
+    "onecycle": Schedule(_one_cycle, per_step=True),
+    "cosine": Schedule(_cosine, per_step=True),
+    "plateau": Schedule(_plateau, per_step=False),
+    "none": Schedule(lambda opt, lr, epochs, steps_per_epoch, higher_better: None, per_step=False),
+}
+
+
+def create_scheduler(name: str, optimizer: torch.optim.Optimizer, *, lr: float, epochs: int, steps_per_epoch: int,
+                     higher_better: bool) -> tuple[Any, bool]:
+    """The schedule ``name`` (a key of :data:`SCHEDULERS`): ``(scheduler or None, steps after each batch)``.
+
+    ``higher_better`` is the direction of the validation score (AUC up, MAE down) a plateau follows.
+    """
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}")
+    schedule = SCHEDULERS[name]
+    return schedule.build(optimizer, lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                          higher_better=higher_better), schedule.per_step
+
+
+def _step_after_epoch(scheduler: Any, score: float) -> None:
+    """Step an epoch-wise schedule after validation (a plateau follows the validation score)."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(score)
+    else:
+        scheduler.step()
+
+
+# -- one epoch ---------------------------------------------------------------------------------------
+def train_one_epoch(model: nn.Module, task: str, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    criterion: nn.Module, device: torch.device, scaler: torch.amp.GradScaler,
+                    step_scheduler: Any = None, progress: str | None = None) -> float:
+    """One pass over ``loader`` in training mode; returns the mean training loss per image.
+
+    Mixed precision (float16 autocast) runs when ``scaler`` is enabled. ``step_scheduler`` (a per-step
+    schedule) steps after every batch. ``progress`` is the progress bar's label on stderr (none if None).
+    """
+    use_amp = scaler.is_enabled()
+    model.train()
+    running, seen = 0.0, 0
+    bar = tqdm(loader, desc=progress, disable=progress is None, file=sys.stderr, leave=False, mininterval=5)
+    for x, y, aux in bar:
+        x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+        y, aux = y.to(device), aux.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            loss = criterion(_forward(model, task, x, aux), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if step_scheduler is not None:
+            step_scheduler.step()
+        running += float(loss.detach()) * len(x)
+        seen += len(x)
+        bar.set_postfix(loss=f"{running / max(seen, 1):.4f}")
+    return running / max(seen, 1)
+
+
+# -- checkpoint save and restore -------------------------------------------------------------------
+@dataclass
+class LoopState:
+    """What the training loop carries from epoch to epoch; saved in ``checkpoint_last.pt``."""
+
+    best: float  # the best validation score so far (AUC up, MAE down)
+    start_epoch: int = 0  # the first epoch (0-based) this process trains
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per epoch, epoch 0 first
+    bad_epochs: int = 0  # epochs since the best one (early stopping)
+    train_seconds: float = 0.0
+    commands: list[str] = field(default_factory=list)  # every command that contributed epochs, in order
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
+                    loop: LoopState, cfg: TrainConfig) -> None:
+    """Write the resume state after ``epoch`` (0-based), replaced atomically: a kill during the write
+    leaves the previous checkpoint intact. ``model`` is the bare model (not the DDP wrapper)."""
+    _save_checkpoint(path, {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scheduler_kind": type(scheduler).__name__ if scheduler is not None else None,
+        "epoch": epoch, "best": loop.best, "history": loop.history, "bad_epochs": loop.bad_epochs,
+        "train_seconds": loop.train_seconds, "torch_rng": torch.get_rng_state(), "commands": loop.commands,
+        "config": asdict(cfg)})
+
+
+def restore_checkpoint(path: Path, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       scheduler: Any, steps_per_epoch: int) -> tuple[Any, LoopState]:
+    """Load the resume state in ``path`` into ``model`` and ``optimizer``; returns the schedule to go on
+    with (see :func:`restore_scheduler`) and the loop state, ``cfg.command`` appended to its commands.
+
+    weights_only: unpickling a full object could run code planted in the file. A checkpoint of other
+    settings is refused (:func:`_load_checkpoint`): resuming it would mix two runs under one card.
+    """
+    state = _load_checkpoint(path, cfg)
+    model.load_state_dict(state["model"])  # to the model's device
+    optimizer.load_state_dict(state["optimizer"])
+    start_epoch = state["epoch"] + 1
+    scheduler = restore_scheduler(optimizer, scheduler, state, cfg.epochs, start_epoch, steps_per_epoch)
+    loop = LoopState(best=state["best"], start_epoch=start_epoch, history=state["history"],
+                     bad_epochs=state["bad_epochs"], train_seconds=state.get("train_seconds", 0.0),
+                     commands=state.get("commands", [state.get("config", {}).get("command", "")]) + [cfg.command])
+    torch.set_rng_state(state["torch_rng"])
+    return scheduler, loop
+
+
+# -- distributed setup -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process trains: one process (rank 0 of 1), or one rank of a ``torchrun`` group."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the files and prints the records."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def setup_distributed(cfg: TrainConfig) -> DistributedContext:
+    """Join the ``torchrun`` process group when ``WORLD_SIZE`` > 1 (NCCL on GPUs, gloo on CPU), with
+    this rank's GPU (``LOCAL_RANK``); else a single process on ``cfg.device``."""
+    device = _device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return DistributedContext(device)
+    if cfg.weighted_sampler:
+        raise ValueError("--weighted-sampler cannot be combined with distributed training")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return DistributedContext(device, dist.get_rank(), dist.get_world_size())
+
+
+def _train_loader(train_ds: RadiographDataset, labels: np.ndarray, cfg: TrainConfig,
+                  ctx: DistributedContext) -> DataLoader:
+    """The training batches: this rank's share under ``torchrun``, inverse-frequency class sampling
+    with ``--weighted-sampler`` (fracture), else a seeded shuffle."""
+    if ctx.enabled:
+        sampler = DistributedSampler(train_ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=cfg.seed)
+    elif cfg.weighted_sampler and cfg.task == "fracture":
+        y = labels.astype(int)
+        counts = np.bincount(y, minlength=2)
+        weights = 1.0 / counts[y]
+        sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(y),
+                                        generator=torch.Generator().manual_seed(cfg.seed))
+    else:
+        sampler = None
+    g = torch.Generator().manual_seed(cfg.seed)
+    return DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                      num_workers=cfg.workers, drop_last=len(train_ds) > cfg.batch_size, generator=g)
+
+
+# -- the run ---------------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training; returns the model card written to ``cfg.out/card.json``."""
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = _device(cfg.device)
-    if distributed:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        if cfg.weighted_sampler:
-            raise ValueError("--weighted-sampler cannot be combined with distributed training")
-    else:
-        rank, world = 0, 1
-    is_main = rank == 0
+    ctx = setup_distributed(cfg)
+    device, is_main = ctx.device, ctx.is_main
     _seed_everything(cfg.seed)
     spec = get_spec(cfg.model)
     if spec.task != cfg.task:
@@ -489,17 +793,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
 
     t_data = time.time()
-    train_df, val_df, target, _ = _read_task_data(cfg)
+    df, target, stratify = _read_task_table(cfg)
+    train_df, val_df = _split_task_table(cfg, df, stratify)
+    # Parent and teacher are checked before any image is decoded or any weight is loaded.
+    cleared = check_related_models(cfg, _split_images(cfg, df, val_df))
     pipeline = pipeline_for(cfg.task, size, cfg.crop, cfg.clahe)
     aux_col = "male" if cfg.task == "boneage" else None
-    val_images = [os.path.relpath(p, Path(cfg.data)) for p in val_df["path"]]
     train_targets, distill_info = train_df[target].to_numpy(), None
     if cfg.distill_from:
         # One process computes the teacher's outputs; the others read its cache.
-        if distributed and not is_main:
+        if ctx.enabled and not is_main:
             dist.barrier()
-        train_targets, distill_info = teacher_targets(cfg, train_df, target, val_images, out)
-        if distributed and is_main:
+        train_targets, distill_info = teacher_targets(cfg, train_df, target, out)
+        distill_info["leak_check"] = cleared["distill_from"]
+        if ctx.enabled and is_main:
             dist.barrier()
         if is_main:
             print(json.dumps({"event": "teacher", **{k: v for k, v in distill_info.items()
@@ -513,23 +820,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                None, None if aux_col is None else val_df[aux_col].to_numpy(), seed=cfg.seed)
     data_seconds = time.time() - t_data
 
-    if distributed:
-        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    elif cfg.weighted_sampler and cfg.task == "fracture":
-        y = train_df[target].to_numpy().astype(int)
-        counts = np.bincount(y, minlength=2)
-        weights = 1.0 / counts[y]
-        sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(y),
-                                        generator=torch.Generator().manual_seed(cfg.seed))
-    else:
-        sampler = None
-    g = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                              num_workers=cfg.workers, drop_last=len(train_ds) > cfg.batch_size, generator=g)
+    train_loader = _train_loader(train_ds, train_df[target].to_numpy(), cfg, ctx)
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=cfg.workers)
 
     model = build_model(cfg.model, pretrained=cfg.pretrained and not cfg.init_from)
-    init_info = load_init_weights(model, cfg, val_images) if cfg.init_from else None
+    init_info = None
+    if cfg.init_from:
+        init_info = load_init_weights(model, cfg)
+        init_info["leak_check"] = cleared["init_from"]
     model = model.to(device)
     if cfg.freeze_blocks:
         _freeze_early_blocks(model, cfg.freeze_blocks)
@@ -538,78 +836,46 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.task == "boneage":
         mean_age = float(train_df[target].mean())
         model.set_output_offset(mean_age)
-    if distributed:
+    if ctx.enabled:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    core = model.module if distributed else model
+    core = model.module if ctx.enabled else model
 
     n_pos = int(train_df[target].sum()) if cfg.task == "fracture" else 0
     criterion = build_loss(loss_name, n_positive=n_pos, n_negative=len(train_df) - n_pos).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
-    elif cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use adam, adamw or sgd")
+    optimizer = create_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad], cfg.lr,
+                                 cfg.weight_decay)
     steps_per_epoch = max(1, len(train_loader))
-    if cfg.scheduler == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, epochs=cfg.epochs,
-                                                        steps_per_epoch=steps_per_epoch, pct_start=0.15)
-    elif cfg.scheduler == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
-    elif cfg.scheduler == "plateau":
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max" if cfg.task == "fracture" else "min",
-                                                               factor=0.3, patience=2)
-    elif cfg.scheduler == "none":
-        scheduler = None
-    else:
-        raise ValueError(f"unknown scheduler {cfg.scheduler!r}")
-    per_step = cfg.scheduler in ("onecycle", "cosine")
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
     higher_better = cfg.task == "fracture"
-    best = -math.inf if higher_better else math.inf
-    start_epoch, history, bad_epochs, train_seconds = 0, [], 0, 0.0
-    commands = [cfg.command]  # every command that contributed epochs, in order (resumes append)
+    scheduler, per_step = create_scheduler(cfg.scheduler, optimizer, lr=cfg.lr, epochs=cfg.epochs,
+                                           steps_per_epoch=steps_per_epoch, higher_better=higher_better)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+
+    loop = LoopState(best=-math.inf if higher_better else math.inf, commands=[cfg.command])
     ckpt_path = out / "checkpoint_last.pt"
     if cfg.resume and ckpt_path.is_file():
-        # weights_only: unpickling a full object could run code planted in the file. A checkpoint of
-        # other settings is refused: resuming it would mix two runs under one card.
-        state = _load_checkpoint(ckpt_path, cfg)
-        core.load_state_dict(state["model"])  # to the model's device
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
-        scheduler = restore_scheduler(optimizer, scheduler, state, cfg.epochs, start_epoch, steps_per_epoch)
-        bad_epochs, train_seconds = state["bad_epochs"], state.get("train_seconds", 0.0)
-        commands = state.get("commands", [state.get("config", {}).get("command", "")]) + [cfg.command]
-        torch.set_rng_state(state["torch_rng"])
+        scheduler, loop = restore_checkpoint(ckpt_path, cfg, core, optimizer, scheduler, steps_per_epoch)
         if is_main:
-            print(json.dumps({"event": "resumed", "from_epoch": state["epoch"] + 1}), flush=True)
-
-    from tqdm import tqdm
+            print(json.dumps({"event": "resumed", "from_epoch": loop.start_epoch}), flush=True)
 
     metrics_file = out / "metrics.jsonl"
-    if start_epoch == 0 and not history:
+    if loop.start_epoch == 0 and not loop.history:
         # Epoch 0: the untrained model on the validation split, the baseline every later epoch is compared to.
         record0, score0 = _validate(core, cfg.task, val_loader, val_ds.targets, criterion, device)
         record0 = {"epoch": 0, **record0}
-        history.append(record0)
+        loop.history.append(record0)
         if cfg.init_from:
             # Fine-tuning: the parent itself is the first candidate, so a run that only makes it worse
             # ends with the parent's weights rather than its best worse epoch.
             if not math.isnan(score0):
-                best = score0
+                loop.best = score0
                 if is_main:
                     _save_atomic(core.state_dict(), out / "best_model.pt")
         if is_main:
             print(json.dumps(record0), flush=True)
             metrics_file.write_text(json.dumps(record0) + "\n")
     t_loop, epoch_seconds = time.time(), 0.0
-    for epoch in range(start_epoch, cfg.epochs):
-        if bad_epochs >= cfg.patience:
+    for epoch in range(loop.start_epoch, cfg.epochs):
+        if loop.bad_epochs >= cfg.patience:
             break
         if cfg.max_minutes and (time.time() - t_loop + epoch_seconds) > 60 * cfg.max_minutes:
             # Another epoch would overrun the budget: stop here and finish with the best epoch so far.
@@ -619,64 +885,38 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             break
         t0 = time.time()
         train_ds.set_epoch(epoch)
-        if distributed:
-            sampler.set_epoch(epoch)
-        model.train()
-        running, seen = 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main, file=sys.stderr,
-                   leave=False, mininterval=5)
-        for x, y, aux in bar:
-            x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
-            y, aux = y.to(device), aux.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                loss = criterion(_forward(model, cfg.task, x, aux), y)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if per_step and scheduler is not None:
-                scheduler.step()
-            running += float(loss.detach()) * len(x)
-            seen += len(x)
-            bar.set_postfix(loss=f"{running / max(seen, 1):.4f}")
-        train_loss = running / max(seen, 1)
+        if ctx.enabled:
+            train_loader.sampler.set_epoch(epoch)
+        train_loss = train_one_epoch(model, cfg.task, train_loader, optimizer, criterion, device, scaler,
+                                     step_scheduler=scheduler if per_step else None,
+                                     progress=f"epoch {epoch + 1}/{cfg.epochs}" if is_main else None)
         val_record, score = _validate(core, cfg.task, val_loader, val_ds.targets, criterion, device)
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), **val_record,
                                   "lr": optimizer.param_groups[0]["lr"]}
         if scheduler is not None and not per_step:
-            scheduler.step(score) if cfg.scheduler == "plateau" else scheduler.step()
-        improved = (score > best) if higher_better else (score < best)
-        if improved or (math.isnan(score) and epoch == start_epoch):
-            best, bad_epochs = score if not math.isnan(score) else best, 0
+            _step_after_epoch(scheduler, score)
+        improved = (score > loop.best) if higher_better else (score < loop.best)
+        if improved or (math.isnan(score) and epoch == loop.start_epoch):
+            loop.best, loop.bad_epochs = score if not math.isnan(score) else loop.best, 0
             if is_main:
                 _save_atomic(core.state_dict(), out / "best_model.pt")
         else:
-            bad_epochs += 1
+            loop.bad_epochs += 1
         epoch_seconds = time.time() - t0
-        train_seconds += epoch_seconds
-        record.update({"best": round(best, 5), "seconds": round(epoch_seconds, 1), "device": device.type})
-        history.append(record)
+        loop.train_seconds += epoch_seconds
+        record.update({"best": round(loop.best, 5), "seconds": round(epoch_seconds, 1), "device": device.type})
+        loop.history.append(record)
         if is_main:
             print(json.dumps(record), flush=True)
             with metrics_file.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            # Replaced atomically: a kill during the write must leave the previous checkpoint intact.
-            _save_checkpoint(ckpt_path, {
-                "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scheduler_kind": type(scheduler).__name__ if scheduler is not None else None,
-                "epoch": epoch, "best": best, "history": history, "bad_epochs": bad_epochs,
-                "train_seconds": train_seconds, "torch_rng": torch.get_rng_state(), "commands": commands,
-                "config": asdict(cfg)})
-    if distributed:
-        dist.barrier()
+            save_checkpoint(ckpt_path, core, optimizer, scheduler, epoch, loop, cfg)
+    ctx.barrier()
     card: dict[str, Any] = {}
     if is_main:
-        card = _finish(cfg, core, spec, pipeline, size, loss_name, val_df, val_ds, val_loader, device, history,
-                       train_seconds, data_seconds, len(train_df), commands, init_info, distill_info)
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+        card = _finish(cfg, core, spec, pipeline, size, loss_name, val_df, val_ds, val_loader, device, loop.history,
+                       loop.train_seconds, data_seconds, len(train_df), loop.commands, init_info, distill_info)
+    ctx.close()
     return card
 
 

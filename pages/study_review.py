@@ -14,16 +14,18 @@ import numpy as np
 import streamlit as st
 
 from boneai.errors import BoneAIError
-from boneai.evaluate import aggregate_study
 from boneai.inference import Prediction, Predictor
 from boneai.io import check_study_upload
 from boneai.preprocess import standardise
 from boneai.report import StudyReport, ViewReport, to_html, to_pdf
 from boneai.store import REVIEWER_DECISIONS, new_study_id, view_label
+from boneai.study import AGGREGATIONS, finding_text, review_record, study_result
 from ui.common import (
     TASKS,
     TASK_LABELS,
     View,
+    archive_client,
+    archive_study_files,
     audit,
     card_link,
     intended_use_note,
@@ -50,7 +52,6 @@ except ImportError:  # pragma: no cover - depends on the checkout
 route_through_app()
 user = require_role("reviewer")  # every signed-in user; the name goes with each saved review
 
-FINDINGS = {"fracture": ("fracture", "no fracture"), "anomaly": ("abnormal", "normal")}
 DECISION_LABELS = {"agree": "Agree", "disagree": "Disagree", "uncertain": "Uncertain"}
 
 
@@ -79,12 +80,6 @@ def fmt_score(task: str, value: float) -> str:
     return f"{value:.4g}" if task == "anomaly" else f"{value:.3f}"
 
 
-def finding_text(task: str, decision: bool | None) -> str | None:
-    if decision is None or task not in FINDINGS:
-        return None
-    return FINDINGS[task][0] if decision else FINDINGS[task][1]
-
-
 # -- inputs ------------------------------------------------------------------------------------------
 def choose_task() -> str | None:
     tasks = [t for t in TASKS if model_cards(t)]
@@ -96,7 +91,19 @@ def choose_task() -> str | None:
 
 def choose_files(task: str) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
     """(name, bytes) of the study's files and what samples.csv knows about a bundled study."""
-    source = st.radio("Study source", ["Sample study", "Upload files"], horizontal=True, key="review_source")
+    archived = st.session_state.get("archive_study")  # set by the Worklist's "Open"
+    sources = (["Archive study"] if archived else []) + ["Sample study", "Upload files"]
+    source = st.radio("Study source", sources, horizontal=True, key="review_source")
+    if source == "Archive study":
+        st.caption(f"From the archive (Worklist): {plain(archived['label'])}")
+        try:
+            files, errors = archive_study_files(archived["url"], archived["study_uid"])
+        except BoneAIError as exc:
+            st.error(plain(exc), icon=":material/error:")
+            return [], {}
+        for message in errors:
+            st.error(plain(message), icon=":material/error:")
+        return files, {"archive_study_uid": archived["study_uid"]}
     if source == "Upload files":
         uploads = st.file_uploader(
             "Radiographs of one study (PNG, JPEG or DICOM; several views allowed)",
@@ -136,6 +143,29 @@ def choose_operating_point(predictor: Predictor) -> str | float:
                                key=f"review_threshold_anomaly_{predictor.name}", format="%.5f"))
     return float(st.slider("Custom threshold", 0.0, 1.0, value=start, step=0.001,
                            key=f"review_threshold_{predictor.task}", format="%.3f"))
+
+
+def store_review_in_archive(study_uid: str, decision: str) -> None:
+    """The AI report (made now if the archive has none for this model version) and the reviewer's SR on it."""
+    from boneai.pacs import process_study, record_review
+
+    client = archive_client()
+    if client is None:
+        st.warning("The archive is no longer configured; the review is in the log only.")
+        return
+    with st.spinner("Storing the results in the archive..."):
+        ai = process_study(client, predictor, study_uid, model_version=version_of(card),
+                           operating_point=operating_point, aggregation=aggregation)
+        try:
+            if not ai.ok:
+                raise BoneAIError(ai.error or "the AI report could not be made")
+            sr_uid = record_review(client, study_uid, ai.sr_sop_uid, reviewer=user.name, decision=decision)
+        except BoneAIError as exc:
+            st.error(plain(f"The review is in the log, but not in the archive: {exc}"), icon=":material/error:")
+            return
+    audit(user, "archive-review", f"reviewer SR {sr_uid}")
+    st.success(f"Stored in the archive: AI report {ai.sr_sop_uid} and your decision (SR {sr_uid}).",
+               icon=":material/cloud_done:")
 
 
 # -- page --------------------------------------------------------------------------------------------
@@ -182,7 +212,7 @@ with controls[0]:
 with controls[1]:
     aggregation = "mean"
     if task != "boneage" and len(views) > 1:
-        aggregation = st.radio("Study probability", ["mean", "max"], horizontal=True, key="review_aggregation",
+        aggregation = st.radio("Study probability", list(AGGREGATIONS), horizontal=True, key="review_aggregation",
                                help="Mean of the views (as in MURA) or the most suspicious view.")
 with controls[2]:
     gives_boxes = predictor.card.get("kind") == "localiser"
@@ -283,26 +313,20 @@ for start in range(0, len(views), per_row):
 
 # -- study level -------------------------------------------------------------------------------------
 st.subheader("Study")
-study_probability = None
-study_decision = None
-threshold = predictions[0].threshold
+result = study_result(predictions, counted, aggregation)  # boneai.study: the same rule as the CLI and PACS batch
+study_probability, study_decision, threshold = result.score, result.decision, result.threshold
 if not counted:
     st.info("No view of this study is in scope, so there is no study finding. Choose \"Show anyway\" on a view "
             "to count it.")
 elif task == "boneage":
-    months = [p.boneage_months for k, p in enumerate(predictions) if k in counted]
-    st.metric("Bone age, mean of views (months)", f"{np.mean(months):.1f}",
-              help=f"{np.mean(months) / 12:.1f} years; {len(months)} view(s).")
+    st.metric("Bone age, mean of views (months)", f"{result.boneage_months:.1f}",
+              help=f"{result.boneage_months / 12:.1f} years; {len(counted)} view(s).")
     if "boneage_months" in known:
         st.caption(f"Reference bone age of this sample: {float(known['boneage_months']):.0f} months.")
 else:
-    scores = [p.probability if p.probability is not None else p.anomaly_score
-              for k, p in enumerate(predictions) if k in counted]
-    study_probability = aggregate_study(scores, aggregation)
-    study_decision = study_probability >= threshold
     s1, s2, s3 = st.columns(3)
     s1.metric("Study probability" if predictions[0].probability is not None else "Study anomaly score",
-              fmt_score(task, study_probability), help=f"{aggregation} of {len(scores)} view(s) in scope")
+              fmt_score(task, study_probability), help=f"{aggregation} of {len(counted)} view(s) in scope")
     s2.metric("Study decision", finding_text(task, study_decision))
     s3.metric("Threshold", fmt_score(task, threshold), help=f"Operating point: {predictions[0].operating_point}")
     if "label" in known:
@@ -331,26 +355,18 @@ if submitted:
         review_key = "|".join((study_key, label.strip(), decision, (note or "").strip(), card["name"],
                                version_of(card)))
         try:
-            review_id = review_store().add(
-                study_id=label, views=[view_label(n, v.digest) for n, v in enumerate(views, 1)],
-                review_key=review_key, model_name=card["name"],
-                model_version=version_of(card), task=task,
-                operating_point=None if task == "boneage" else str(predictions[0].operating_point),
-                threshold=threshold, aggregation=None if task == "boneage" else aggregation,
-                view_probabilities=[None if k not in counted else p.probability if p.probability is not None else
-                                    (p.boneage_months if p.boneage_months is not None else p.anomaly_score)
-                                    for k, p in enumerate(predictions)],
-                study_probability=study_probability,
-                boneage_months=float(np.mean([predictions[k].boneage_months for k in counted]))
-                if task == "boneage" and counted else None,
-                model_decision=finding_text(task, study_decision), reviewer_decision=decision, note=note,
-                reviewer=user.name)
+            review_id = review_store().add(**review_record(
+                study_label=label, view_labels=[view_label(n, v.digest) for n, v in enumerate(views, 1)],
+                predictions=predictions, result=result, model_name=card["name"], model_version=version_of(card),
+                reviewer_decision=decision, note=note, reviewer=user.name, review_key=review_key))
         except BoneAIError as exc:
             st.error(plain(exc))
         else:
             saved[study_key] = {"id": review_id, "decision": decision, "note": note, "label": label}
             audit(user, "save-review", f"review #{review_id}")
             st.success(f"Saved to the review log as review #{review_id}.", icon=":material/check_circle:")
+            if "archive_study_uid" in known:  # from the Worklist: the decision goes back to the archive too
+                store_review_in_archive(known["archive_study_uid"], decision)
 
 # -- report ------------------------------------------------------------------------------------------
 record = saved.get(study_key, {})

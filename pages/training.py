@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from boneai.config import TrainConfig, option_help
 from boneai.errors import BoneAIError
 from boneai.inference import available_models, register_run
 from boneai.jobs import JobRunner, JobStatus, TrainRequest
@@ -55,9 +56,11 @@ def job_form() -> None:
             image_size = st.number_input("Image size (px)", 64, 1024, default_size, 32, key=f"train_size_{task}")
             loss = st.selectbox("Loss", ["(default)"] + LOSSES[task], key=f"train_loss_{task}")
         with c2:
-            epochs = st.number_input("Epochs", 1, 500, 10, key="train_epochs")
-            batch_size = st.number_input("Batch size", 1, 512, 32, key="train_batch")
-            lr = st.number_input("Learning rate", 1e-6, 1.0, 1e-3, format="%.5f", step=1e-4, key="train_lr")
+            epochs = st.number_input("Epochs", 1, 500, 10, key="train_epochs", help=option_help(TrainConfig, "epochs"))
+            batch_size = st.number_input("Batch size", 1, 512, TrainConfig.batch_size, key="train_batch",
+                                         help=option_help(TrainConfig, "batch_size"))
+            lr = st.number_input("Learning rate", 1e-6, 1.0, TrainConfig.lr, format="%.5f", step=1e-4, key="train_lr",
+                                 help=option_help(TrainConfig, "lr"))
             limit = st.number_input("Use only the first N images (0 = all)", 0, 1_000_000, 0, key="train_limit",
                                     help="For a quick trial run.")
         models = available_models(task)
@@ -77,25 +80,26 @@ def job_form() -> None:
             a1, a2 = st.columns(2)
             with a1:
                 augment = st.selectbox("Augmentation", ["strong", "basic", "none"], key=f"train_augment_{task}",
-                                       help="strong: random crops, zoom, rotation, flips, gamma/contrast, CLAHE at "
-                                            "random, noise. basic: flips and small rotations.")
+                                       help=option_help(TrainConfig, "augment"))
                 clahe = st.checkbox("CLAHE (clip 2.0, 8x8) in the input pipeline", key=f"train_clahe_{task}")
                 teacher = st.selectbox(
                     "Distil from (teacher)", [""] + list(teachers), key=f"train_teacher_{task}",
                     format_func=lambda d: "no teacher: labels only" if not d else teachers[d],
                     help="Knowledge distillation: the training targets mix the labels with this model's outputs, "
-                         "e.g. to train a small, fast model from a slower ensemble. The teacher must have been "
-                         "validated on the same split.") if teachers else ""
+                         "e.g. to train a small, fast model from a slower ensemble. The teacher must not have "
+                         "trained on this run's validation images (checked when you start).") if teachers else ""
                 teacher_weight = st.slider("Teacher's share of the target", 0.0, 1.0, 0.5, 0.05,
                                            key=f"train_teacher_weight_{task}") if teachers else 0.5
             with a2:
                 freeze = st.number_input("Frozen EfficientNet blocks (stem + first N)", 0, 6, 0, key=f"train_freeze_{task}",
-                                         help="Faster on a CPU; EfficientNet architectures only.")
+                                         help=option_help(TrainConfig, "freeze_blocks"))
                 parent = st.selectbox(
                     "Start from", [""] + list(parents), key=f"train_parent_{task}",
                     format_func=lambda d: "its initial weights (ImageNet where available)" if not d else
                     f"fine-tune {parents[d]}",
-                    help="Fine-tuning keeps the parent's validation split; choose the parent's architecture above.")
+                    help="Choose the parent's architecture above. A parent trained on other data (e.g. the shipped "
+                         "model, on this hospital's images) is fine; one that trained on this run's validation "
+                         "images is refused when you start.")
         submitted = st.form_submit_button("Start training", type="primary")
     if submitted:
         require_role("admin")
@@ -107,8 +111,10 @@ def job_form() -> None:
                                init_member=int(parent.split("#")[1]) if "#" in parent else None,
                                distill_from=teacher or None, distill_weight=float(teacher_weight))
         try:
+            # Checks the request as the train command will (options, data folder, and parent and teacher
+            # through boneai.train.check_related_models), so a refusal shows here, before any job starts.
             job = runner().start(request)
-        except BoneAIError as exc:  # busy machine, missing folder, bad numbers
+        except BoneAIError as exc:  # busy machine, missing folder, bad numbers, a parent that saw these images
             st.error(plain(exc))
         else:
             st.session_state["train_job"] = job.id
@@ -217,7 +223,7 @@ if job_id is not None:
         status = None
     if status is not None:
         st.subheader(f"Job {status.id} ({TASK_LABELS.get(status.task, status.task)})")
-        st.text(" ".join(status.command[1:]))
+        st.text(jobs.command_text(status.id))
         if status.state == "running":
             st.session_state["train_seen_running"] = status.id
             # Only a running job polls: the fragment reruns alone every POLL_SECONDS, not the page.

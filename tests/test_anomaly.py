@@ -190,19 +190,18 @@ def test_vae_kl_is_nonnegative_and_evaluation_is_deterministic():
 
 def test_masked_loss_ignores_pixels_outside_the_hand():
     """Training on the mask only: an autoencoder step changes nothing when the mask is empty."""
-    import argparse
-
     import torch
 
     from boneai.anomaly import _fit_autoencoder
+    from boneai.config import TrainConfig
     from boneai.models import build_model
 
     torch.manual_seed(0)
     model = build_model("cae")
     before = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-    args = argparse.Namespace(seed=0, lr=1e-2, batch_size=4, epochs=1)
+    cfg = TrainConfig(task="anomaly", seed=0, lr=1e-2, batch_size=4, epochs=1)
     x, empty = torch.rand(4, 1, 96, 96), torch.zeros(4, 1, 96, 96)
-    history = _fit_autoencoder(model, x, empty, args, "mse", 0.0, lambda r: None)
+    history = _fit_autoencoder(model, x, empty, cfg, "mse", 0.0, lambda r: None)
     assert history[0]["train_loss"] == 0.0
     weights = {k: v for k, v in model.state_dict().items() if k in before and "running" not in k}
     assert all(torch.equal(weights[k], before[k]) for k in weights)

@@ -152,9 +152,11 @@ def test_each_kind_has_its_loader() -> None:
     from boneai.inference import MODEL_LOADERS
     from boneai.localisation import load_localiser
     from boneai.predictor import load_classifier
+    from boneai.site import load_site_probe
 
     assert MODEL_LOADERS == {"classifier": load_classifier, "ensemble": load_ensemble,
-                             "anomaly": load_anomaly_model, "localiser": load_localiser}
+                             "anomaly": load_anomaly_model, "localiser": load_localiser,
+                             "site_probe": load_site_probe}
 
 
 def test_load_model_picks_the_loader_of_the_cards_kind(tmp_path: Path, monkeypatch) -> None:

@@ -41,64 +41,62 @@ def _wait_for(predicate, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def test_train_request_builds_the_cli_command(tmp_path: Path) -> None:
+def test_train_request_is_the_config_the_command_reads(tmp_path: Path) -> None:
     req = TrainRequest(task="fracture", data=str(tmp_path), model="resnet18", epochs=3, image_size=192,
                        batch_size=8, lr=3e-4, loss="focal", limit=40)
-    argv = req.argv(out="OUT")
-    assert argv[:3] == ["-m", "boneai", "train"]
-    pairs = dict(zip(argv[3::2], argv[4::2]))
-    assert pairs == {"--task": "fracture", "--data": str(tmp_path), "--out": "OUT", "--epochs": "3",
-                     "--batch-size": "8", "--lr": "0.0003", "--model": "resnet18", "--image-size": "192",
-                     "--loss": "focal", "--limit": "40"}
-    # The command's own parser accepts exactly these options.
+    config = req.config(out="OUT")
+    assert (config.out, config.epochs, config.image_size, config.batch_size, config.lr, config.loss, config.limit) == (
+        "OUT", 3, 192, 8, 3e-4, "focal", 40)
+    # The train command reads it back from config.json exactly (no flags rebuilt by hand on the way).
     from boneai.cli import build_parser
+    from boneai.config import TrainConfig, config_from_args, config_to_dict
 
-    args = build_parser().parse_args(argv[2:])
-    assert (args.epochs, args.image_size, args.loss, args.limit) == (3, 192, "focal", 40)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config_to_dict(config)))
+    assert config_from_args(TrainConfig, build_parser().parse_args(["train", "--config", str(path)])) == config
 
 
 def test_fine_tuning_options_reach_the_command_and_a_wrong_parent_is_refused(tmp_path: Path) -> None:
     shipped = REPO / "weights" / "fracture_fast"
-    req = TrainRequest(task="fracture", data=str(tmp_path), model="efficientnet_lite0", augment="basic", clahe=True,
-                       freeze_blocks=2, init_from=str(shipped))
-    argv = req.argv(out="OUT")
-    from boneai.cli import build_parser
-
-    args = build_parser().parse_args(argv[2:])
-    assert (args.augment, args.clahe, args.freeze_blocks, args.init_from) == ("basic", True, 2, str(shipped))
+    data = fracture_folder(tmp_path / "data", per_class=4)
+    # The shipped parent never saw this folder's images: accepted (fine-tuning on a site's own images).
+    config = TrainRequest(task="fracture", data=str(data), model="efficientnet_lite0", augment="basic", clahe=True,
+                          freeze_blocks=2, init_from=str(shipped)).config("OUT")
+    assert (config.augment, config.clahe, config.freeze_blocks, config.init_from) == ("basic", True, 2, str(shipped))
     with pytest.raises(BoneAIError, match="choose that architecture"):
-        TrainRequest(task="fracture", data=str(tmp_path), model="resnet18", init_from=str(shipped)).argv("OUT")
+        TrainRequest(task="fracture", data=str(data), model="resnet18", init_from=str(shipped)).config("OUT")
     with pytest.raises(BoneAIError, match="bone-age|boneage"):
-        TrainRequest(task="boneage", data=str(tmp_path), init_from=str(shipped)).argv("OUT")
-    with pytest.raises(BoneAIError, match="No trained model"):
-        TrainRequest(task="fracture", data=str(tmp_path), init_from=str(tmp_path)).argv("OUT")
+        TrainRequest(task="boneage", data=str(data), init_from=str(shipped)).config("OUT")
+    with pytest.raises(BoneAIError, match="no card.json"):
+        TrainRequest(task="fracture", data=str(data), init_from=str(tmp_path)).config("OUT")
     with pytest.raises(BoneAIError, match="is an ensemble"):
-        TrainRequest(task="fracture", data=str(tmp_path), init_from=str(ENSEMBLE)).argv("OUT")
+        TrainRequest(task="fracture", data=str(data), init_from=str(ENSEMBLE)).config("OUT")
     with pytest.raises(BoneAIError, match="is an ensemble"):
-        TrainRequest(task="fracture", data=str(tmp_path), init_from=str(ENSEMBLE), init_member=7).argv("OUT")
+        TrainRequest(task="fracture", data=str(data), init_from=str(ENSEMBLE), init_member=7).config("OUT")
     with pytest.raises(BoneAIError, match="not an ensemble"):
-        TrainRequest(task="fracture", data=str(tmp_path), init_from=str(shipped), init_member=0).argv("OUT")
+        TrainRequest(task="fracture", data=str(data), init_from=str(shipped), init_member=0).config("OUT")
+    with pytest.raises(BoneAIError, match="apply to the fracture and bone-age tasks"):
+        TrainRequest(task="anomaly", data=str(data), init_from=str(shipped)).config("OUT")
 
 
 def test_distillation_from_an_ensemble_member_reaches_the_command(tmp_path: Path) -> None:
     """A fast student: one member of the shipped ensemble as the start, the whole ensemble as teacher."""
-    from boneai.cli import build_parser
-
-    req = TrainRequest(task="fracture", data=str(tmp_path), model="efficientnet_lite0", image_size=320,
-                       init_from=str(ENSEMBLE), init_member=1, distill_from=str(ENSEMBLE), distill_weight=0.7)
-    args = build_parser().parse_args(req.argv(out="OUT")[2:])
-    assert (args.init_from, args.init_member, args.distill_from, args.distill_weight) == (
+    data = fracture_folder(tmp_path / "data", per_class=4)
+    config = TrainRequest(task="fracture", data=str(data), model="efficientnet_lite0", image_size=320,
+                          init_from=str(ENSEMBLE), init_member=1, distill_from=str(ENSEMBLE),
+                          distill_weight=0.7).config("OUT")
+    assert (config.init_from, config.init_member, config.distill_from, config.distill_weight) == (
         str(ENSEMBLE), 1, str(ENSEMBLE), 0.7)
     with pytest.raises(BoneAIError, match="is a fracture model"):
-        TrainRequest(task="boneage", data=str(tmp_path), distill_from=str(ENSEMBLE)).argv("OUT")
+        TrainRequest(task="boneage", data=str(data), distill_from=str(ENSEMBLE)).config("OUT")
     with pytest.raises(BoneAIError, match="between 0 and 1"):
-        TrainRequest(task="fracture", data=str(tmp_path), distill_from=str(ENSEMBLE), distill_weight=1.5).argv("OUT")
-    with pytest.raises(BoneAIError, match="No trained model"):
-        TrainRequest(task="fracture", data=str(tmp_path), distill_from=str(tmp_path)).argv("OUT")
+        TrainRequest(task="fracture", data=str(data), distill_from=str(ENSEMBLE), distill_weight=1.5).config("OUT")
+    with pytest.raises(BoneAIError, match="no card.json"):
+        TrainRequest(task="fracture", data=str(data), distill_from=str(tmp_path)).config("OUT")
 
 
 @pytest.mark.parametrize("bad", [dict(data="/no/such/folder"), dict(task="segmentation"), dict(epochs=0),
-                                 dict(augment="extreme")])
+                                 dict(augment="extreme"), dict(optimizer="lion"), dict(freeze_blocks=-1)])
 def test_bad_requests_are_refused_before_anything_starts(tmp_path: Path, bad: dict) -> None:
     runner = JobRunner(tmp_path / "jobs")
     with pytest.raises(BoneAIError):
@@ -258,6 +256,11 @@ def test_a_real_training_job_runs_to_completion_and_registers(tmp_path: Path) ->
     assert st.epochs_done == 1 and 0.0 <= st.last["val_auc"] <= 1.0 and st.last["train_loss"] > 0
     for name in ("card.json", "model.safetensors", "val_predictions.csv", "metrics.jsonl"):
         assert (st.run_dir / name).is_file(), name
+    # The job ran `train --config config.json`; the card records the equivalent flags and the whole config.
+    training = json.loads((st.run_dir / "card.json").read_text())["training"]
+    assert training["command"] == runner.command_text(job.id)
+    assert training["command"].startswith(f"python -m boneai train --data {data} --model efficientnet_lite0 --out ")
+    assert training["config"]["limit"] == 24 and training["config"]["image_size"] == 128
     from boneai.inference import available_models, register_run
 
     dest = register_run(st.run_dir, "trial", weights_dir=tmp_path / "weights")

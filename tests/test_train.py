@@ -250,10 +250,28 @@ def test_fine_tuning_starts_from_the_parent_weights_and_refuses_another_split(tm
     assert init["path"] == str(parent) and init["commands"][0].startswith("python -m boneai train")
     assert "auc" in init["validation"]
 
+    assert init["leak_check"] == "validated on this run's validation images"
+
     # Another validation split would put the parent's training images into this run's validation.
     proc = _train(data, tmp_path / "bad", "--epochs", "1", "--init-from", str(parent), "--seed", "3")
     assert proc.returncode != 0
-    assert "another data split" in proc.stderr and "Traceback" not in proc.stderr
+    assert "another data split" in proc.stderr and "were among its training images" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_fine_tuning_a_parent_trained_on_other_data(tmp_path):
+    """A hospital adapts a model to its own radiographs: the parent never saw them, so it may start the run."""
+    other = fracture_folder(tmp_path / "other", per_class=12, layout="fracatlas")  # another data set's layout
+    site = fracture_folder(tmp_path / "site", per_class=12)
+    parent, child = tmp_path / "parent", tmp_path / "child"
+    proc = _train(other, parent, "--epochs", "1", "--image-size", "64")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _train(site, child, "--epochs", "1", "--image-size", "64", "--lr", "1e-4", "--init-from", str(parent))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    card = json.loads((child / "card.json").read_text())
+    assert card["initial_weights"] == f"fine-tuned from {parent}"
+    init = card["training"]["init_from"]
+    assert init["path"] == str(parent) and init["leak_check"].startswith("trained on other data")
 
 
 def test_time_budget_stops_training_and_a_compressed_copy_run_is_revalidated_on_the_originals(tmp_path):
@@ -326,10 +344,9 @@ def test_distillation_from_an_ensemble_starts_from_one_member_and_mixes_the_teac
     # One teacher probability per training image, and the targets are the stated mixture.
     cached = pd.read_csv(student / "teacher_outputs.csv")
     cfg = TrainConfig(**{k: v for k, v in card["training"]["config"].items() if k in TrainConfig.__dataclass_fields__})
-    train_df, val_df, _, _ = _read_task_data(cfg)
+    train_df, _, _, _ = _read_task_data(cfg)
     assert len(cached) == len(train_df) and cached["teacher_probability"].between(0, 1).all()
-    val_images = [os.path.relpath(p, data) for p in val_df["path"]]
-    mixed, _ = teacher_targets(cfg, train_df, "label", val_images, student)
+    mixed, _ = teacher_targets(cfg, train_df, "label", student)
     labels = train_df["label"].to_numpy()
     assert abs(mixed - (0.3 * labels + 0.7 * cached["teacher_probability"].to_numpy())).max() < 1e-6
     assert 0 < mixed.min() and mixed.max() < 1  # soft targets, not labels

@@ -339,3 +339,31 @@ def require_role(role: str) -> User:
         st.error(f"This needs the {role} role; you are signed in as a {user.role}.", icon=":material/lock:")
         st.stop()
     return user
+
+
+# -- the hospital archive (Worklist) -------------------------------------------------------------------------
+def archive_settings() -> Any:
+    """The archive the Worklist reads: ``[pacs]`` in ``.streamlit/secrets.toml`` and ``BONEAI_PACS_*``
+    environment variables (these win); None when no URL is configured (see :func:`boneai.pacs.settings_from`)."""
+    from boneai.pacs import settings_from as pacs_settings_from
+
+    return pacs_settings_from(_secrets_section("pacs"))
+
+
+def archive_client() -> Any:
+    """A :class:`boneai.pacs.ArchiveClient` on :func:`archive_settings`, or None without an archive."""
+    from boneai.pacs import ArchiveClient
+
+    settings = archive_settings()
+    return None if settings is None else ArchiveClient(settings)
+
+
+@st.cache_data(show_spinner="Fetching the study from the archive...", max_entries=16, ttl=600)
+def archive_study_files(url: str, study_uid: str) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """(name, DICOM bytes) of a study's radiographs as the archive sends them, and one message per
+    instance that could not be read. The page decodes the bytes through ``read_views`` like an upload."""
+    client = archive_client()
+    if client is None or client.settings.url != url:
+        return [], ["The archive is no longer configured."]
+    views, errors = client.fetch_views(study_uid)
+    return [(f"view {n}", v.data) for n, v in enumerate(views, 1)], errors
