@@ -20,15 +20,16 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 # The model kinds register their loaders in MODEL_LOADERS when imported.
 from boneai import anomaly as _anomaly  # noqa: F401
 from boneai import ensemble as _ensemble  # noqa: F401
 from boneai import localisation as _localisation  # noqa: F401
-from boneai import site as _site  # noqa: F401
+from boneai import site_model as _site_model  # noqa: F401
 from boneai.card import CARD_FILE, WEIGHTS_FILE, ModelCard
 from boneai.errors import BoneAIError, ModelNotFoundError
 from boneai.predictor import (

@@ -50,17 +50,16 @@ import torch
 from torch import nn
 
 from boneai import evaluate as ev
+from boneai._json import json_default
 from boneai.card import DEFAULT_OPERATING_POINT, WEIGHTS_FILE, ModelCard
+from boneai.data import image_fingerprints, near_duplicate_groups, read_classification_dir
+from boneai.ensemble import EnsemblePredictor
 from boneai.errors import BoneAIError, DatasetError
-from boneai.predictor import (
-    CalibratedPredictions,
-    Image,
-    ModelResolver,
-    Predictor,
-    build_network,
-    read_weights,
-    register_loader,
-)
+from boneai.inference import available_cards, load_model, model_dir
+from boneai.io import read_radiograph
+from boneai.predictor import Predictor, read_weights
+from boneai.site_model import SiteProbePredictor, load_site_probe  # noqa: F401
+from boneai.site_model import probe_score as _probe_score
 from boneai.transforms import to_tensor
 
 __all__ = [
@@ -134,7 +133,6 @@ def read_site(data: str | Path, near_duplicates: bool = True) -> SiteData:
     under the class folder (``fractured/patient07/a.png``) is a patient, and near-duplicate views
     (difference hash, as the FracAtlas split uses) are joined across the whole folder.
     """
-    from boneai.data import image_fingerprints, near_duplicate_groups, read_classification_dir
 
     root = Path(data)
     df = read_classification_dir(root).reset_index(drop=True)
@@ -198,8 +196,6 @@ class FeatureNet:
 
 def feature_nets(model: str | Path, is_parent: bool, weights_dir: str | Path | None = None) -> list[FeatureNet]:
     """The networks of a model folder (an ensemble's members, or the one network)."""
-    from boneai.ensemble import EnsemblePredictor
-    from boneai.inference import load_model, model_dir
 
     folder = model_dir(model, weights_dir)
     pred = load_model(folder)
@@ -220,7 +216,6 @@ def feature_nets(model: str | Path, is_parent: bool, weights_dir: str | Path | N
 def default_feature_models(parent: str | Path, weights_dir: str | Path | None = None) -> list[str]:
     """The other single-network fracture classifiers in ``weights/`` (cheap to run; each sees the
     image at its own input size, which is what made the average robust on the simulated site)."""
-    from boneai.inference import available_cards, model_dir
 
     parent_dir = model_dir(parent, weights_dir).resolve()
     out = []
@@ -259,7 +254,6 @@ class FeatureCache:
 
 
 def _read_pixels(path: str) -> np.ndarray:
-    from boneai.io import read_radiograph
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -309,11 +303,6 @@ def _probe_fit(x: np.ndarray, y: np.ndarray, c: float) -> dict[str, np.ndarray]:
     scale = np.where(scale > 1e-8, scale, 1.0)
     m = LogisticRegression(C=c, max_iter=5000).fit((z - mean) / scale, y)
     return {"mean": mean, "scale": scale, "coef": m.coef_.reshape(-1), "intercept": np.array(m.intercept_[:1])}
-
-
-def _probe_score(p: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray:
-    z = (np.sqrt(np.maximum(x, 0.0)) - p["mean"]) / p["scale"]
-    return z @ p["coef"] + float(np.ravel(p["intercept"])[0])
 
 
 def _head_finetune(x: np.ndarray, y: np.ndarray, w0: np.ndarray, b0: float, epochs: int) -> tuple[np.ndarray, float]:
@@ -646,83 +635,12 @@ def _write_site_model(out: Path, method: str, final: _Fitted, nets: Sequence[Fea
 
 
 def _json_default(o: Any) -> Any:
-    from boneai._json import json_default
 
     return json_default(o)
 
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=_json_default))
-
-
-# -- the site model ---------------------------------------------------------------------------------
-@register_loader("site_probe")
-def load_site_probe(card: ModelCard | Mapping[str, Any], directory: str | Path,
-                    resolve: ModelResolver | None = None) -> SiteProbePredictor:
-    """A :class:`SiteProbePredictor` from a site model folder written by :func:`adapt`."""
-    directory = Path(directory)
-    card = ModelCard.coerce(card, directory)
-    weights = directory / card.weights_file
-    if not weights.is_file():
-        raise BoneAIError(f"Site model {card.name!r} has a card but no weights file ({weights.name}).")
-    members = [Predictor(m.card(card), build_network(m.architecture, read_weights(weights, m.prefix)), directory)
-               for m in card.members]
-    arrays = read_weights(weights, "probe.")
-    probes = [{k: arrays[f"{j}.{k}"].double().numpy() for k in ("mean", "scale", "coef", "intercept")}
-              for j in range(len(members))]
-    return SiteProbePredictor(card, members, probes, directory)
-
-
-class SiteProbePredictor(CalibratedPredictions):
-    """A site model: probes on its networks' pooled features (and optionally the parent's logit).
-
-    Heatmaps, the input shown and ``model`` (for Grad-CAM) are the first network's, i.e. the parent's.
-    """
-
-    def __init__(self, card: ModelCard, members: Sequence[Predictor], probes: Sequence[Mapping[str, np.ndarray]],
-                 directory: Path) -> None:
-        self.directory = Path(directory)
-        self.card = ModelCard.coerce(card, self.directory)
-        self.members, self.probes = list(members), list(probes)
-        self.name = self.card.name or self.directory.name
-        self.task = "fracture"
-        spec = self.card["probe"]
-        self.weights = [float(w) for w in spec["weights"]]
-        self.parent_weight = float(spec.get("parent_weight", 0.0))
-        self.parent_members = [int(j) for j in spec.get("parent_members", [0])]
-        first = self.members[0]
-        self.model: nn.Module = first.model
-        self.cam_architecture = first.card.architecture
-        self.pipeline, self.mean, self.std = first.pipeline, first.mean, first.std
-        self.dtype = first.dtype
-
-    @property
-    def batchnorm_folded(self) -> bool:
-        return all(m.batchnorm_folded for m in self.members)
-
-    def input_image(self, image: Image) -> np.ndarray:
-        return self.members[0].input_image(image)
-
-    def input_tensor(self, image: Image) -> torch.Tensor:
-        return self.members[0].input_tensor(image)
-
-    def _outputs(self, images: Sequence[Image], sex: torch.Tensor | None
-                 ) -> tuple[np.ndarray, list[np.ndarray], list[dict[str, Any]]]:
-        score = np.zeros(len(images))
-        parent = np.zeros(len(images))
-        first_inputs: list[np.ndarray] = []
-        for j, (m, p, w) in enumerate(zip(self.members, self.probes, self.weights, strict=True)):
-            inputs = [m.input_image(im) for im in images]
-            if j == 0:
-                first_inputs = inputs
-            feats = m.pooled_features(torch.stack([to_tensor(im, m.mean, m.std) for im in inputs]), mirror=True)
-            score += w * _probe_score(p, feats.astype(np.float64))
-            if j in self.parent_members:
-                clf = m.model.get_classifier()
-                parent += (feats @ clf.weight.detach().reshape(-1).double().numpy()
-                           + float(clf.bias.detach().reshape(-1)[0])) / len(self.parent_members)
-        score += self.parent_weight * parent
-        return score, first_inputs, [{} for _ in images]
 
 
 def cached_logits(model: str | Path, paths: Sequence[str], cache: str | Path) -> np.ndarray:
@@ -733,7 +651,6 @@ def cached_logits(model: str | Path, paths: Sequence[str], cache: str | Path) ->
     checks that on its first repeat. Works for ``site_probe`` models and single-network classifiers
     (a recalibrated or head-fine-tuned parent, whose backbone is the parent's).
     """
-    from boneai.inference import model_dir
 
     folder = model_dir(model)
     card = ModelCard.from_dir(folder)

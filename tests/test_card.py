@@ -152,7 +152,7 @@ def test_each_kind_has_its_loader() -> None:
     from boneai.inference import MODEL_LOADERS
     from boneai.localisation import load_localiser
     from boneai.predictor import load_classifier
-    from boneai.site import load_site_probe
+    from boneai.site_model import load_site_probe
 
     assert MODEL_LOADERS == {"classifier": load_classifier, "ensemble": load_ensemble,
                              "anomaly": load_anomaly_model, "localiser": load_localiser,
