@@ -58,6 +58,7 @@ from boneai.errors import BoneAIError, DatasetError
 from boneai.inference import available_cards, load_model, model_dir
 from boneai.io import read_radiograph
 from boneai.predictor import Predictor, read_weights
+from boneai.scope import file_sha256
 from boneai.site_model import SiteProbePredictor, load_site_probe  # noqa: F401
 from boneai.site_model import probe_score as _probe_score
 from boneai.transforms import to_tensor
@@ -118,14 +119,6 @@ class SiteData:
                 "n_groups": int(self.frame["group"].nunique())}
 
 
-def _file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_site(data: str | Path, near_duplicates: bool = True) -> SiteData:
     """Read a labelled folder in the layouts ``evaluate`` reads (class folders or FracAtlas).
 
@@ -146,31 +139,24 @@ def read_site(data: str | Path, near_duplicates: bool = True) -> SiteData:
     df["group"] = groups
     digest = hashlib.sha256()
     for r, label, p in sorted(zip(map(str, rel), df["label"], df["path"], strict=True)):
-        digest.update(f"{r}\t{int(label)}\t{_file_sha256(p)}\n".encode())
+        digest.update(f"{r}\t{int(label)}\t{file_sha256(p)}\n".encode())
     return SiteData(root=root, frame=df, layout=layout, sha256=digest.hexdigest())
 
 
 def _join_groups(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Connected components of two groupings (images sharing either group end up together)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     n = len(a)
-    parent = np.arange(n)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for labels in (a, b):
+    rows, cols = [], []
+    for labels in (a, b):  # link each image to the first image of its group
         first: dict[Any, int] = {}
         for i, g in enumerate(labels):
-            if g in first:
-                ri, rj = find(i), find(first[g])
-                if ri != rj:
-                    parent[max(ri, rj)] = min(ri, rj)
-            else:
-                first[g] = i
-    return np.array([find(i) for i in range(n)])
+            rows.append(i)
+            cols.append(first.setdefault(g, i))
+    _, comp = connected_components(coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n)), directed=False)
+    return comp
 
 
 # -- features -----------------------------------------------------------------------------------------
@@ -201,12 +187,12 @@ def feature_nets(model: str | Path, is_parent: bool, weights_dir: str | Path | N
     pred = load_model(folder)
     if pred.task != "fracture":
         raise BoneAIError(f"Model {pred.name!r} is a {pred.task} model; site adaptation needs a fracture model.")
-    sha = _file_sha256(folder / pred.card.weights_file)
+    sha = file_sha256(folder / pred.card.weights_file)
+    if isinstance(pred, SiteProbePredictor):  # before the ensemble test: a site model holds members too
+        raise BoneAIError(f"{pred.name!r} is already a site model; adapt its parent ({pred.card['site']['parent']}).")
     if isinstance(pred, EnsemblePredictor):
         prefixes = [m.prefix for m in pred.card.members]
         return [FeatureNet(m, str(folder), p, sha, is_parent) for m, p in zip(pred.members, prefixes, strict=True)]
-    if isinstance(pred, SiteProbePredictor):
-        raise BoneAIError(f"{pred.name!r} is already a site model; adapt its parent ({pred.card['site']['parent']}).")
     if not isinstance(pred, Predictor):
         raise BoneAIError(f"Model {pred.name!r} ({pred.card.model_kind}) has no pooled features to adapt; "
                           "use a classifier or an ensemble as the parent.")
@@ -264,7 +250,7 @@ def site_features(nets: Sequence[FeatureNet], paths: Sequence[str], cache: Featu
                   batch_size: int = 16, log: Callable[[str], None] | None = None) -> list[np.ndarray]:
     """(N, C) mirror-averaged pooled features of every image, one array per network."""
     cache = cache or FeatureCache(None)
-    digests = [_file_sha256(p) for p in paths]
+    digests = [file_sha256(p) for p in paths]
     out = []
     for net in nets:
         store = cache.get(net.key)
@@ -655,7 +641,7 @@ def cached_logits(model: str | Path, paths: Sequence[str], cache: str | Path) ->
     folder = model_dir(model)
     card = ModelCard.from_dir(folder)
     store = FeatureCache(cache)
-    digests = [_file_sha256(p) for p in paths]
+    digests = [file_sha256(p) for p in paths]
 
     def feats(weights_sha256: str, prefix: str) -> np.ndarray:
         key = hashlib.sha256(f"{weights_sha256}:{prefix}".encode()).hexdigest()[:16]
@@ -681,7 +667,7 @@ def cached_logits(model: str | Path, paths: Sequence[str], cache: str | Path) ->
         return score + float(spec.get("parent_weight", 0.0)) * parent
     if card.model_kind != "classifier":
         raise BoneAIError(f"cached_logits: {card.name} is a {card.model_kind} model; use predict_many.")
-    sha = card["site"]["parent_weights_sha256"] if "site" in card else _file_sha256(folder / card.weights_file)
+    sha = card["site"]["parent_weights_sha256"] if "site" in card else file_sha256(folder / card.weights_file)
     x = feats(sha, "")
     w = weights["classifier.weight"].double().numpy().reshape(-1)
     return x @ w + float(weights["classifier.bias"].reshape(-1)[0])

@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from boneai.card import ModelCard
+from boneai.ensemble import EnsemblePredictor
 from boneai.errors import BoneAIError
 from boneai.predictor import (
-    CalibratedPredictions,
     Image,
     ModelResolver,
     Predictor,
@@ -57,7 +56,7 @@ def load_site_probe(card: ModelCard | Mapping[str, Any], directory: str | Path,
     return SiteProbePredictor(card, members, probes, directory)
 
 
-class SiteProbePredictor(CalibratedPredictions):
+class SiteProbePredictor(EnsemblePredictor):
     """A site model: probes on its networks' pooled features (and optionally the parent's logit).
 
     Heatmaps, the input shown and ``model`` (for Grad-CAM) are the first network's, i.e. the parent's.
@@ -65,30 +64,13 @@ class SiteProbePredictor(CalibratedPredictions):
 
     def __init__(self, card: ModelCard, members: Sequence[Predictor], probes: Sequence[Mapping[str, np.ndarray]],
                  directory: Path) -> None:
-        self.directory = Path(directory)
-        self.card = ModelCard.coerce(card, self.directory)
-        self.members, self.probes = list(members), list(probes)
-        self.name = self.card.name or self.directory.name
+        super().__init__(card, members, directory)  # members, first-member inputs and Grad-CAM network
+        self.probes = list(probes)
         self.task = "fracture"
         spec = self.card["probe"]
         self.weights = [float(w) for w in spec["weights"]]
         self.parent_weight = float(spec.get("parent_weight", 0.0))
         self.parent_members = [int(j) for j in spec.get("parent_members", [0])]
-        first = self.members[0]
-        self.model: nn.Module = first.model
-        self.cam_architecture = first.card.architecture
-        self.pipeline, self.mean, self.std = first.pipeline, first.mean, first.std
-        self.dtype = first.dtype
-
-    @property
-    def batchnorm_folded(self) -> bool:
-        return all(m.batchnorm_folded for m in self.members)
-
-    def input_image(self, image: Image) -> np.ndarray:
-        return self.members[0].input_image(image)
-
-    def input_tensor(self, image: Image) -> torch.Tensor:
-        return self.members[0].input_tensor(image)
 
     def _outputs(self, images: Sequence[Image], sex: torch.Tensor | None
                  ) -> tuple[np.ndarray, list[np.ndarray], list[dict[str, Any]]]:
