@@ -18,10 +18,9 @@ import pandas as pd
 import streamlit as st
 
 from boneai.errors import BoneAIError
-from boneai.inference import register_run
 from boneai.jobs import JobRunner, JobStatus
 from boneai.site_validate import extract_site_zip, find_site_root
-from ui.common import audit, intended_use_note, model_cards, plain, require_role, route_through_app
+from ui.common import audit, intended_use_note, model_cards, plain, register_job_form, require_role, route_through_app
 
 route_through_app()
 require_role("admin")
@@ -171,26 +170,8 @@ def show_adaptation(job: JobStatus) -> None:
                                for k, c in site["candidates"].items()]), hide_index=True)
     st.caption("Every figure here is cross-validated inside this folder (nested: each choice made on training "
                "folds only). Validate the registered model on other labelled cases before use.")
-    registered = st.session_state.setdefault("site_registered", {})
-    if job.id in registered:
-        st.success(f"Registered as {registered[job.id]}; choose it in the sidebar.")
-        return
-    with st.form(f"site_register_{job.id}"):
-        name = st.text_input("Model name", value=f"site-{job.id[:15]}", key="site_register_name",
-                             help="Letters, digits, - and _. It becomes weights/<name>/.")
-        make_default = st.checkbox("Make it the default fracture model", key="site_register_default")
-        if st.form_submit_button("Register the site model", type="primary"):
-            user = require_role("admin")
-            try:
-                dest = register_run(job.run_dir, name.strip(), make_default=make_default)
-            except BoneAIError as exc:
-                st.error(plain(exc))
-            else:
-                registered[job.id] = dest.name
-                audit(user, "register-model", f"{dest.name} from site job {job.id}")
-                if make_default:
-                    audit(user, "set-default", f"fracture: {dest.name}")
-                st.rerun(scope="app")
+    register_job_form(job, "fracture", prefix="site_", registered_in="site_registered", name_stem="site",
+                      kind="site job", button="Register the site model", registered_note="choose it in the sidebar.")
 
 
 st.title("Site validation")

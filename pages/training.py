@@ -14,11 +14,19 @@ import streamlit as st
 
 from boneai.config import TrainConfig, option_help
 from boneai.errors import BoneAIError
-from boneai.inference import available_models, register_run
+from boneai.inference import available_models
 from boneai.jobs import JobRunner, JobStatus, TrainRequest
 from boneai.models import get_spec, list_models
 from ui import charts
-from ui.common import REPO_ROOT, TASK_LABELS, audit, intended_use_note, plain, require_role, route_through_app
+from ui.common import (
+    REPO_ROOT,
+    TASK_LABELS,
+    intended_use_note,
+    plain,
+    register_job_form,
+    require_role,
+    route_through_app,
+)
 
 route_through_app()
 require_role("admin")
@@ -182,26 +190,9 @@ def finished_job(job: JobStatus) -> None:
         st.warning("The job ended without a model card; nothing to register.")
         return
     st.subheader("Register the new model")
-    registered = st.session_state.setdefault("train_registered", {})
-    if job.id in registered:
-        st.success(f"Registered as {registered[job.id]}; choose it in the sidebar to review studies with it.")
-        return
-    with st.form(f"register_{job.id}"):
-        name = st.text_input("Model name", value=f"{job.task}-{job.id[:15]}", key="register_name",
-                             help="Letters, digits, - and _. It becomes weights/<name>/.")
-        make_default = st.checkbox(f"Make it the default {job.task} model", key="register_default")
-        if st.form_submit_button("Register weights", type="primary"):
-            user = require_role("admin")
-            try:
-                dest = register_run(job.run_dir, name.strip(), make_default=make_default)
-            except BoneAIError as exc:
-                st.error(plain(exc))
-            else:
-                registered[job.id] = dest.name
-                audit(user, "register-model", f"{dest.name} from job {job.id}")
-                if make_default:
-                    audit(user, "set-default", f"{job.task}: {dest.name}")
-                st.rerun(scope="app")  # the sidebar's model list picks the new model up
+    register_job_form(job, job.task, prefix="", registered_in="train_registered", name_stem=job.task, kind="job",
+                      button="Register weights",
+                      registered_note="choose it in the sidebar to review studies with it.")
 
 
 st.title("Training")

@@ -19,8 +19,7 @@ import pandas as pd
 import streamlit as st
 
 from boneai import inference
-from boneai.auth import (ADMIN, LOCAL_USER, AuthSettings, allowed, resolve_role, serving_mode, settings_from,
-                         user_name)
+from boneai.auth import ADMIN, LOCAL_USER, AuthSettings, allowed, resolve_role, serving_mode, settings_from, user_name
 from boneai.errors import BoneAIError
 from boneai.io import Radiograph, read_radiograph
 from boneai.store import ReviewStore, model_version
@@ -367,3 +366,30 @@ def archive_study_files(url: str, study_uid: str) -> tuple[list[tuple[str, bytes
         return [], ["The archive is no longer configured."]
     views, errors = client.fetch_views(study_uid)
     return [(f"view {n}", v.data) for n, v in enumerate(views, 1)], errors
+
+
+def register_job_form(job: Any, task: str, *, prefix: str, registered_in: str, name_stem: str, kind: str,
+                      button: str, registered_note: str) -> None:
+    """The form that registers a finished job's run folder as ``weights/<name>/`` (optionally the default
+    ``task`` model), audited; used by the Training and Site validation pages. ``prefix`` keeps each page's
+    widget keys apart, ``registered_in`` names its session record, ``kind`` names the job in the audit log."""
+    registered = st.session_state.setdefault(registered_in, {})
+    if job.id in registered:
+        st.success(f"Registered as {registered[job.id]}; {registered_note}")
+        return
+    with st.form(f"{prefix}register_{job.id}"):
+        name = st.text_input("Model name", value=f"{name_stem}-{job.id[:15]}", key=f"{prefix}register_name",
+                             help="Letters, digits, - and _. It becomes weights/<name>/.")
+        make_default = st.checkbox(f"Make it the default {task} model", key=f"{prefix}register_default")
+        if st.form_submit_button(button, type="primary"):
+            user = require_role("admin")
+            try:
+                dest = inference.register_run(job.run_dir, name.strip(), make_default=make_default)
+            except BoneAIError as exc:
+                st.error(plain(exc))
+            else:
+                registered[job.id] = dest.name
+                audit(user, "register-model", f"{dest.name} from {kind} {job.id}")
+                if make_default:
+                    audit(user, "set-default", f"{task}: {dest.name}")
+                st.rerun(scope="app")  # the sidebar's model list picks the new model up
