@@ -319,7 +319,28 @@ class Predictor(CalibratedPredictions):
                  ) -> tuple[np.ndarray, list[np.ndarray], list[dict[str, Any]]]:
         inputs = [self.input_image(im) for im in images]
         batch = torch.stack([to_tensor(im, self.mean, self.std) for im in inputs])
+        if self.keeps_pooled:
+            logits, pooled = self._logits_and_pooled(batch)
+            return logits, inputs, [{"pooled": row} for row in pooled]
         return self.raw_outputs(batch, sex), inputs, [{} for _ in inputs]
+
+    @property
+    def keeps_pooled(self) -> bool:
+        """Whether each prediction's extras carry ``pooled``: the float32 pooled encoder features of the
+        view itself (a fracture classifier without mirror averaging). The scope check reads them
+        instead of running the same encoder again (:func:`boneai.scope.check_views`)."""
+        model = self._forward_model
+        return (self.task == "fracture" and not self.card.tta_hflip and self.dtype == torch.float32
+                and all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier")))
+
+    def _logits_and_pooled(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """One forward pass: logits and the pooled features they come from (the head's input)."""
+        model = self._forward_model
+        with torch.inference_mode():
+            pooled = model.forward_head(model.forward_features(batch.to(memory_format=torch.channels_last)),
+                                        pre_logits=True).float()
+            logits = model.get_classifier()(pooled).reshape(-1)
+        return logits.float().numpy(), pooled.numpy()
 
     def pooled_features(self, batch: torch.Tensor, mirror: bool = True) -> np.ndarray:
         """(N, C) pooled encoder features (the head's input) of a classifier, averaged over the image

@@ -286,6 +286,22 @@ class ScopeModel:
             self._extractor = FeatureExtractor(path)
         return self._extractor
 
+    def reads_features_of(self, predictor: Any) -> bool:
+        """Whether ``predictor``'s predictions carry this scope model's own features: the feature model's
+        folder with the very weights the scope model was fitted on, keeping its pooled features."""
+        if predictor is None or not getattr(predictor, "keeps_pooled", False):
+            return False
+        folder = self.feature_model_dir()
+        weights = folder / self.card["feature_model"].get("weights_file", "model.safetensors")
+        try:
+            if Path(predictor.directory).resolve() != folder.resolve():
+                return False
+            expected = self.card["feature_model"].get("sha256")
+            stat = weights.stat()
+            return not expected or _weights_sha256(str(weights), stat.st_mtime_ns, stat.st_size) == expected
+        except OSError:
+            return False
+
     # -- scores ----------------------------------------------------------------------------------------
     def class_probabilities(self, pooled: np.ndarray, colour: np.ndarray) -> np.ndarray:
         x = (classifier_input(pooled, colour) - self.a["x_mean"]) / self.a["x_scale"]
@@ -346,6 +362,11 @@ class ScopeModel:
         return results
 
 
+@lru_cache(maxsize=8)
+def _weights_sha256(path: str, mtime_ns: int, size: int) -> str:
+    return file_sha256(path)
+
+
 @lru_cache(maxsize=4)
 def _cached(directory: str, mtime: float) -> ScopeModel:
     return ScopeModel.load(directory)
@@ -360,13 +381,23 @@ def load_scope_model(weights_dir: str | Path | None = None) -> ScopeModel | None
     return _cached(str(folder), card.stat().st_mtime)
 
 
-def check_views(images: Sequence[Radiograph], weights_dir: str | Path | None = None) -> list[ScopeResult]:
+def check_views(images: Sequence[Radiograph], weights_dir: str | Path | None = None, *,
+                predictor: Any = None, predictions: Sequence[Any] | None = None) -> list[ScopeResult]:
     """Scope and familiarity of each view. Without a usable scope model only the header and colour
-    rules apply (familiarity None): a missing image check never blocks a prediction."""
+    rules apply (familiarity None): a missing image check never blocks a prediction.
+
+    ``predictions`` of the views by ``predictor``: when that is the scope model's feature model
+    (the default ``fracture`` classifier), their pooled features are used instead of a second
+    forward pass through the same encoder.
+    """
     try:
         model = load_scope_model(weights_dir)
         if model is not None:
-            return model.check(images)
+            pooled = None
+            if (predictions is not None and len(predictions) == len(images) and model.reads_features_of(predictor)
+                    and all("pooled" in p.extras for p in predictions)):
+                pooled = np.stack([p.extras["pooled"] for p in predictions])
+            return model.check(images, pooled=pooled)
         note = "no scope model installed"
     except BoneAIError as exc:
         note = str(exc)

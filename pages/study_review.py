@@ -244,7 +244,7 @@ try:
 except BoneAIError as exc:
     st.error(plain(exc))
     st.stop()
-scopes = view_scope.scope_for(digests, views)  # out-of-scope views: greyed, no finding (boneai.scope)
+scopes = view_scope.scope_for(digests, views, predictor, predictions)  # out-of-scope views: greyed, no finding (boneai.scope)
 counted = view_scope.counted_views(scopes, views)  # the views the study finding uses
 
 # -- per view ----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from boneai.io import read_radiograph
@@ -146,6 +147,34 @@ def test_fracatlas_and_bone_age_samples_are_in_scope_with_a_familiarity(scope_mo
     for r in res:
         assert 0.0 < r.familiarity <= 1.0 and isinstance(r.unfamiliar, bool)
         assert r.unfamiliar == (r.familiarity < scope_model.familiarity_threshold)
+
+
+def test_the_fracture_models_own_predictions_feed_the_scope_check_without_a_second_pass(scope_model,
+                                                                                       monkeypatch) -> None:
+    from boneai.inference import load_model
+
+    predictor = load_model(scope_model.card["feature_model"]["name"])
+    images = [_read(f) for f in FRACATLAS[:3]] + [_read(_colour_photo(), "photo.png")]
+    separate = scope_model.check(images)
+    predictions = predictor.predict_many(images)
+    assert scope_model.reads_features_of(predictor) and all("pooled" in p.extras for p in predictions)
+    # The logits come from the very pooled features the scope check reads: same as a plain forward pass.
+    plain = predictor.raw_outputs(torch.stack([predictor.input_tensor(im)[0] for im in images]))
+    np.testing.assert_allclose([p.logit for p in predictions], plain, atol=1e-5)
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the scope check ran the encoder again")
+
+    monkeypatch.setattr(type(scope_model.extractor), "pooled", no_second_pass)
+    monkeypatch.setattr("boneai.scope.load_scope_model", lambda weights_dir=None: scope_model)
+    shared = check_views(images, predictor=predictor, predictions=predictions)
+    assert [r.in_scope for r in shared] == [r.in_scope for r in separate] == [True, True, True, False]
+    np.testing.assert_allclose([r.familiarity for r in shared], [r.familiarity for r in separate], atol=1e-6)
+    # Another model's predictions (other weights or no pooled features) are not taken for the scope model's.
+    other = load_model("fracture_fast")
+    assert not scope_model.reads_features_of(other)
+    with pytest.raises(AssertionError, match="ran the encoder again"):
+        check_views(images, predictor=other, predictions=other.predict_many(images))
 
 
 def test_familiarity_is_the_share_of_validation_images_at_least_as_far(scope_model) -> None:

@@ -21,9 +21,11 @@ __all__ = ["scope_for", "greyed", "out_of_scope_notice", "unfamiliar_note", "cou
 
 
 @st.cache_data(show_spinner="Checking the views...", max_entries=128)
-def scope_for(digests: tuple[str, ...], _views: list[View]) -> list[ScopeResult]:
-    """Scope and familiarity of the views; keyed by their contents."""
-    return check_views([v.radiograph for v in _views])
+def scope_for(digests: tuple[str, ...], _views: list[View], _predictor: Any = None,
+              _predictions: list[Any] | None = None) -> list[ScopeResult]:
+    """Scope and familiarity of the views; keyed by their contents. With the page's predictions of the
+    scope model's own feature model (the default fracture classifier) its features are reused."""
+    return check_views([v.radiograph for v in _views], predictor=_predictor, predictions=_predictions)
 
 
 def greyed(gray: np.ndarray) -> np.ndarray:
