@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -206,3 +208,15 @@ def fracture_fast():
 @pytest.fixture(scope="module")
 def boneage():
     return shipped_model("boneage")
+
+
+def pdf_text(pdf: bytes) -> str:
+    """The text drawn in a PDF made by fpdf2 (its content streams, decompressed)."""
+    chunks = []
+    for m in re.finditer(rb"stream\r?\n(.*?)\r?\nendstream", pdf, re.S):
+        try:
+            chunks.append(zlib.decompress(m.group(1)).decode("latin-1"))
+        except zlib.error:
+            pass
+    # PDF string literals escape parentheses and backslashes.
+    return "".join(chunks).replace("\\(", "(").replace("\\)", ")")

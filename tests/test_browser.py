@@ -6,13 +6,14 @@ from __future__ import annotations
 import re
 import sys
 import warnings
-import zlib
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _app_server import CHROMIUM, REPO, AppServer, launch_chromium  # noqa: E402
+
+from tests.conftest import pdf_text  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -118,15 +119,6 @@ def test_upload_review_and_find_it_in_the_log(tmp_path: Path) -> None:
     assert rows["view_probabilities"].iloc[0] == pytest.approx([expected], abs=1e-6)
 
 
-def _pdf_text(pdf: bytes) -> str:
-    """The text drawn in a PDF made by fpdf2 (its content streams, decompressed)."""
-    chunks = []
-    for m in re.finditer(rb"stream\r?\n(.*?)\r?\nendstream", pdf, re.S):
-        try:
-            chunks.append(zlib.decompress(m.group(1)).decode("latin-1"))
-        except zlib.error:
-            pass
-    return "".join(chunks).replace("\\(", "(").replace("\\)", ")")
 
 
 def test_a_patient_named_dicom_leaves_no_identifier_in_the_log_the_export_or_the_reports(
@@ -190,12 +182,12 @@ def test_a_patient_named_dicom_leaves_no_identifier_in_the_log_the_export_or_the
 
     # What was saved and printed is the view label, so the searches below look where the view went.
     heading = f"View 1 · sha256:{label.rsplit(':', 1)[1]}"
-    pdf_text = _pdf_text(pdf_report)
-    assert heading.encode() in html_report and heading in pdf_text and label.encode() in csv_export
+    drawn_text = pdf_text(pdf_report)
+    assert heading.encode() in html_report and heading in drawn_text and label.encode() in csv_export
     database = b"".join(p.read_bytes() for p in sorted(db.parent.iterdir()) if p.name.startswith(db.name))
     assert label.split(" ")[-1].encode() in database  # the hash part: the views column is JSON (\u00b7)
     for where, blob in (("database file", database), ("CSV export", csv_export), ("HTML report", html_report),
-                        ("PDF report", pdf_report), ("PDF report text", pdf_text.encode("latin-1"))):
+                        ("PDF report", pdf_report), ("PDF report text", drawn_text.encode("latin-1"))):
         for needle in forbidden:
             assert needle.encode() not in blob, f"{needle!r} in the {where}"
 

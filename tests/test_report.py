@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import re
-import zlib
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from PIL import Image
 
 from boneai.report import INTENDED_USE, StudyReport, ViewReport, png_bytes, to_html, to_pdf
 from boneai.store import ReviewStore, to_csv_bytes, view_label
+from tests.conftest import pdf_text
 
 EVIL_NAME = '<img src=x onerror="alert(1)">wrist.png'
 LATERAL = view_label(2, b"pixels of the lateral view")
@@ -57,22 +57,12 @@ def test_html_escapes_file_names_and_notes(report: StudyReport) -> None:
     assert "<b>tags</b>" not in page and "&lt;b&gt;tags&lt;/b&gt; &amp; ü" in page
 
 
-def _pdf_text(pdf: bytes) -> str:
-    """The text drawn in a PDF made by fpdf2 (its content streams, decompressed)."""
-    chunks = []
-    for m in re.finditer(rb"stream\r?\n(.*?)\r?\nendstream", pdf, re.S):
-        try:
-            chunks.append(zlib.decompress(m.group(1)).decode("latin-1"))
-        except zlib.error:
-            pass
-    # PDF string literals escape parentheses and backslashes.
-    return "".join(chunks).replace("\\(", "(").replace("\\)", ")")
 
 
 def test_pdf_has_images_and_findings(report: StudyReport) -> None:
     pdf = to_pdf(report)
     assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF")
-    text = _pdf_text(pdf)
+    text = pdf_text(pdf)
     for needle in ("S-20250101-abcdef", "0123abcd4567", "sensitive (threshold 0.314)", "disagree", "0.812",
                    "Intended use", "research and education", f"View 2 · sha256:{LATERAL[-12:]}"):
         assert needle in text, needle
@@ -97,9 +87,9 @@ def test_a_patient_file_name_is_in_neither_the_log_nor_the_reports(tmp_path, sam
                       views=[ViewReport(name=label, image=gray, probability=0.8),
                              ViewReport(name=name, image=gray, probability=0.3)], reviewer_decision="agree")
     html_bytes, pdf = to_html(rep).encode("utf-8"), to_pdf(rep)
-    for blob in (db.read_bytes(), to_csv_bytes(store.query()), html_bytes, pdf, _pdf_text(pdf).encode("latin-1")):
+    for blob in (db.read_bytes(), to_csv_bytes(store.query()), html_bytes, pdf, pdf_text(pdf).encode("latin-1")):
         assert b"Doe_Jane" not in blob and b"MRN123" not in blob
-    assert f"View 1 · sha256:{label[-12:]}" in _pdf_text(pdf)
+    assert f"View 1 · sha256:{label[-12:]}" in pdf_text(pdf)
     assert f"View 1 · sha256:{label[-12:]}".encode() in html_bytes
 
 
@@ -110,7 +100,7 @@ def test_bone_age_report_shows_months_and_sex(sample_gray) -> None:
     page = to_html(rep)
     assert "130.0 months (10.8 years)" in page and "female" in page and "Bone age estimation" in page
     assert "not recorded" in page  # no reviewer decision yet
-    assert "130.0 months" in _pdf_text(to_pdf(rep))
+    assert "130.0 months" in pdf_text(to_pdf(rep))
 
 
 def test_png_bytes_keeps_small_images_and_shrinks_large_ones() -> None:
