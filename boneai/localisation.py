@@ -359,11 +359,28 @@ def train_localiser(cfg: LocaliserConfig) -> dict[str, Any]:
         "training": {"command": " ".join(shlex.quote(a) for a in ["python", "-m", "boneai"] + sys.argv[1:]),
                      "config": asdict(cfg), "history": history, "n_train_fractured": len(positives),
                      "n_train_normal": len(negatives), "n_val": len(val_examples),
-                     "train_seconds": round(time.time() - t_start, 1)},
+                     "train_seconds": round(time.time() - t_start, 1),
+                     "previous_stages": previous_stages(cfg.continue_from)},
         "data": {"root": str(cfg.data), "split_file": str(cfg.split)},
     }
     (out / "card.json").write_text(json.dumps(card, indent=2))
     return card
+
+
+def previous_stages(run_dir: str | Path | None, _depth: int = 0) -> list[dict[str, Any]]:
+    """The training stages that made a run's starting network, oldest first, from the cards of the
+    runs it continued (``--continue-from``): each stage's command, kept epoch and time."""
+    if not run_dir or _depth > 50:
+        return []
+    path = Path(run_dir) / "card.json"
+    training = json.loads(path.read_text()).get("training", {}) if path.is_file() else {}
+    kept = [h["epoch"] for h in training.get("history", []) if h.get("best")]
+    stage = {"run": str(run_dir), "command": training.get("command"), "kept_epoch": kept[-1] if kept else None,
+             "train_seconds": training.get("train_seconds")}
+    earlier = training.get("previous_stages")
+    if earlier is None:  # a card written before stages were recorded: follow its own starting run
+        earlier = previous_stages((training.get("config") or {}).get("continue_from"), _depth + 1)
+    return [*earlier, stage]
 
 
 def _predict_inputs(model: FractureLocaliser, inputs: list[torch.Tensor], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -630,6 +647,9 @@ def fit_on_validation(run_dir: str | Path, data: str | Path, split: str | Path,
     card["region_relative"] = region_rel
     card["region_shrink"] = region_shrink
     card["box_operating_points"] = box_points
+    card["fitting"] = {"command": " ".join(shlex.quote(a) for a in ["python", "-m", "boneai"] + sys.argv[1:]),
+                       "region_grid": {"thresholds": list(region_thresholds), "relatives": list(region_relatives),
+                                       "shrinks": list(region_shrinks)}}
     card["validation"] = {
         **ev.binary_metrics(y, prob, threshold=card["operating_points"]["balanced"]["threshold"]),
         "ece": ev.expected_calibration_error(y, prob),

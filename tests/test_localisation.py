@@ -269,3 +269,38 @@ def test_boxes_are_drawn_solid_and_dashed():
     edge = out[125:185, 120]  # left edge of the dashed box: coloured and gaps
     coloured = (edge == BOX_COLOURS["sensitive"]).all(axis=1)
     assert solid and 0.2 < coloured.mean() < 0.8
+
+
+def test_a_continued_run_records_every_earlier_stage_oldest_first(tmp_path):
+    from boneai.localisation import previous_stages
+
+    def run(name, command, continue_from=None, history=((1, True), (2, False)), stages=None):
+        training = {"command": command, "train_seconds": 10.0,
+                    "config": {"continue_from": str(continue_from) if continue_from else None},
+                    "history": [{"epoch": e, **({"best": True} if b else {})} for e, b in history]}
+        if stages is not None:
+            training["previous_stages"] = stages
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "card.json").write_text(json.dumps({"training": training}))
+        return tmp_path / name
+
+    first = run("first", "train first", history=((1, True), (2, True), (3, False)))
+    second = run("second", "train second", first)  # an older card: no previous_stages, followed by config
+    third = run("third", "train third", second, stages=[{"run": "elsewhere", "command": "recorded"}])
+    assert previous_stages(None) == []
+    chain = previous_stages(second)
+    assert [(s["run"], s["command"], s["kept_epoch"]) for s in chain] == [
+        (str(first), "train first", 2), (str(second), "train second", 1)]
+    # A card that recorded its own stages is trusted as written.
+    assert [s["command"] for s in previous_stages(third)] == ["recorded", "train third"]
+
+
+def test_the_shipped_localiser_card_holds_every_stage_and_the_fitting_command():
+    from boneai.inference import WEIGHTS_DIR
+
+    card = json.loads((WEIGHTS_DIR / "fracture_localiser" / "card.json").read_text())
+    commands = [s["command"] for s in card["training"]["previous_stages"]] + [card["training"]["command"]]
+    assert all(c.startswith("python -m boneai train-localiser") for c in commands)
+    assert all("--continue-from" in c for c in commands[1:]) and "--continue-from" not in commands[0]
+    assert card["fitting"]["command"].startswith("python -m boneai fit-localiser")
+    assert card["test"]["hit_rate"] is not None and "validation" in card
