@@ -182,8 +182,10 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
 def _cmd_train_localiser(args: argparse.Namespace) -> int:
     from boneai.localisation import train_localiser
+    from boneai.train import command_line
 
-    card = train_localiser(LocaliserConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
+    card = train_localiser(LocaliserConfig(**{k: v for k, v in vars(args).items() if k != "command"}),
+                           command=command_line())
     print(json.dumps({"out": args.out, "epochs": len(card["training"]["history"])}))
     return 0
 
@@ -201,8 +203,9 @@ def _cmd_train_scope(args: argparse.Namespace) -> int:
 
 def _cmd_fit_localiser(args: argparse.Namespace) -> int:
     from boneai.localisation import fit_on_validation
+    from boneai.train import command_line
 
-    card = fit_on_validation(args.run, args.data, args.split)
+    card = fit_on_validation(args.run, args.data, args.split, command=command_line())
     v = card["validation"]
     print(json.dumps({"validation_auc": v["auc"], "localisation": v["localisation"],
                       "box_operating_points": card["box_operating_points"]}, default=json_default))

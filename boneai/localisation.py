@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
-import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -251,7 +249,7 @@ def _split_frames(cfg: LocaliserConfig) -> tuple[pd.DataFrame, pd.DataFrame, dic
     return train, val, boxes
 
 
-def train_localiser(cfg: LocaliserConfig) -> dict[str, Any]:
+def train_localiser(cfg: LocaliserConfig, command: str | None = None) -> dict[str, Any]:
     """Train the localiser on the split file's training images, choose the epoch on its validation images."""
     t_start = time.time()
     if cfg.threads:
@@ -356,7 +354,7 @@ def train_localiser(cfg: LocaliserConfig) -> dict[str, Any]:
         "input_size": cfg.image_size, "mean": mean, "std": std, "pipeline": pipeline,
         "map_stride": MAP_STRIDE, "weights_file": WEIGHTS_FILE, "weights_dtype": "float16",
         "encoder_from": str(parent), "encoder_tensors_copied": copied,
-        "training": {"command": " ".join(shlex.quote(a) for a in ["python", "-m", "boneai"] + sys.argv[1:]),
+        "training": {"command": command,
                      "config": asdict(cfg), "history": history, "n_train_fractured": len(positives),
                      "n_train_normal": len(negatives), "n_val": len(val_examples),
                      "train_seconds": round(time.time() - t_start, 1),
@@ -592,13 +590,14 @@ def _region_boxes(view: LocalisedView, threshold: float, relative: float | None 
 def fit_on_validation(run_dir: str | Path, data: str | Path, split: str | Path,
                       region_thresholds: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9),
                       region_relatives: tuple[float | None, ...] = (None, 0.7, 0.9, 0.97),
-                      region_shrinks: tuple[float, ...] = (1.0, 0.8, 0.6)) -> dict[str, Any]:
+                      region_shrinks: tuple[float, ...] = (1.0, 0.8, 0.6), command: str | None = None) -> dict[str, Any]:
     """Every choice of the localiser, made on the split file's validation images (original files):
 
     the map threshold that outlines regions, the two box operating points (sensitive: at most one
     false-positive box per image; balanced: at most 0.25), the image-level combination of the head
     and the map's peak (logistic regression), and the image-level operating points. Writes them, with
-    the validation figures, into the run's card and ``val_predictions.csv``.
+    the validation figures, into the run's card and ``val_predictions.csv``. ``command``, the command
+    that ran it, goes into the card's ``fitting`` record.
     """
     from sklearn.linear_model import LogisticRegression  # sklearn's models load only where fitted
 
@@ -647,7 +646,7 @@ def fit_on_validation(run_dir: str | Path, data: str | Path, split: str | Path,
     card["region_relative"] = region_rel
     card["region_shrink"] = region_shrink
     card["box_operating_points"] = box_points
-    card["fitting"] = {"command": " ".join(shlex.quote(a) for a in ["python", "-m", "boneai"] + sys.argv[1:]),
+    card["fitting"] = {"command": command,
                        "region_grid": {"thresholds": list(region_thresholds), "relatives": list(region_relatives),
                                        "shrinks": list(region_shrinks)}}
     card["validation"] = {

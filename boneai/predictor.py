@@ -319,8 +319,10 @@ class Predictor(CalibratedPredictions):
                  ) -> tuple[np.ndarray, list[np.ndarray], list[dict[str, Any]]]:
         inputs = [self.input_image(im) for im in images]
         batch = torch.stack([to_tensor(im, self.mean, self.std) for im in inputs])
-        if self.keeps_pooled:
-            logits, pooled = self._logits_and_pooled(batch)
+        if self.keeps_pooled:  # one pass: the pooled features, then the head on them
+            pooled = self.pooled_features(batch, mirror=False)
+            with torch.inference_mode():
+                logits = self._forward_model.get_classifier()(torch.from_numpy(pooled)).reshape(-1).numpy()
             return logits, inputs, [{"pooled": row} for row in pooled]
         return self.raw_outputs(batch, sex), inputs, [{} for _ in inputs]
 
@@ -332,15 +334,6 @@ class Predictor(CalibratedPredictions):
         model = self._forward_model
         return (self.task == "fracture" and not self.card.tta_hflip and self.dtype == torch.float32
                 and all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier")))
-
-    def _logits_and_pooled(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """One forward pass: logits and the pooled features they come from (the head's input)."""
-        model = self._forward_model
-        with torch.inference_mode():
-            pooled = model.forward_head(model.forward_features(batch.to(memory_format=torch.channels_last)),
-                                        pre_logits=True).float()
-            logits = model.get_classifier()(pooled).reshape(-1)
-        return logits.float().numpy(), pooled.numpy()
 
     def pooled_features(self, batch: torch.Tensor, mirror: bool = True) -> np.ndarray:
         """(N, C) pooled encoder features (the head's input) of a classifier, averaged over the image

@@ -272,18 +272,28 @@ class ScopeModel:
             path = self.directory.parent / path  # relative to the weights folder
         return path
 
+    def check_feature_model(self) -> Path:
+        """The feature model's folder, once its weights are checked to be the very ones the scope model
+        was fitted on (hash cached per file version).
+
+        Raises:
+            BoneAIError: the weights are missing or are other weights.
+        """
+        path = self.feature_model_dir()
+        weights = path / self.card["feature_model"].get("weights_file", "model.safetensors")
+        if not weights.is_file():
+            raise BoneAIError(f"The scope model's feature model is missing: {weights}.")
+        expected = self.card["feature_model"].get("sha256")
+        stat = weights.stat()
+        if expected and _weights_sha256(str(weights), stat.st_mtime_ns, stat.st_size) != expected:
+            raise BoneAIError(f"The scope model was fitted on other weights of {path.name}; "
+                              "run `python -m boneai train-scope` again.")
+        return path
+
     @property
     def extractor(self) -> FeatureExtractor:
         if self._extractor is None:
-            path = self.feature_model_dir()
-            weights = path / self.card["feature_model"].get("weights_file", "model.safetensors")
-            if not weights.is_file():
-                raise BoneAIError(f"The scope model's feature model is missing: {weights}.")
-            expected = self.card["feature_model"].get("sha256")
-            if expected and file_sha256(weights) != expected:
-                raise BoneAIError(f"The scope model was fitted on other weights of {path.name}; "
-                                  "run `python -m boneai train-scope` again.")
-            self._extractor = FeatureExtractor(path)
+            self._extractor = FeatureExtractor(self.check_feature_model())
         return self._extractor
 
     def reads_features_of(self, predictor: Any) -> bool:
@@ -291,15 +301,9 @@ class ScopeModel:
         folder with the very weights the scope model was fitted on, keeping its pooled features."""
         if predictor is None or not getattr(predictor, "keeps_pooled", False):
             return False
-        folder = self.feature_model_dir()
-        weights = folder / self.card["feature_model"].get("weights_file", "model.safetensors")
         try:
-            if Path(predictor.directory).resolve() != folder.resolve():
-                return False
-            expected = self.card["feature_model"].get("sha256")
-            stat = weights.stat()
-            return not expected or _weights_sha256(str(weights), stat.st_mtime_ns, stat.st_size) == expected
-        except OSError:
+            return Path(predictor.directory).resolve() == self.check_feature_model().resolve()
+        except (BoneAIError, OSError):
             return False
 
     # -- scores ----------------------------------------------------------------------------------------
