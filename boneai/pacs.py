@@ -497,9 +497,10 @@ def analyse_study(client: ArchiveClient, predictor: Any, study: ArchiveStudy, *,
         if male is None:
             return ProcessResult(study.study_uid, ok=False,
                                  error="Bone age needs the patient's sex (M or F) in the DICOM header.")
-    scopes = check_views([v.radiograph for v in views])
-    counted = [k for k, s in enumerate(scopes) if s.in_scope or k in show_anyway]
     predictions = predictor.predict_many([v.radiograph for v in views], operating_point=operating_point, male=male)
+    # The default classifier's predictions carry the scope model's features: no second encoder pass.
+    scopes = check_views([v.radiograph for v in views], predictor=predictor, predictions=predictions)
+    counted = [k for k, s in enumerate(scopes) if s.in_scope or k in show_anyway]
     result = study_result(predictions, counted, aggregation)
     sr = ai_result_sr(sources=[v.header for v in views], predictions=predictions,
                       in_scope=[k in counted for k in range(len(views))], result=result,

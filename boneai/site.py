@@ -123,7 +123,8 @@ def read_site(data: str | Path, near_duplicates: bool = True) -> SiteData:
     """Read a labelled folder in the layouts ``evaluate`` reads (class folders or FracAtlas).
 
     Groups keep views that must not be split across folds together: in class folders a subfolder
-    under the class folder (``fractured/patient07/a.png``) is a patient, and near-duplicate views
+    under the class folder (``fractured/patient07/a.png``) is a patient (in the FracAtlas layout,
+    which has no patient ids, each image starts as its own group), and near-duplicate views
     (difference hash, as the FracAtlas split uses) are joined across the whole folder.
     """
 
@@ -131,8 +132,11 @@ def read_site(data: str | Path, near_duplicates: bool = True) -> SiteData:
     df = read_classification_dir(root).reset_index(drop=True)
     layout = "fracatlas" if "view" in df.columns else "class_folders"
     rel = [Path(p).relative_to(root) for p in df["path"]]
-    folder_group = [str(r.parts[0] + "/" + r.parts[1]) if len(r.parts) > 2 else str(r) for r in rel]
-    groups = pd.factorize(pd.Series(folder_group))[0]
+    if layout == "class_folders":  # class/patient/file: the patient subfolder is the group
+        folder_group = [str(r.parts[0] + "/" + r.parts[1]) if len(r.parts) > 2 else str(r) for r in rel]
+        groups = pd.factorize(pd.Series(folder_group))[0]
+    else:  # FracAtlas (images/<class>/file): no patient ids, the reader's own group per image
+        groups = pd.factorize(df["group"].astype(str))[0]
     if near_duplicates and len(df) > 1:
         dup = near_duplicate_groups(image_fingerprints(df["path"].tolist()))
         groups = _join_groups(groups, dup)

@@ -17,7 +17,7 @@ import torch
 
 from boneai.card import ModelCard
 from boneai.ensemble import EnsemblePredictor
-from boneai.errors import BoneAIError
+from boneai.errors import ModelNotFoundError
 from boneai.predictor import (
     Image,
     ModelResolver,
@@ -47,7 +47,7 @@ def load_site_probe(card: ModelCard | Mapping[str, Any], directory: str | Path,
     card = ModelCard.coerce(card, directory)
     weights = directory / card.weights_file
     if not weights.is_file():
-        raise BoneAIError(f"Site model {card.name!r} has a card but no weights file ({weights.name}).")
+        raise ModelNotFoundError(f"Site model {card.name!r} has a card but no weights file ({weights.name}).")
     members = [Predictor(m.card(card), build_network(m.architecture, read_weights(weights, m.prefix)), directory)
                for m in card.members]
     arrays = read_weights(weights, "probe.")

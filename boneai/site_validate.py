@@ -113,9 +113,10 @@ def validate_site(data: str | Path, model: str | None = None, task: str = "fract
                 skipped.append({"file": str(Path(paths[i]).relative_to(site.root)), "error": str(exc)})
         if not images:
             continue
-        for i, p in zip(idx, predictor.predict_many(images), strict=True):
+        preds = predictor.predict_many(images)
+        for i, p in zip(idx, preds, strict=True):
             logits[i] = p.logit if p.logit is not None else np.nan
-        for i, s in zip(idx, check_views(images), strict=True):
+        for i, s in zip(idx, check_views(images, predictor=predictor, predictions=preds), strict=True):
             in_scope[i] = s.in_scope
             if s.familiarity is not None:
                 familiarity[i] = s.familiarity

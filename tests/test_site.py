@@ -105,6 +105,17 @@ def test_the_site_card_holds_the_provenance_and_cross_validated_figures(site, ad
     assert ev.threshold_metrics(preds["label"], preds["probability"], thr["sensitive"])["sensitivity"] >= 0.9
 
 
+def test_a_fracatlas_layout_site_groups_each_image_not_each_class(tmp_path: Path, samples_dir: Path) -> None:
+    from boneai.site import read_site
+    from tests.test_localisation import _mini_fracatlas
+
+    root = _mini_fracatlas(tmp_path / "site", samples_dir)
+    site = read_site(root, near_duplicates=False)
+    assert site.layout == "fracatlas" and site.frame["label"].nunique() == 2
+    # Images/Fractured/x.jpg must not make the whole class one patient: every image is its own group.
+    assert site.provenance()["n_groups"] == site.n
+
+
 def test_the_site_data_hash_changes_with_a_label_or_a_pixel(site, tmp_path: Path) -> None:
     from boneai.site import read_site
 
