@@ -18,7 +18,7 @@ from boneai.data import fracture_boxes, read_boneage, read_classification_dir, r
 from boneai.errors import BoneAIError, DatasetError
 from boneai.inference import ModelPredictor, load_model
 from boneai.io import read_radiograph
-from boneai.localisation import LocaliserPredictor, _box_point_figures, _region_boxes, localised_views, truth_boxes
+from boneai.localisation import LocaliserPredictor, _box_point_figures, localised_views, truth_boxes
 from boneai.scope import check_views
 
 __all__ = ["evaluate_folder", "evaluate_localisation", "predict_files", "predict_dataframe"]
@@ -227,8 +227,7 @@ def evaluate_localisation(data: str | Path, model: str | None = None, method: st
         if not isinstance(predictor, LocaliserPredictor):
             raise DatasetError(f"Model {predictor.name!r} gives no boxes; use a localiser or --method gradcam.")
         views = localised_views(predictor, df["path"].tolist(), batch_size)
-        preds = [_region_boxes(v, predictor.region_threshold, predictor.card.region_relative, predictor.card.region_shrink)
-                 for v in views]
+        preds = [predictor.candidate_boxes(v) for v in views]
         report.update({"model": predictor.name, **ev.localisation_figures(preds, truths, y)})
         curve = ev.froc_curve(preds, truths)
         report["froc_curve"] = {"fp_per_image": curve["fp_per_image"].round(4).tolist(),

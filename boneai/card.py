@@ -382,6 +382,8 @@ class ModelCard(_Part):
     region_threshold: float | None = None
     region_relative: float | None = None  # boxes drawn round cells >= this share of the region's peak
     region_shrink: float = 1.0  # each box scaled about its centre (fitted on validation)
+    centre_head: bool = False  # the network also predicts box centres and sizes (CenterNet-style)
+    box_source: str | None = None  # "regions" (of the fracture map; None too) or "centres" (heatmap peaks)
     box_operating_points: Mapping[str, OperatingPoint] = _key("box_operating_points", _part_map(OperatingPoint),
                                                               default_factory=lambda: _EMPTY)
     map_stride: int | None = None

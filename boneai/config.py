@@ -218,6 +218,8 @@ class LocaliserConfig:
     negatives_per_positive: float = option(1.0, "normal images drawn afresh each epoch per fractured image")
     cls_weight: float = option(0.5, "weight of the image-level loss beside the map loss")
     box_threshold: float = option(0.5, "map threshold for the validation figures printed each epoch")
+    centre_head: bool = option(False, "also learn a box-centre heatmap and box sizes (CenterNet-style), "
+                                      "so that every heatmap peak is a box with its own score")
     seed: int = option(0, "random seed")
     max_minutes: typing.Optional[float] = option(None, "wall-clock budget; stops before an epoch that would overrun it")
     limit: typing.Optional[int] = option(None, "use only N training images (quick runs)")

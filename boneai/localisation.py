@@ -7,6 +7,11 @@ masks on the model's input square. At prediction time the map is thresholded; ea
 region becomes a box scored by the map's peak inside it, and boxes are mapped back to the original
 file's pixels through each preprocessing step's inverse.
 
+With ``--centre-head`` the decoder also predicts, CenterNet-style (Zhou et al., "Objects as
+Points", 2019), a heatmap of box centres and each box's log width and height: every local maximum
+of that heatmap is a box with its own score, so fractures close together are separate boxes.
+``fit-localiser`` chooses between the two ways of drawing boxes on the validation split.
+
 Example:
     >>> from boneai.localisation import boxes_from_map
     >>> import numpy as np
@@ -47,6 +52,7 @@ from boneai.transforms import to_tensor
 __all__ = [
     "FractureLocaliser",
     "boxes_from_map",
+    "boxes_from_centres",
     "LocaliserConfig",
     "train_localiser",
     "MAP_STRIDE",
@@ -56,18 +62,47 @@ __all__ = [
 MAP_STRIDE = 4
 
 
-class FractureLocaliser(nn.Module):
-    """FPN on an EfficientNet-Lite encoder: (fracture-map logits at 1/4 scale, image logit)."""
+#: Map channels of a network with a centre head: fracture map, centre heatmap, log width, log height.
+CENTRE_CHANNELS = 4
 
-    def __init__(self, variant: int = 0, pyramid_channels: int = 64, segmentation_channels: int = 32) -> None:
+
+class FractureLocaliser(nn.Module):
+    """FPN on an EfficientNet-Lite encoder: (map logits at 1/4 scale, image logit).
+
+    The map has one channel (the fracture map), or with ``centre_head`` four: the fracture map, the
+    logits of a box-centre heatmap, and each box's log width and height in map cells.
+    """
+
+    def __init__(self, variant: int = 0, pyramid_channels: int = 64, segmentation_channels: int = 32,
+                 centre_head: bool = False) -> None:
         super().__init__()
         import segmentation_models_pytorch as smp
 
+        self.centre_head = centre_head
         # encoder_weights=None: nothing is downloaded; the encoder is filled from our own weights.
         self.net = smp.FPN(encoder_name=f"tu-tf_efficientnet_lite{variant}", encoder_weights=None,
                            decoder_pyramid_channels=pyramid_channels,
-                           decoder_segmentation_channels=segmentation_channels, classes=1, upsampling=1,
+                           decoder_segmentation_channels=segmentation_channels,
+                           classes=CENTRE_CHANNELS if centre_head else 1, upsampling=1,
                            aux_params={"classes": 1, "dropout": 0.2})
+        if centre_head:
+            conv = self.net.segmentation_head[0]
+            with torch.no_grad():  # CenterNet's prior: centre heatmap starts at 0.1 everywhere, sizes at ~4 cells
+                conv.bias[1] = -2.19
+                conv.bias[2:] = math.log(4.0)
+                conv.weight[1:] *= 0.1
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a saved network; a one-channel network's weights start a centre-head one (channel 0)."""
+        key = "net.segmentation_head.0"
+        own = self.state_dict()
+        if self.centre_head and state.get(f"{key}.weight") is not None and state[f"{key}.weight"].shape[0] == 1:
+            state = dict(state)
+            for part in ("weight", "bias"):
+                merged = own[f"{key}.{part}"].clone()
+                merged[:1] = state[f"{key}.{part}"].to(merged.dtype)
+                state[f"{key}.{part}"] = merged
+        self.load_state_dict(state)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mask, label = self.net(x)
@@ -122,20 +157,49 @@ def boxes_from_map(prob_map: np.ndarray, threshold: float, scale: float = 1.0, m
     return boxes[:max_boxes]
 
 
+def boxes_from_centres(heat: np.ndarray, log_sizes: np.ndarray, threshold: float, scale: float = 1.0,
+                       max_boxes: int = 10, shrink: float = 1.0) -> list[list[float]]:
+    """Local maxima (3 x 3) of a centre heatmap at or above ``threshold`` as ``[x0, y0, x1, y1, score]``.
+
+    Each box is centred on its cell's centre, with the width and height ``exp(log_sizes)`` (map cells)
+    predicted there, times ``shrink``; coordinates are multiplied by ``scale`` (the map's stride).
+
+    Example:
+        >>> h = np.zeros((16, 16), np.float32); h[5, 8] = 0.9; h[5, 9] = 0.5
+        >>> boxes_from_centres(h, np.full((2, 16, 16), np.log(4.0)), 0.3)
+        [[6.5, 3.5, 10.5, 7.5, 0.9]]
+    """
+    h = np.asarray(heat, dtype=np.float32)
+    if not np.isfinite(threshold) or float(h.max(initial=0.0)) < threshold:
+        return []
+    peaks = (h >= cv2.dilate(h, np.ones((3, 3), np.uint8))) & (h >= threshold)
+    ys, xs = np.nonzero(peaks)
+    order = np.argsort(-h[ys, xs], kind="stable")[:max_boxes]
+    boxes = []
+    for y, x in zip(ys[order], xs[order]):
+        w, hh = (float(np.exp(np.clip(log_sizes[k, y, x], -3.0, 6.0))) * shrink for k in (0, 1))
+        cx, cy = x + 0.5, y + 0.5
+        boxes.append([(cx - w / 2) * scale, (cy - hh / 2) * scale, (cx + w / 2) * scale, (cy + hh / 2) * scale,
+                      float(h[y, x])])
+    return boxes
+
+
 # --- Training ------------------------------------------------------------------------------------
 
 
 def _rendered_mask(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Boxes filled on a uint8 grid, box ``k`` with the value ``k + 1`` (at most 255 boxes), so that
+    each box can still be found after the augmentations (nearest-neighbour resampling keeps values)."""
     mask = np.zeros(shape, np.uint8)
-    for x0, y0, x1, y1 in np.asarray(boxes).reshape(-1, 4):
-        mask[int(np.floor(y0)):int(np.ceil(y1)), int(np.floor(x0)):int(np.ceil(x1))] = 255
+    for k, (x0, y0, x1, y1) in enumerate(np.asarray(boxes).reshape(-1, 4)[:255]):
+        mask[int(np.floor(y0)):int(np.ceil(y1)), int(np.floor(x0)):int(np.ceil(x1))] = k + 1
     return mask
 
 
 @dataclass
 class _Example:
     image: np.ndarray       # grey uint8 after the pipeline's steps before the resize, at most ~1.3x size
-    mask: np.ndarray        # uint8 0/255 fracture boxes on the same grid
+    mask: np.ndarray        # uint8 fracture boxes on the same grid, box k filled with k + 1
     label: int
 
 
@@ -184,29 +248,85 @@ def _augment_pair(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random
 
 
 def _mask_target(mask: np.ndarray) -> torch.Tensor:
-    """0/255 mask on the input square -> float target at the map's stride (area share per cell)."""
+    """Box mask on the input square -> float target at the map's stride (area share per cell)."""
     h, w = mask.shape
-    small = cv2.resize(mask.astype(np.float32) / 255.0, (w // MAP_STRIDE, h // MAP_STRIDE), interpolation=cv2.INTER_AREA)
+    small = cv2.resize((mask > 0).astype(np.float32), (w // MAP_STRIDE, h // MAP_STRIDE), interpolation=cv2.INTER_AREA)
     return torch.from_numpy((small >= 0.25).astype(np.float32))
 
 
+def mask_boxes(mask: np.ndarray) -> np.ndarray:
+    """The boxes of an instance mask (``_rendered_mask``) as (n, 4) x0, y0, x1, y1 pixel edges."""
+    out = []
+    for k in np.unique(mask[mask > 0]):
+        ys, xs = np.nonzero(mask == k)
+        out.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    return np.array(out, dtype=np.float64).reshape(-1, 4)
+
+
+def _centre_targets(mask: np.ndarray) -> torch.Tensor:
+    """CenterNet targets at the map's stride, stacked (4, H, W): a Gaussian at each box centre (sigma
+    a sixth of the box side, at least one cell), log width, log height (map cells) and a weight that
+    is 1 on each box's centre cell and its eight neighbours (where the sizes are learned)."""
+    h, w = mask.shape[0] // MAP_STRIDE, mask.shape[1] // MAP_STRIDE
+    out = np.zeros((4, h, w), np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    for x0, y0, x1, y1 in mask_boxes(mask) / MAP_STRIDE:
+        cx, cy, bw, bh = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, 0.5), max(y1 - y0, 0.5)
+        sx, sy = max(bw / 6, 1.0), max(bh / 6, 1.0)
+        out[0] = np.maximum(out[0], np.exp(-((xx - cx) ** 2 / (2 * sx ** 2) + (yy - cy) ** 2 / (2 * sy ** 2))))
+        i, j = min(int(cy), h - 1), min(int(cx), w - 1)
+        out[0, i, j] = 1.0
+        sl = (slice(max(i - 1, 0), i + 2), slice(max(j - 1, 0), j + 2))
+        out[1][sl], out[2][sl], out[3][sl] = np.log(bw), np.log(bh), 1.0
+    return torch.from_numpy(out)
+
+
+def _square_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """An instance mask placed as ``resize_pad`` places its image, resampled nearest-neighbour."""
+    h, w = mask.shape[:2]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    out = np.zeros((size, size), np.uint8)
+    y0, x0 = (size - nh) // 2, (size - nw) // 2
+    out[y0:y0 + nh, x0:x0 + nw] = cv2.resize(mask, (nw, nh), interpolation=cv2.INTER_NEAREST)
+    return out
+
+
 def _batch(examples: list[_Example], size: int, rng: np.random.Generator | None, mean, std):
-    xs, ms, ys = [], [], []
+    """Inputs, fracture-map targets, labels and centre targets (``_centre_targets``) of a batch."""
+    xs, ms, ys, cs = [], [], [], []
     for ex in examples:
         if rng is None:
             img = resize_pad(ex.image, size).image
-            msk = resize_pad(ex.mask, size).image
+            msk = _square_mask(ex.mask, size)
         else:
             img, msk = _augment_pair(ex.image, ex.mask, size, rng)
         xs.append(to_tensor(img, mean, std))
         ms.append(_mask_target(msk))
+        cs.append(_centre_targets(msk))
         ys.append(float(ex.label))
-    return torch.stack(xs), torch.stack(ms)[:, None], torch.tensor(ys)
+    return torch.stack(xs), torch.stack(ms)[:, None], torch.tensor(ys), torch.stack(cs)
+
+
+def _centre_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss on the centre heatmap (alpha 2, beta 4) plus an L1 loss
+    on the log sizes round each centre, both per annotated box."""
+    logits, heat = outputs[:, 1].float(), targets[:, 0]
+    p = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
+    centre = heat >= 1.0
+    pos = (-(1 - p) ** 2 * torch.log(p))[centre].sum()
+    neg = (-(1 - heat) ** 4 * p ** 2 * torch.log(1 - p))[~centre].sum()
+    n = max(int(centre.sum()), 1)
+    weight = targets[:, 3]
+    size = (nn.functional.l1_loss(outputs[:, 2:4].float(), targets[:, 1:3], reduction="none").sum(1) * weight).sum()
+    return (pos + neg) / n + 0.5 * size / max(float(weight.sum()), 1.0)
 
 
 def _loss(mask_logits: torch.Tensor, image_logits: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
-          cls_weight: float) -> torch.Tensor:
+          cls_weight: float, centres: torch.Tensor | None = None) -> torch.Tensor:
     # Fracture cells are ~1 % of the map: a positive weight plus a soft Dice on fractured images.
+    centre = _centre_loss(mask_logits, centres) if centres is not None and mask_logits.shape[1] > 1 else 0.0
+    mask_logits = mask_logits[:, :1]
     bce = nn.functional.binary_cross_entropy_with_logits(mask_logits, masks, pos_weight=torch.tensor(5.0))
     prob = torch.sigmoid(mask_logits)
     pos = labels > 0.5
@@ -215,18 +335,28 @@ def _loss(mask_logits: torch.Tensor, image_logits: torch.Tensor, masks: torch.Te
         p, t = prob[pos].flatten(1), masks[pos].flatten(1)
         dice = (1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
     cls = nn.functional.binary_cross_entropy_with_logits(image_logits, labels)
-    return bce + dice + cls_weight * cls
+    return bce + dice + cls_weight * cls + centre
+
+
+#: Centre-heatmap threshold for the validation figures printed each epoch (fit-localiser chooses the real one).
+EPOCH_CENTRE_THRESHOLD = 0.1
 
 
 def _val_figures(maps: np.ndarray, logits: np.ndarray, examples: list[_Example], size: int,
-                 threshold: float) -> dict[str, Any]:
-    preds, truths = [], []
-    for m, ex in zip(maps, examples):
+                 threshold: float, centres: np.ndarray | None = None) -> dict[str, Any]:
+    """Validation figures of one epoch (boxes in the input square); with ``centres`` (heatmap and log
+    sizes, (n, 3, h, w)) also those of the centre boxes, under ``"centres"``."""
+    preds, centre_preds, truths = [], [], []
+    for i, (m, ex) in enumerate(zip(maps, examples)):
         preds.append(np.array([b for b in boxes_from_map(m, threshold, scale=MAP_STRIDE)]).reshape(-1, 5))
-        gt_mask = resize_pad(ex.mask, size).image
-        truths.append(np.array([b[:4] for b in boxes_from_map(gt_mask.astype(np.float32) / 255, 0.5)]).reshape(-1, 4))
+        if centres is not None:
+            centre_preds.append(np.array(boxes_from_centres(centres[i, 0], centres[i, 1:], EPOCH_CENTRE_THRESHOLD,
+                                                            scale=MAP_STRIDE)).reshape(-1, 5))
+        truths.append(mask_boxes(_square_mask(ex.mask, size)))
     labels = np.array([ex.label for ex in examples])
     figures = ev.localisation_figures(preds, truths, labels)
+    if centres is not None:
+        figures["centres"] = ev.localisation_figures(centre_preds, truths, labels)
     figures["auc_head"] = round(float(ev.roc_auc(labels, logits)), 4) if len(set(labels)) == 2 else None
     peak = maps.reshape(len(maps), -1).max(axis=1)
     figures["auc_map_peak"] = round(float(ev.roc_auc(labels, peak)), 4) if len(set(labels)) == 2 else None
@@ -282,10 +412,10 @@ def train_localiser(cfg: LocaliserConfig, command: str | None = None) -> dict[st
     positives = [i for i, ex in enumerate(train_examples) if ex.label == 1 and ex.mask.any()]
     negatives = [i for i, ex in enumerate(train_examples) if ex.label == 0]
 
-    model = FractureLocaliser(variant=0)
+    model = FractureLocaliser(variant=0, centre_head=cfg.centre_head)
     copied = model.load_encoder(read_weights(parent / parent_card.weights_file))
     if cfg.continue_from:
-        model.load_state_dict(read_weights(Path(cfg.continue_from) / "model.safetensors"))
+        model.load_state(read_weights(Path(cfg.continue_from) / "model.safetensors"))
     model = model.to(memory_format=torch.channels_last)  # about a third faster on CPU (bench: 4.9 -> 3.3 s/step)
     frozen = model.frozen_modules(cfg.freeze_blocks)
     for module in frozen:
@@ -303,9 +433,9 @@ def train_localiser(cfg: LocaliserConfig, command: str | None = None) -> dict[st
     history: list[dict[str, Any]] = []
     best, best_state = -1.0, None
     if cfg.continue_from:  # the starting network is the first candidate
-        maps, logits = _predict_inputs(model.eval(), val_inputs)
-        figures = _val_figures(maps, logits, val_examples, cfg.image_size, cfg.box_threshold)
-        best = (figures["hit_rate"] + figures["froc"]["1"]) / 2
+        maps, logits, centres = _predict_inputs(model.eval(), val_inputs)
+        figures = _val_figures(maps, logits, val_examples, cfg.image_size, cfg.box_threshold, centres)
+        best = _epoch_score(figures)
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append({"epoch": 0, **figures, "seconds": 0.0, "best": True})
         print(json.dumps(history[-1]), flush=True)
@@ -322,9 +452,9 @@ def train_localiser(cfg: LocaliserConfig, command: str | None = None) -> dict[st
         losses = []
         for b in range(0, len(order), cfg.batch_size):
             batch = [train_examples[i] for i in order[b:b + cfg.batch_size]]
-            x, masks, labels = _batch(batch, cfg.image_size, rng, mean, std)
+            x, masks, labels, centre_targets = _batch(batch, cfg.image_size, rng, mean, std)
             mask_logits, image_logits = model(x.contiguous(memory_format=torch.channels_last))
-            loss = _loss(mask_logits, image_logits, masks, labels, cfg.cls_weight)
+            loss = _loss(mask_logits, image_logits, masks, labels, cfg.cls_weight, centre_targets)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -334,9 +464,9 @@ def train_localiser(cfg: LocaliserConfig, command: str | None = None) -> dict[st
                 print(f"epoch {epoch} step {b // cfg.batch_size + 1}/{steps_per_epoch} loss {np.mean(losses):.4f} "
                       f"{time.time() - t0:.0f} s", flush=True)
         model.eval()
-        maps, logits = _predict_inputs(model, val_inputs)
-        figures = _val_figures(maps, logits, val_examples, cfg.image_size, cfg.box_threshold)
-        score = (figures["hit_rate"] + figures["froc"]["1"]) / 2
+        maps, logits, centres = _predict_inputs(model, val_inputs)
+        figures = _val_figures(maps, logits, val_examples, cfg.image_size, cfg.box_threshold, centres)
+        score = _epoch_score(figures)
         record = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 4), **figures,
                   "seconds": round(time.time() - t0, 1)}
         if score > best:
@@ -352,7 +482,7 @@ def train_localiser(cfg: LocaliserConfig, command: str | None = None) -> dict[st
         "description": "FPN (segmentation-models-pytorch) on EfficientNet-Lite0 with an image-level head, "
                        "trained on the FracAtlas fracture boxes.",
         "input_size": cfg.image_size, "mean": mean, "std": std, "pipeline": pipeline,
-        "map_stride": MAP_STRIDE, "weights_file": WEIGHTS_FILE, "weights_dtype": "float16",
+        "map_stride": MAP_STRIDE, "centre_head": cfg.centre_head, "weights_file": WEIGHTS_FILE, "weights_dtype": "float16",
         "encoder_from": str(parent), "encoder_tensors_copied": copied,
         "training": {"command": command,
                      "config": asdict(cfg), "history": history, "n_train_fractured": len(positives),
@@ -381,14 +511,28 @@ def previous_stages(run_dir: str | Path | None, _depth: int = 0) -> list[dict[st
     return [*earlier, stage]
 
 
-def _predict_inputs(model: FractureLocaliser, inputs: list[torch.Tensor], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    maps, logits = [], []
+def _epoch_score(figures: Mapping[str, Any]) -> float:
+    """An epoch's validation score: hit rate and FROC at 1 FP averaged, of the better way of drawing boxes."""
+    return max((f["hit_rate"] + f["froc"]["1"]) / 2 for f in (figures, figures.get("centres") or figures))
+
+
+def _centre_maps(m: torch.Tensor) -> np.ndarray | None:
+    """(n, 3, h, w): centre heatmap probability, log width, log height; None without a centre head."""
+    if m.shape[1] < CENTRE_CHANNELS:
+        return None
+    return torch.cat([torch.sigmoid(m[:, 1:2]), m[:, 2:4]], dim=1).float().numpy()
+
+
+def _predict_inputs(model: FractureLocaliser, inputs: list[torch.Tensor],
+                    batch_size: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    maps, logits, centres = [], [], []
     with torch.inference_mode():
         for i in range(0, len(inputs), batch_size):
             m, y = model(torch.stack(inputs[i:i + batch_size]).contiguous(memory_format=torch.channels_last))
             maps.append(torch.sigmoid(m[:, 0]).numpy())
             logits.append(y.numpy())
-    return np.concatenate(maps), np.concatenate(logits)
+            centres.append(_centre_maps(m))
+    return np.concatenate(maps), np.concatenate(logits), (None if centres[0] is None else np.concatenate(centres))
 
 
 def _save(model: FractureLocaliser | None, state: dict[str, torch.Tensor] | None, out: Path) -> None:
@@ -429,6 +573,7 @@ class LocalisedView:
     input_image: np.ndarray       # the uint8 square the network saw
     stages: list                  # executed preprocessing stages (for mapping boxes back)
     original_shape: tuple[int, int]
+    centres: np.ndarray | None = None  # (3, S/4, S/4) centre heatmap, log width, log height (centre head)
 
 
 def image_features(head_logit: np.ndarray, map_peak: np.ndarray) -> np.ndarray:
@@ -477,8 +622,10 @@ class LocaliserPredictor(CardOperatingPoints):
         with torch.inference_mode():
             mask, logit = self._forward(batch.contiguous(memory_format=torch.channels_last))
         maps = torch.sigmoid(mask[:, 0]).float().numpy()
-        return [LocalisedView(m, float(lg), float(m.max()), s[-1].result.image, s, shape)
-                for m, lg, (s, shape) in zip(maps, logit.float().numpy(), staged)]
+        centres = _centre_maps(mask)
+        return [LocalisedView(m, float(lg), float(m.max()), s[-1].result.image, s, shape,
+                              None if centres is None else centres[i])
+                for i, (m, lg, (s, shape)) in enumerate(zip(maps, logit.float().numpy(), staged))]
 
     def fracture_map(self, image) -> tuple[np.ndarray, list]:
         """The fracture map on the input square (upsampled from 1/4 scale) and the stages to map it back."""
@@ -506,18 +653,24 @@ class LocaliserPredictor(CardOperatingPoints):
         if not thresholds:
             return []
         floor = thresholds[operating_point] if operating_point else min(thresholds.values())
-        found = boxes_from_map(view.prob_map, self.region_threshold, scale=MAP_STRIDE,
-                               relative=self.card.region_relative, shrink=self.card.region_shrink)
-        kept = [b for b in found if b[4] >= floor]
-        if not kept:
-            return []
-        original = map_boxes(np.array([b[:4] for b in kept]), view.stages, view.original_shape, inverse=True)
+        kept = [b for b in self.candidate_boxes(view) if b[4] >= floor]
         out = []
-        for (x0, y0, x1, y1), b in zip(original, kept):
-            passed = [name for name in BOX_OPERATING_POINTS if name in thresholds and b[4] >= thresholds[name]]
+        for x0, y0, x1, y1, score in kept:
+            passed = [name for name in BOX_OPERATING_POINTS if name in thresholds and score >= thresholds[name]]
             out.append({"x0": round(float(x0), 1), "y0": round(float(y0), 1), "x1": round(float(x1), 1),
-                        "y1": round(float(y1), 1), "score": round(float(b[4]), 4), "operating_point": passed[-1]})
+                        "y1": round(float(y1), 1), "score": round(float(score), 4), "operating_point": passed[-1]})
         return out
+
+    @property
+    def box_source(self) -> str:
+        """How boxes are drawn: ``"regions"`` of the fracture map, or ``"centres"`` of the centre heatmap."""
+        return self.card.box_source or "regions"
+
+    def candidate_boxes(self, view: LocalisedView) -> np.ndarray:
+        """Every box the card's box drawing gives, (n, 5) x0, y0, x1, y1, score in the original file's
+        pixels, best first, before any box operating point."""
+        return view_boxes(view, self.box_source, self.region_threshold, self.card.region_relative,
+                          self.card.region_shrink)
 
     def predict_many(self, images: list, operating_point: str | float | None = None, male=None) -> list[Prediction]:
         if not len(images):
@@ -578,9 +731,19 @@ def localised_views(predictor: LocaliserPredictor, paths: list[str], batch_size:
     return views
 
 
-def _region_boxes(view: LocalisedView, threshold: float, relative: float | None = None,
-                  shrink: float = 1.0) -> np.ndarray:
-    found = boxes_from_map(view.prob_map, threshold, scale=MAP_STRIDE, relative=relative, shrink=shrink)
+def view_boxes(view: LocalisedView, source: str, threshold: float, relative: float | None = None,
+               shrink: float = 1.0) -> np.ndarray:
+    """A view's boxes, (n, 5) x0, y0, x1, y1, score in the original file's pixels: regions of the
+    fracture map (``source="regions"``), or peaks of the centre heatmap (``"centres"``; ``relative``
+    unused)."""
+    if source == "centres":
+        if view.centres is None:
+            raise DatasetError("This localiser has no centre head; its boxes come from map regions.")
+        found = boxes_from_centres(view.centres[0], view.centres[1:], threshold, scale=MAP_STRIDE, shrink=shrink)
+    elif source == "regions":
+        found = boxes_from_map(view.prob_map, threshold, scale=MAP_STRIDE, relative=relative, shrink=shrink)
+    else:
+        raise DatasetError(f"Unknown box source {source!r}: regions or centres.")
     if not found:
         return np.zeros((0, 5))
     mapped = map_boxes(np.array([b[:4] for b in found]), view.stages, view.original_shape, inverse=True)
@@ -590,10 +753,13 @@ def _region_boxes(view: LocalisedView, threshold: float, relative: float | None 
 def fit_on_validation(run_dir: str | Path, data: str | Path, split: str | Path,
                       region_thresholds: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9),
                       region_relatives: tuple[float | None, ...] = (None, 0.7, 0.9, 0.97),
-                      region_shrinks: tuple[float, ...] = (1.0, 0.8, 0.6), command: str | None = None) -> dict[str, Any]:
+                      region_shrinks: tuple[float, ...] = (1.0, 0.8, 0.6),
+                      centre_thresholds: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5),
+                      centre_shrinks: tuple[float, ...] = (1.5, 1.25, 1.0, 0.8), command: str | None = None) -> dict[str, Any]:
     """Every choice of the localiser, made on the split file's validation images (original files):
 
-    the map threshold that outlines regions, the two box operating points (sensitive: at most one
+    how boxes are drawn (regions of the map: threshold, share of the peak, scale; or, for a network
+    with a centre head, peaks of the centre heatmap: threshold, scale), the two box operating points (sensitive: at most one
     false-positive box per image; balanced: at most 0.25), the image-level combination of the head
     and the map's peak (logistic regression), and the image-level operating points. Writes them, with
     the validation figures, into the run's card and ``val_predictions.csv``. ``command``, the command
@@ -612,14 +778,15 @@ def fit_on_validation(run_dir: str | Path, data: str | Path, split: str | Path,
     views = localised_views(predictor, val["path"].tolist())
     y = val["label"].to_numpy().astype(int)
 
+    grid = [("regions", t, rel, shrink) for t in region_thresholds for rel in region_relatives for shrink in region_shrinks]
+    if views and views[0].centres is not None:
+        grid += [("centres", t, None, shrink) for t in centre_thresholds for shrink in centre_shrinks]
     trials = {}
-    for t in region_thresholds:
-        for rel in region_relatives:
-            for shrink in region_shrinks:
-                preds = [_region_boxes(v, t, rel, shrink) for v in views]
-                trials[(t, rel, shrink)] = (ev.localisation_figures(preds, truths, y), preds)
+    for key in grid:
+        preds = [view_boxes(v, *key) for v in views]
+        trials[key] = (ev.localisation_figures(preds, truths, y), preds)
     best = max(trials, key=lambda k: (trials[k][0]["hit_rate"] or 0) + (trials[k][0]["froc"]["1"] or 0))
-    region_t, region_rel, region_shrink = best
+    box_source, region_t, region_rel, region_shrink = best
     figures, preds = trials[best]
     curve = ev.froc_curve(preds, truths)
 
@@ -642,21 +809,24 @@ def fit_on_validation(run_dir: str | Path, data: str | Path, split: str | Path,
     prob = combined_probability(ImageScore.from_dict(card["image_score"]), head, peak)
     card["operating_points"] = ev.operating_points(y, prob)
     card["default_operating_point"] = DEFAULT_OPERATING_POINT
+    card["box_source"] = box_source
     card["region_threshold"] = region_t
     card["region_relative"] = region_rel
     card["region_shrink"] = region_shrink
     card["box_operating_points"] = box_points
     card["fitting"] = {"command": command,
                        "region_grid": {"thresholds": list(region_thresholds), "relatives": list(region_relatives),
-                                       "shrinks": list(region_shrinks)}}
+                                       "shrinks": list(region_shrinks)},
+                       "centre_grid": {"thresholds": list(centre_thresholds), "shrinks": list(centre_shrinks)}}
     card["validation"] = {
         **ev.binary_metrics(y, prob, threshold=card["operating_points"]["balanced"]["threshold"]),
         "ece": ev.expected_calibration_error(y, prob),
         "auc_head_only": round(float(ev.roc_auc(y, head)), 4),
         "auc_map_peak_only": round(float(ev.roc_auc(y, peak)), 4),
         "localisation": figures,
-        "region_trials": [{"threshold": t, "relative": rel, "shrink": sh, **{k: f[k] for k in ("hit_rate", "froc", "map50")}}
-                          for (t, rel, sh), (f, _) in trials.items()],
+        "region_trials": [{"source": src, "threshold": t, "relative": rel, "shrink": sh,
+                           **{k: f[k] for k in ("hit_rate", "froc", "map50")}}
+                          for (src, t, rel, sh), (f, _) in trials.items()],
         "note": "validation figures: every choice above was made on these images",
     }
     (run_dir / "card.json").write_text(json.dumps(card, indent=2, default=float))
@@ -667,7 +837,7 @@ def fit_on_validation(run_dir: str | Path, data: str | Path, split: str | Path,
 
 
 def _load_network(directory: Path, card: ModelCard) -> FractureLocaliser:
-    model = FractureLocaliser(variant=0)
+    model = FractureLocaliser(variant=0, centre_head=card.centre_head)
     model.load_state_dict(read_weights(directory / card.weights_file))
     return model
 

@@ -6,6 +6,8 @@ cross-validation **inside** ``DIR`` only, between
 * ``recalibrate``: the parent as it is, with temperature, offset and operating points refitted;
 * ``finetune_head``: the parent's classifier head trained further on the site's pooled features,
   starting from the parent's head (the number of epochs chosen by inner cross-validation);
+* ``finetune_blocks``: the parent's last block stage, final convolution and head trained further
+  (``boneai.site_tail``; epochs chosen by inner cross-validation);
 * ``linear_probe``: an L2 logistic regression on the parent's pooled features (C chosen by inner CV);
 * ``multi_probe``: one such probe per shipped fracture network (the parent's and the other single
   networks in ``weights/``), their scores averaged; and ``multi_probe_parent``, the same average with
@@ -78,11 +80,13 @@ __all__ = [
 ]
 
 #: Candidates, simplest first.
-METHODS = ("recalibrate", "finetune_head", "linear_probe", "multi_probe", "multi_probe_parent")
+METHODS = ("recalibrate", "finetune_head", "finetune_blocks", "linear_probe", "multi_probe", "multi_probe_parent")
 #: Among candidates tied with the best (see :func:`_choose`), the one with the most voters wins:
 #: averaging reduces the variance that ~100 images leave in any one fit. On the simulated site the
 #: multi-network average was the best fixed candidate (bench/site_adapt.py, docs/site_adaptation.md).
-PREFERENCE = ("multi_probe_parent", "multi_probe", "linear_probe", "finetune_head", "recalibrate")
+PREFERENCE = ("multi_probe_parent", "multi_probe", "linear_probe", "finetune_blocks", "finetune_head", "recalibrate")
+#: Methods that need a single-network parent (they change that network).
+SINGLE_NETWORK_METHODS = ("finetune_head", "finetune_blocks")
 #: Resamples of the paired bootstrap that decides whether a candidate is tied with the best.
 TIE_BOOT = 300
 #: Below this many fractured or not-fractured images a folder cannot be cross-validated usefully.
@@ -276,6 +280,30 @@ def site_features(nets: Sequence[FeatureNet], paths: Sequence[str], cache: Featu
     return out
 
 
+def site_tail_inputs(net: FeatureNet, paths: Sequence[str], cache: FeatureCache | None = None,
+                     batch_size: int = 16, log: Callable[[str], None] | None = None) -> np.ndarray:
+    """(N, 2, C, H, W) activations at the input of the network's tail (``boneai.site_tail``), of each
+    image and its mirror, cached like the pooled features (key: the network's and the tail's)."""
+    from boneai.site_tail import TAIL_BLOCKS, tail_inputs
+
+    cache = cache or FeatureCache(None)
+    key = f"{net.key}-tail{TAIL_BLOCKS}"
+    store = cache.get(key)
+    digests = [file_sha256(p) for p in paths]
+    todo = [i for i, d in enumerate(digests) if d not in store]
+    pr = net.predictor
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start:start + batch_size]
+        batch = torch.stack([to_tensor(pr.input_image(_read_pixels(paths[i])), pr.mean, pr.std) for i in idx])
+        for i, a in zip(idx, tail_inputs(pr.model, batch), strict=True):
+            store[digests[i]] = a
+        if log:
+            log(f"tail inputs {net.label}: {min(start + batch_size, len(todo))}/{len(todo)} new images")
+    if todo:
+        cache.save(key)
+    return np.stack([store[d] for d in digests])
+
+
 def _head(net: FeatureNet) -> tuple[np.ndarray, float]:
     """The network's own linear head (weight (C,), bias)."""
     clf = net.predictor.model.get_classifier() if hasattr(net.predictor.model, "get_classifier") else None
@@ -336,6 +364,8 @@ class _Problem:
     heads: list[tuple[np.ndarray, float]]  # every network's own head
     folds: int
     seed: int
+    tail_acts: np.ndarray | None = None  # the parent's activations at its tail's input (finetune_blocks)
+    tail_model: nn.Module | None = None  # the parent network whose tail is fine-tuned
     _probes: dict[tuple, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def probe(self, net: int, rows: np.ndarray, c: float) -> dict[str, np.ndarray]:
@@ -422,6 +452,8 @@ def _fit_candidate(method: str, prob: _Problem, rows: np.ndarray) -> _Fitted:
         epochs, _ = _inner_choice(prob, rows, HEAD_EPOCHS, fit_score)
         w, b = _head_finetune(x[rows], prob.y[rows], w0, b0, epochs)
         fitted = _Fitted(method, lambda idx: x[idx] @ w + b, {"epochs": int(epochs), "weight": w, "bias": b, "net": i})
+    elif method == "finetune_blocks":
+        fitted = _fit_tail(prob, rows)
     elif method == "linear_probe":
         fitted = _fit_probes(prob, rows, prob.parent_idx, with_parent=False)
     elif method == "multi_probe":
@@ -432,6 +464,27 @@ def _fit_candidate(method: str, prob: _Problem, rows: np.ndarray) -> _Fitted:
         raise BoneAIError(f"Unknown adaptation method {method!r}; choose from {', '.join(METHODS)}.")
     fitted.method = method
     return fitted
+
+
+def _fit_tail(prob: _Problem, rows: np.ndarray) -> _Fitted:
+    """``finetune_blocks``: the epochs by inner CV (one run per inner fold, scored at each checkpoint
+    of :data:`boneai.site_tail.TAIL_EPOCHS`), then a run on all ``rows`` to that epoch."""
+    from boneai.site_tail import TAIL_EPOCHS, TAIL_INNER_FOLDS, tail_logits, train_tail
+
+    if prob.tail_acts is None or prob.tail_model is None:
+        raise BoneAIError("Block fine-tuning needs the parent's tail activations (a single-network parent).")
+    acts, y = prob.tail_acts, prob.y
+    inner = _folds(y[rows], prob.groups[rows], min(prob.folds, TAIL_INNER_FOLDS), prob.seed + 1)
+    oof = {e: np.zeros(len(rows)) for e in TAIL_EPOCHS}
+    for k, (tr, te) in enumerate(inner):
+        _, scores = train_tail(prob.tail_model, acts[rows[tr]], y[rows[tr]], TAIL_EPOCHS, acts[rows[te]],
+                               seed=prob.seed + k)
+        for e in TAIL_EPOCHS:
+            oof[e][te] = scores[e]
+    epochs = max(TAIL_EPOCHS, key=lambda e: (_auc(y[rows], oof[e]), -e))
+    tail, _ = train_tail(prob.tail_model, acts[rows], y[rows], (epochs,), seed=prob.seed)
+    return _Fitted("finetune_blocks", lambda idx: tail_logits(tail, acts[idx]),
+                   {"epochs": int(epochs), "tail": tail})
 
 
 def _nested_oof(method: str, prob: _Problem,
@@ -504,7 +557,11 @@ def adapt(data: str | Path, out: str | Path, parent: str = "fracture", feature_m
     heads = [_head(n) for n in nets]
     prob = _Problem(y=y, groups=site.frame["group"].to_numpy(), feats=feats,
                     parent_idx=[i for i, n in enumerate(nets) if n.is_parent], heads=heads, folds=folds, seed=seed)
-    methods = [m for m in methods if not (m == "finetune_head" and len(prob.parent_idx) != 1)]
+    methods = [m for m in methods if not (m in SINGLE_NETWORK_METHODS and len(prob.parent_idx) != 1)]
+    if "finetune_blocks" in methods:
+        prob.tail_model = nets[prob.parent_idx[0]].predictor.model
+        prob.tail_acts = site_tail_inputs(nets[prob.parent_idx[0]], site.frame["path"].tolist(), FeatureCache(cache),
+                                          log=log)
     if len(nets) == len(prob.parent_idx):  # no other networks: the multi probes equal the parent's probe
         methods = [m for m in methods if m != "multi_probe"] if len(prob.parent_idx) == 1 else methods
     outer = _folds(y, prob.groups, folds, seed)
@@ -562,7 +619,7 @@ def _write_site_model(out: Path, method: str, final: _Fitted, nets: Sequence[Fea
               "operating_points": fields["operating_points"], "default_operating_point": DEFAULT_OPERATING_POINT,
               "validation": validation}
     drop = ("test", "validation_before_protocol", "revalidation", "protocol")
-    if method in ("recalibrate", "finetune_head"):
+    if method in ("recalibrate", *SINGLE_NETWORK_METHODS):
         card = {k: v for k, v in parent_card.items() if k not in drop}
         card.update(common)
         card["name"] = out.name
@@ -573,6 +630,11 @@ def _write_site_model(out: Path, method: str, final: _Fitted, nets: Sequence[Fea
             dtype = state["classifier.weight"].dtype
             state["classifier.weight"] = torch.tensor(final.params["weight"]).reshape(1, -1).to(dtype)
             state["classifier.bias"] = torch.tensor([final.params["bias"]]).to(dtype)
+        if method == "finetune_blocks":
+            for k, v in final.params["tail"].state_for_parent().items():
+                if k not in state:
+                    raise BoneAIError(f"The tuned tail's {k!r} is not in the parent's weights.")
+                state[k] = v.to(state[k].dtype)
         # The logits were fitted (calibration, head) on mirror-averaged features; a linear head makes
         # that the same as the predictor's mirror averaging of logits.
         card["tta_hflip"] = True
@@ -671,6 +733,14 @@ def cached_logits(model: str | Path, paths: Sequence[str], cache: str | Path) ->
         return score + float(spec.get("parent_weight", 0.0)) * parent
     if card.model_kind != "classifier":
         raise BoneAIError(f"cached_logits: {card.name} is a {card.model_kind} model; use predict_many.")
+    if (card.get("site") or {}).get("method") == "finetune_blocks":  # its tail, on the parent's cached tail inputs
+        from boneai.site_tail import TAIL_BLOCKS, Tail, tail_logits
+
+        key = hashlib.sha256(f"{card['site']['parent_weights_sha256']}:".encode()).hexdigest()[:16]
+        found = store.get(f"{key}-tail{TAIL_BLOCKS}")
+        if any(d not in found for d in digests):
+            raise BoneAIError(f"Some images have no cached tail inputs for {card.name}; run adapt first.")
+        return tail_logits(Tail(load_model(folder).model), np.stack([found[d] for d in digests]))
     sha = card["site"]["parent_weights_sha256"] if "site" in card else file_sha256(folder / card.weights_file)
     x = feats(sha, "")
     w = weights["classifier.weight"].double().numpy().reshape(-1)

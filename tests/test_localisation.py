@@ -304,3 +304,142 @@ def test_the_shipped_localiser_card_holds_every_stage_and_the_fitting_command():
     assert all("--continue-from" in c for c in commands[1:]) and "--continue-from" not in commands[0]
     assert card["fitting"]["command"].startswith("python -m boneai fit-localiser")
     assert card["test"]["hit_rate"] is not None and "validation" in card
+
+
+# --- the centre head (CenterNet-style boxes) ------------------------------------------------------
+
+
+def test_boxes_from_centres_keeps_local_peaks_with_their_own_sizes_by_hand():
+    from boneai.localisation import boxes_from_centres
+
+    heat = np.zeros((20, 20), np.float32)
+    heat[4, 5], heat[4, 6] = 0.8, 0.6     # a peak and its weaker neighbour: one box
+    heat[12, 14] = 0.5                    # a second, separate peak
+    heat[18, 2] = 0.05                    # under the threshold
+    sizes = np.zeros((2, 20, 20), np.float32)
+    sizes[:, 4, 5] = np.log([2.0, 4.0])   # 2 cells wide, 4 high
+    sizes[:, 12, 14] = np.log(1.0)
+    boxes = boxes_from_centres(heat, sizes, threshold=0.1, scale=4)
+    # centre (5.5, 4.5) cells -> x 4.5..6.5, y 2.5..6.5 cells -> x4 pixels
+    assert boxes == [[18.0, 10.0, 26.0, 26.0, pytest.approx(0.8)], [56.0, 48.0, 60.0, 52.0, pytest.approx(0.5)]]
+    assert len(boxes_from_centres(heat, sizes, threshold=0.01, scale=4)) == 3
+    assert boxes_from_centres(heat, sizes, threshold=0.1, scale=4, max_boxes=1) == boxes[:1]
+    shrunk = boxes_from_centres(heat, sizes, threshold=0.1, scale=4, shrink=0.5)[0]
+    assert shrunk[:4] == [20.0, 14.0, 24.0, 22.0]
+    assert boxes_from_centres(heat, sizes, threshold=0.9) == []
+
+
+def test_centre_targets_put_a_unit_peak_and_the_log_size_at_each_box_centre():
+    from boneai.localisation import MAP_STRIDE, _centre_targets, _rendered_mask, mask_boxes
+
+    boxes = np.array([[40, 20, 80, 60], [100, 100, 112, 140]], dtype=float)
+    mask = _rendered_mask(boxes, (160, 160))
+    assert set(np.unique(mask)) == {0, 1, 2}
+    np.testing.assert_array_equal(mask_boxes(mask), boxes)
+    t = _centre_targets(mask).numpy()
+    assert t.shape == (4, 160 // MAP_STRIDE, 160 // MAP_STRIDE)
+    # first box: centre (60, 40) px = (15, 10) cells, 10 x 10 cells
+    assert t[0, 10, 15] == 1.0 and t[0].max() == 1.0 and (t[0] == 1.0).sum() == 2
+    assert t[1, 10, 15] == pytest.approx(np.log(10)) and t[2, 10, 15] == pytest.approx(np.log(10))
+    assert t[3, 9:12, 14:17].sum() == 9 and t[3].sum() == 18
+    # second box: 3 x 10 cells, its Gaussian narrower across than along
+    assert t[1, 30, 26] == pytest.approx(np.log(3)) and t[2, 30, 26] == pytest.approx(np.log(10))
+    assert 0 < t[0, 30, 28] < t[0, 32, 26]
+    # no boxes: no peak, no size weight
+    assert _centre_targets(np.zeros((64, 64), np.uint8)).abs().sum() == 0
+
+
+def test_augmentation_keeps_each_annotated_box_findable():
+    from boneai.localisation import _augment_pair, _rendered_mask, mask_boxes
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (300, 260), dtype=np.uint8)
+    mask = _rendered_mask(np.array([[30, 40, 90, 100], [150, 200, 200, 260]]), image.shape)
+    for _ in range(10):
+        _, out = _augment_pair(image, mask, 128, rng)
+        assert set(np.unique(out)) <= {0, 1, 2}
+        found = mask_boxes(out)
+        assert len(found) >= 1 and ((found[:, 2] - found[:, 0]) > 5).all()
+
+
+def test_a_one_channel_localiser_starts_a_centre_head_network_unchanged_on_its_map():
+    from boneai.localisation import CENTRE_CHANNELS
+
+    torch.manual_seed(0)
+    plain = FractureLocaliser().eval()
+    centred = FractureLocaliser(centre_head=True)
+    centred.load_state(plain.state_dict())
+    centred.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        (m1, y1), (m4, y4) = plain(x), centred(x)
+    assert m4.shape[1] == CENTRE_CHANNELS
+    torch.testing.assert_close(m4[:, :1], m1)
+    torch.testing.assert_close(y4, y1)
+    # the new heatmap starts near CenterNet's prior of 0.1
+    assert 0.02 < float(torch.sigmoid(m4[:, 1]).mean()) < 0.3
+
+
+@pytest.fixture(scope="module")
+def tiny_centre_localiser(tmp_path_factory, tiny_localiser):
+    """The tiny localiser with a centre head, drawing its boxes from centre peaks."""
+    out = tmp_path_factory.mktemp("weights") / "tiny_centre_localiser"
+    out.mkdir()
+    torch.manual_seed(1)
+    model = FractureLocaliser(centre_head=True)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    card = json.loads((tiny_localiser / "card.json").read_text())
+    card.update({"name": "tiny_centre_localiser", "centre_head": True, "box_source": "centres",
+                 "region_threshold": 0.0, "region_shrink": 1.0})
+    (out / "card.json").write_text(json.dumps(card))
+    return out
+
+
+def test_a_centre_head_localiser_draws_its_boxes_from_the_heatmap_peaks(tiny_centre_localiser, samples_dir):
+    from boneai.io import read_radiograph
+    from boneai.localisation import boxes_from_centres, localised_views
+
+    predictor = load_localiser(json.loads((tiny_centre_localiser / "card.json").read_text()), tiny_centre_localiser)
+    rg = read_radiograph(samples_dir / "fracatlas" / "IMG0000019.jpg")
+    view = predictor.views([rg])[0]
+    assert view.centres is not None and view.centres.shape == (3,) + view.prob_map.shape
+    expected = boxes_from_centres(view.centres[0], view.centres[1:], 0.0, scale=4)
+    boxes = predictor.boxes(view)
+    assert len(boxes) == len(expected) == 10
+    assert [b["score"] for b in boxes] == [round(e[4], 4) for e in expected]
+    for b in boxes:
+        assert 0 <= b["x0"] < b["x1"] <= rg.width and 0 <= b["y0"] < b["y1"] <= rg.height
+    # the same view through evaluate's path gives the same boxes
+    cand = predictor.candidate_boxes(localised_views(predictor, [str(samples_dir / "fracatlas" / "IMG0000019.jpg")])[0])
+    np.testing.assert_allclose(cand[:, 4], [e[4] for e in expected], rtol=1e-5)
+
+
+def test_fit_localiser_chooses_the_box_drawing_on_validation_and_records_it(tmp_path, samples_dir, tiny_localiser,
+                                                                            tiny_centre_localiser):
+    import shutil as sh
+
+    from boneai.localisation import fit_on_validation
+
+    data = _mini_fracatlas(tmp_path / "fa", samples_dir)
+    ids = pd.read_csv(data / "dataset.csv")["image_id"]
+    pd.DataFrame({"image_id": ids, "group": range(len(ids)), "split": "val"}).to_csv(tmp_path / "split.csv", index=False)
+    run = tmp_path / "run"
+    sh.copytree(tiny_centre_localiser, run)
+    card = fit_on_validation(run, data, tmp_path / "split.csv", region_thresholds=(0.3, 0.7), region_relatives=(None,),
+                             region_shrinks=(1.0,), centre_thresholds=(0.05, 0.2), centre_shrinks=(1.0,),
+                             command="python -m boneai fit-localiser run")
+    trials = card["validation"]["region_trials"]
+    assert {t["source"] for t in trials} == {"regions", "centres"} and len(trials) == 4
+    best = max(trials, key=lambda t: t["hit_rate"] + t["froc"]["1"])
+    assert card["box_source"] == best["source"] and card["region_threshold"] == best["threshold"]
+    assert card["fitting"]["centre_grid"] == {"thresholds": [0.05, 0.2], "shrinks": [1.0]}
+    assert set(card["box_operating_points"]) == {"sensitive", "balanced"}
+    # a network without a centre head is offered only map regions
+    plain = tmp_path / "plain"
+    sh.copytree(tiny_localiser, plain)
+    card = fit_on_validation(plain, data, tmp_path / "split.csv", region_thresholds=(0.3,), region_relatives=(None,),
+                             region_shrinks=(1.0,), centre_thresholds=(0.05,), centre_shrinks=(1.0,))
+    assert [t["source"] for t in card["validation"]["region_trials"]] == ["regions"]
+    assert card["box_source"] == "regions"

@@ -59,10 +59,12 @@ def site(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 
 @pytest.fixture(scope="module")
 def adapted(site: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from boneai.site import adapt
+    from boneai.site import METHODS, adapt
 
     out = tmp_path_factory.mktemp("model") / "site_model"
+    # Block fine-tuning has its own, shorter test below (it is the slow candidate).
     adapt(site["adapt"], out, parent=PARENT, feature_models=[], cache=site["cache"],
+          methods=[m for m in METHODS if m != "finetune_blocks"],
           command="python -m boneai adapt --data ADAPT --from fracture_fast --out OUT")
     return out
 
@@ -103,6 +105,41 @@ def test_the_site_card_holds_the_provenance_and_cross_validated_figures(site, ad
     thr = card.thresholds
     assert set(thr) == {"sensitive", "balanced"}
     assert ev.threshold_metrics(preds["label"], preds["probability"], thr["sensitive"])["sensitivity"] >= 0.9
+
+
+def test_block_fine_tuning_writes_a_classifier_whose_tuned_tail_gives_its_logits(
+        site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import boneai.site_tail as tail_mod
+    from boneai.predictor import read_weights
+    from boneai.site import FeatureCache, adapt, cached_logits, feature_nets, site_tail_inputs
+
+    monkeypatch.setattr(tail_mod, "TAIL_EPOCHS", (1, 3))  # a short grid: the test checks the plumbing
+    out = tmp_path / "blocks"
+    card = adapt(site["adapt"], out, parent=PARENT, feature_models=[], cache=site["cache"], folds=3,
+                 methods=["finetune_blocks"], command="python -m boneai adapt --methods finetune_blocks")
+    s = card["site"]
+    assert s["method"] == "finetune_blocks" and card.model_kind == "classifier"
+    assert all(c["epochs"] in (1, 3) for c in s["candidates"]["finetune_blocks"]["inner_choices"])
+    assert s["method_params"]["epochs"] in (1, 3)
+    # Only the tail changed: the last block stage, the final convolution and the head.
+    parent_dir = inference.model_dir(PARENT)
+    before = read_weights(parent_dir / "model.safetensors")
+    after = read_weights(out / "model.safetensors")
+    assert set(before) == set(after)
+    changed = {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("blocks.") else "")
+               for k in before if before[k].is_floating_point() and not before[k].float().equal(after[k].float())}
+    assert changed and changed <= {"blocks.6", "conv_head", "classifier"}, changed
+    assert "classifier" in changed
+    # Batch-norm statistics stay the parent's.
+    assert all(before[k].float().equal(after[k].float()) for k in before if "running_" in k)
+    # The saved model, loaded and run end to end, gives the logits the tuned tail gives on cached inputs.
+    held = sorted(str(p) for p in site["held"].rglob("*.png"))[:12]
+    site_tail_inputs(feature_nets(PARENT, True)[0], held, FeatureCache(site["cache"]))
+    model = inference.load_model(str(out))
+    from boneai.io import read_radiograph
+
+    end_to_end = np.array([p.logit for p in model.predict_many([read_radiograph(h) for h in held])])
+    np.testing.assert_allclose(end_to_end, cached_logits(out, held, site["cache"]), atol=2e-2)
 
 
 def test_a_fracatlas_layout_site_groups_each_image_not_each_class(tmp_path: Path, samples_dir: Path) -> None:
