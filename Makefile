@@ -27,7 +27,9 @@ browser-deps:
 # Orthanc and its DICOMweb plugin from Debian for the archive tests and `make pacs`; skipped quietly where
 # apt is not available (the archive tests then skip with the reason).
 pacs-deps:
-	@{ command -v Orthanc >/dev/null 2>&1 && ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* >/dev/null 2>&1; } || { \
+	@# the same places boneai.pacs_server looks: Orthanc on PATH or in /usr/sbin, the plugin in either folder
+	@{ { command -v Orthanc || test -x /usr/sbin/Orthanc; } >/dev/null 2>&1 && \
+	   ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* /usr/lib/orthanc/plugins/libOrthancDicomWeb.so* 2>/dev/null | grep -q .; } || { \
 	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null \
 	      || echo "could not install Orthanc: the archive tests will be skipped"; \

@@ -38,12 +38,14 @@ if str(REPO) not in sys.path:
 from boneai.data import read_fracatlas, read_split_file  # noqa: E402
 from boneai.evaluate import roc_auc  # noqa: E402
 from boneai.site import (  # noqa: E402
+    METHODS,
     FeatureCache,
     adapt,
     cached_logits,
     default_feature_models,
     feature_nets,
     site_features,  # noqa: E402
+    site_tail_inputs,
 )
 from boneai.site_sim import SiteLook, write_site  # noqa: E402
 
@@ -96,10 +98,35 @@ def main() -> int:
     for m in default_feature_models(args.parent):
         nets += feature_nets(m, False)
     site_features(nets, site["site_path"].tolist(), FeatureCache(cache))
+    if "finetune_blocks" in METHODS:  # the parent's tail inputs, so that cached_logits scores a tuned tail
+        site_tail_inputs(nets[0], site["site_path"].tolist(), FeatureCache(cache))
     print(f"features of {len(nets)} networks cached ({time.time() - t0:.0f} s)", flush=True)
     parent_all = cached_logits(args.parent, site["site_path"].tolist(), cache)
     rng = np.random.default_rng(args.seed)
     rows = []
+
+    def summarise(rows: list[dict]) -> dict:
+        table = pd.DataFrame(rows)
+
+        def summary(col: str) -> dict[str, float]:
+            v = table[col].to_numpy(dtype=float)
+            return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max())}
+
+        out = {"command": "OMP_NUM_THREADS=1 .venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv),
+               "date": datetime.now(UTC).isoformat(timespec="seconds"),
+               "site": {"source": "FracAtlas validation rows (not train, not test)", "n": int(len(y)),
+                        "n_positive": int(y.sum()), "look": {k: (list(v) if isinstance(v, tuple) else v)
+                                                             for k, v in look.__dict__.items()}},
+               "parent": args.parent, "repeats": args.repeats, "repeats_done": len(rows),
+               "methods": list(METHODS),
+               "parent_auc": summary("parent_auc"), "plain_probe_auc": summary("plain_probe_auc"),
+               "adapted_auc": summary("adapted_auc"), "cv_auc": summary("cv_auc"),
+               "methods_chosen": table["method"].value_counts().to_dict(),
+               "seconds": round(time.time() - t0, 1), "runs": rows}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2, default=float))
+        return out
+
     for rep in range(args.repeats):
         a_idx = np.concatenate([rng.permutation(np.where(y == c)[0])[: (y == c).sum() // 2] for c in (0, 1)])
         b_idx = np.setdiff1d(np.arange(len(y)), a_idx)
@@ -125,24 +152,7 @@ def main() -> int:
             assert abs(end_to_end - res["adapted_auc"]) < 2e-3, (end_to_end, res["adapted_auc"])
         rows.append(res)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}), flush=True)
-    table = pd.DataFrame(rows)
-
-    def summary(col: str) -> dict[str, float]:
-        v = table[col].to_numpy(dtype=float)
-        return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max())}
-
-    out = {"command": "OMP_NUM_THREADS=1 .venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv),
-           "date": datetime.now(UTC).isoformat(timespec="seconds"),
-           "site": {"source": "FracAtlas validation rows (not train, not test)", "n": int(len(y)),
-                    "n_positive": int(y.sum()), "look": {k: (list(v) if isinstance(v, tuple) else v)
-                                                         for k, v in look.__dict__.items()}},
-           "parent": args.parent, "repeats": args.repeats,
-           "parent_auc": summary("parent_auc"), "plain_probe_auc": summary("plain_probe_auc"),
-           "adapted_auc": summary("adapted_auc"), "cv_auc": summary("cv_auc"),
-           "methods_chosen": table["method"].value_counts().to_dict(),
-           "seconds": round(time.time() - t0, 1), "runs": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2, default=float))
+        out = summarise(rows)  # written after every repeat, so a stopped run keeps what it measured
     for k in ("parent_auc", "plain_probe_auc", "adapted_auc"):
         s = out[k]
         print(f"{k:16s} median {s['median']:.3f} (range {s['min']:.3f}-{s['max']:.3f})")
