@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import io as _io
 import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -479,8 +480,13 @@ def _male_from_header(views: Sequence[ArchiveView]) -> bool | None:
 
 def analyse_study(client: ArchiveClient, predictor: Any, study: ArchiveStudy, *, model_version: str,
                   operating_point: str | float | None = None, aggregation: str = "mean", captures: bool = True,
-                  show_anyway: Sequence[int] = ()) -> ProcessResult:
-    """Fetch, check, predict and store the AI report (and secondary captures) of one study, unconditionally."""
+                  show_anyway: Collection[str] = ()) -> ProcessResult:
+    """Fetch, check, predict and store the AI report (and secondary captures) of one study, unconditionally.
+
+    ``show_anyway``: content digests (SHA-256 of the instance's bytes, hex, or a prefix of it, as the
+    Study review page names its views) of out-of-scope views a reviewer chose to show anyway; they count
+    in the study and are marked in scope in the report, as on the page.
+    """
     import highdicom as hd
 
     from boneai.dicom_results import ai_result_sr, result_capture
@@ -500,7 +506,8 @@ def analyse_study(client: ArchiveClient, predictor: Any, study: ArchiveStudy, *,
     predictions = predictor.predict_many([v.radiograph for v in views], operating_point=operating_point, male=male)
     # The default classifier's predictions carry the scope model's features: no second encoder pass.
     scopes = check_views([v.radiograph for v in views], predictor=predictor, predictions=predictions)
-    counted = [k for k, s in enumerate(scopes) if s.in_scope or k in show_anyway]
+    shown = [k for k, v in enumerate(views) if _matches_digest(v.data, show_anyway)]
+    counted = [k for k, s in enumerate(scopes) if s.in_scope or k in shown]
     result = study_result(predictions, counted, aggregation)
     sr = ai_result_sr(sources=[v.header for v in views], predictions=predictions,
                       in_scope=[k in counted for k in range(len(views))], result=result,
@@ -520,13 +527,21 @@ def analyse_study(client: ArchiveClient, predictor: Any, study: ArchiveStudy, *,
                          error="; ".join(errors) or None)
 
 
+def _matches_digest(data: bytes, digests: Collection[str]) -> bool:
+    if not digests:
+        return False
+    full = hashlib.sha256(data).hexdigest()
+    return any(d and full.startswith(d.lower()) for d in digests)
+
+
 def process_study(client: ArchiveClient, predictor: Any, study_uid: str, *, model_version: str,
                   operating_point: str | float | None = None, aggregation: str = "mean", captures: bool = True,
-                  lock_dir: str | Path | None = None) -> ProcessResult:
+                  lock_dir: str | Path | None = None, show_anyway: Collection[str] = ()) -> ProcessResult:
     """Analyse one study unless our report for this model and version is in the archive already.
 
     Holds :func:`study_lock` while it looks and while it writes, and looks again after taking the
     lock: of several processes reaching the same study, one analyses it and the others report its result.
+    ``show_anyway`` is passed to :func:`analyse_study` when the study is analysed now.
     Errors become a failed :class:`ProcessResult`, never an exception.
     """
     try:
@@ -540,7 +555,8 @@ def process_study(client: ArchiveClient, predictor: Any, study_uid: str, *, mode
                 return ProcessResult(study_uid, ok=True, probability=r.probability, decision=r.finding,
                                      sr_sop_uid=r.sop_instance_uid, skipped=True, boneage_months=r.boneage_months)
             return analyse_study(client, predictor, study, model_version=model_version,
-                                 operating_point=operating_point, aggregation=aggregation, captures=captures)
+                                 operating_point=operating_point, aggregation=aggregation, captures=captures,
+                                 show_anyway=show_anyway)
     except BoneAIError as exc:
         return ProcessResult(study_uid, ok=False, error=str(exc))
     except Exception as exc:  # one bad study must not stop the batch; no traceback for the user

@@ -154,8 +154,10 @@ def store_review_in_archive(study_uid: str, decision: str) -> None:
         st.warning("The archive is no longer configured; the review is in the log only.")
         return
     with st.spinner("Storing the results in the archive..."):
+        # The views this reviewer chose to show anyway count in the report too, as on this page.
+        shown = [views[i].digest for i in counted if not scopes[i].in_scope]
         ai = process_study(client, predictor, study_uid, model_version=version_of(card),
-                           operating_point=operating_point, aggregation=aggregation)
+                           operating_point=operating_point, aggregation=aggregation, show_anyway=shown)
         try:
             if not ai.ok:
                 raise BoneAIError(ai.error or "the AI report could not be made")

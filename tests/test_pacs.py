@@ -218,6 +218,38 @@ def test_pacs_process_stores_an_sr_with_predicts_probability_and_the_right_refer
     assert evidence == {str(d.SOPInstanceUID) for d in datasets}
 
 
+def test_views_a_reviewer_showed_anyway_count_in_the_ai_report_made_at_review(
+        archive, samples, predictor, version, monkeypatch) -> None:
+    import dataclasses
+    import hashlib
+
+    from boneai import scope
+    from boneai.pacs import analyse_study
+
+    study_uid, datasets = next((k, v) for k, v in _by_study(samples).items() if len(v) == 2)
+    study = archive.study(study_uid)
+    real = scope.check_views
+
+    def second_view_out(images, **kw):  # as if the scope check refused the second view
+        return [r if k == 0 else dataclasses.replace(r, in_scope=False, reason="a test reason")
+                for k, r in enumerate(real(images, **kw))]
+
+    monkeypatch.setattr(scope, "check_views", second_view_out)
+    stored: list = []
+    monkeypatch.setattr(archive, "store", stored.extend)  # nothing reaches the shared archive
+    views, _ = archive.fetch_views(study)
+    page_digest = hashlib.sha256(views[1].data).hexdigest()[:16]  # how Study review names a view
+    per_view = _expected(predictor, datasets)
+    alone = analyse_study(archive, predictor, study, model_version=version, captures=False)
+    shown = analyse_study(archive, predictor, study, model_version=version, captures=False,
+                          show_anyway=[page_digest])
+    assert alone.probability == pytest.approx(per_view[0], abs=1e-6)
+    assert shown.probability == pytest.approx(np.mean(per_view), abs=1e-6)
+    first, second = (read_ai_result(ds) for ds in stored)
+    assert [v.in_scope for v in first.views] == [True, False]
+    assert [v.in_scope for v in second.views] == [True, True]
+
+
 def test_pacs_process_is_idempotent_and_processes_only_new_studies(archive, orthanc, samples, capsys,
                                                                    tmp_path) -> None:
     study_uid = next(k for k, v in _by_study(samples).items() if len(v) == 2)
