@@ -184,8 +184,7 @@ def _cmd_train_localiser(args: argparse.Namespace) -> int:
     from boneai.localisation import train_localiser
     from boneai.train import command_line
 
-    card = train_localiser(LocaliserConfig(**{k: v for k, v in vars(args).items() if k != "command"}),
-                           command=command_line())
+    card = train_localiser(config_from_args(LocaliserConfig, args), command=command_line())
     print(json.dumps({"out": args.out, "epochs": len(card["training"]["history"])}))
     return 0
 

@@ -126,8 +126,8 @@ with top[1]:
     source = st.radio("Image", ["Sample", "Upload"], horizontal=True, key="pre_source")
 with top[2]:
     if source == "Upload":
-        upload = st.file_uploader("One radiograph (PNG, JPEG or DICOM)", key="pre_upload",
-                                  type=["png", "jpg", "jpeg", "dcm", "dicom"])
+        # No type= filter (extensionless DICOM); boneai.io tells the format from the bytes.
+        upload = st.file_uploader("One radiograph (PNG, JPEG or DICOM)", key="pre_upload")
         files = [(upload.name, upload.getvalue())] if upload is not None else []
     else:
         table = sample_table()

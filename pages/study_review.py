@@ -107,8 +107,10 @@ def choose_files(task: str) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
     if source == "Upload files":
         uploads = st.file_uploader(
             "Radiographs of one study (PNG, JPEG or DICOM; several views allowed)",
-            accept_multiple_files=True, key="review_upload", type=["png", "jpg", "jpeg", "dcm", "dicom"],
-            help="Files are read in memory and not kept. Patient identifiers in DICOM headers are dropped; "
+            # No type= filter: DICOM files from an archive export often have no extension. What a file
+            # is comes from its bytes (boneai.io), which refuses anything but PNG, JPEG and DICOM.
+            accept_multiple_files=True, key="review_upload",
+            help="DICOM files may have no extension. Files are read in memory and not kept. Patient identifiers in DICOM headers are dropped; "
                  "file names are shown here only, the log and reports use view numbers and content hashes.")
         try:  # bounded before any file is decoded: one study, not a whole archive
             check_study_upload([u.size for u in uploads or []])

@@ -209,6 +209,19 @@ def test_dicom_safe_metadata_is_shown_and_identifiers_never(dicom_bytes, patient
         assert value not in text
 
 
+def test_an_extensionless_dicom_from_an_archive_export_is_accepted(dicom_bytes) -> None:
+    at = _app()
+    at.radio(key="review_source").set_value("Upload files").run()
+    uploader = at.file_uploader(key="review_upload")
+    assert not list(uploader.proto.type)  # no extension filter in the browser's file chooser
+    pixels = (np.add.outer(np.arange(256), np.arange(256)) * 64).astype(np.uint16)
+    uploader.set_value([("IM000001", dicom_bytes(pixels, window=(16000, 32000)), "application/octet-stream")]).run()
+    _no_exception(at)
+    # Read as DICOM: the only message is the scope check's on this synthetic gradient, not a read error.
+    [message] = [e.value for e in at.error]
+    assert message.startswith("Out of scope") and "not an image" not in message
+
+
 def test_recording_a_review_puts_it_in_the_log(isolated_state, fracture_card, fracture_predictor) -> None:
     at = _app()
     _button(at, "Save to review log").click().run()
