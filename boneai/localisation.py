@@ -166,7 +166,7 @@ def boxes_from_centres(heat: np.ndarray, log_sizes: np.ndarray, threshold: float
 
     Example:
         >>> h = np.zeros((16, 16), np.float32); h[5, 8] = 0.9; h[5, 9] = 0.5
-        >>> boxes_from_centres(h, np.full((2, 16, 16), np.log(4.0)), 0.3)
+        >>> [[round(v, 3) for v in box] for box in boxes_from_centres(h, np.full((2, 16, 16), np.log(4.0)), 0.3)]
         [[6.5, 3.5, 10.5, 7.5, 0.9]]
     """
     h = np.asarray(heat, dtype=np.float32)
@@ -178,7 +178,7 @@ def boxes_from_centres(heat: np.ndarray, log_sizes: np.ndarray, threshold: float
     boxes = []
     for y, x in zip(ys[order], xs[order]):
         w, hh = (float(np.exp(np.clip(log_sizes[k, y, x], -3.0, 6.0))) * shrink for k in (0, 1))
-        cx, cy = x + 0.5, y + 0.5
+        cx, cy = float(x) + 0.5, float(y) + 0.5
         boxes.append([(cx - w / 2) * scale, (cy - hh / 2) * scale, (cx + w / 2) * scale, (cy + hh / 2) * scale,
                       float(h[y, x])])
     return boxes
