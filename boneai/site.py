@@ -102,7 +102,7 @@ HEAD_LR = 1e-3
 # -- the local folder -------------------------------------------------------------------------------
 @dataclass
 class SiteData:
-    """A labelled local folder: ``frame`` (path, image_id, label, group) and its provenance."""
+    """A labelled local folder: ``frame`` (path, image_id, label, group, sha256) and its provenance."""
 
     root: Path
     frame: pd.DataFrame
@@ -145,9 +145,10 @@ def read_site(data: str | Path, near_duplicates: bool = True) -> SiteData:
         dup = near_duplicate_groups(image_fingerprints(df["path"].tolist()))
         groups = _join_groups(groups, dup)
     df["group"] = groups
+    df["sha256"] = [file_sha256(p) for p in df["path"]]  # each file hashed once: the caches key by it too
     digest = hashlib.sha256()
-    for r, label, p in sorted(zip(map(str, rel), df["label"], df["path"], strict=True)):
-        digest.update(f"{r}\t{int(label)}\t{file_sha256(p)}\n".encode())
+    for r, label, h in sorted(zip(map(str, rel), df["label"], df["sha256"], strict=True)):
+        digest.update(f"{r}\t{int(label)}\t{h}\n".encode())
     return SiteData(root=root, frame=df, layout=layout, sha256=digest.hexdigest())
 
 
@@ -255,10 +256,12 @@ def _read_pixels(path: str) -> np.ndarray:
 
 
 def site_features(nets: Sequence[FeatureNet], paths: Sequence[str], cache: FeatureCache | None = None,
-                  batch_size: int = 16, log: Callable[[str], None] | None = None) -> list[np.ndarray]:
-    """(N, C) mirror-averaged pooled features of every image, one array per network."""
+                  batch_size: int = 16, log: Callable[[str], None] | None = None,
+                  digests: Sequence[str] | None = None) -> list[np.ndarray]:
+    """(N, C) mirror-averaged pooled features of every image, one array per network (``digests``: the
+    files' SHA-256 when the caller has them already)."""
     cache = cache or FeatureCache(None)
-    digests = [file_sha256(p) for p in paths]
+    digests = list(digests) if digests is not None else [file_sha256(p) for p in paths]
     out = []
     for net in nets:
         store = cache.get(net.key)
@@ -281,7 +284,8 @@ def site_features(nets: Sequence[FeatureNet], paths: Sequence[str], cache: Featu
 
 
 def site_tail_inputs(net: FeatureNet, paths: Sequence[str], cache: FeatureCache | None = None,
-                     batch_size: int = 16, log: Callable[[str], None] | None = None) -> np.ndarray:
+                     batch_size: int = 16, log: Callable[[str], None] | None = None,
+                     digests: Sequence[str] | None = None) -> np.ndarray:
     """(N, 2, C, H, W) activations at the input of the network's tail (``boneai.site_tail``), of each
     image and its mirror, cached like the pooled features (key: the network's and the tail's)."""
     from boneai.site_tail import TAIL_BLOCKS, tail_inputs
@@ -289,7 +293,7 @@ def site_tail_inputs(net: FeatureNet, paths: Sequence[str], cache: FeatureCache 
     cache = cache or FeatureCache(None)
     key = f"{net.key}-tail{TAIL_BLOCKS}"
     store = cache.get(key)
-    digests = [file_sha256(p) for p in paths]
+    digests = list(digests) if digests is not None else [file_sha256(p) for p in paths]
     todo = [i for i, d in enumerate(digests) if d not in store]
     pr = net.predictor
     for start in range(0, len(todo), batch_size):
@@ -553,15 +557,17 @@ def adapt(data: str | Path, out: str | Path, parent: str = "fracture", feature_m
     extra = default_feature_models(parent, weights_dir) if feature_models is None else list(feature_models)
     for m in extra:
         nets += feature_nets(m, False, weights_dir)
-    feats = site_features(nets, site.frame["path"].tolist(), FeatureCache(cache), log=log)
+    feature_cache = FeatureCache(cache)
+    feats = site_features(nets, site.frame["path"].tolist(), feature_cache, log=log,
+                          digests=site.frame["sha256"].tolist())
     heads = [_head(n) for n in nets]
     prob = _Problem(y=y, groups=site.frame["group"].to_numpy(), feats=feats,
                     parent_idx=[i for i, n in enumerate(nets) if n.is_parent], heads=heads, folds=folds, seed=seed)
     methods = [m for m in methods if not (m in SINGLE_NETWORK_METHODS and len(prob.parent_idx) != 1)]
     if "finetune_blocks" in methods:
         prob.tail_model = nets[prob.parent_idx[0]].predictor.model
-        prob.tail_acts = site_tail_inputs(nets[prob.parent_idx[0]], site.frame["path"].tolist(), FeatureCache(cache),
-                                          log=log)
+        prob.tail_acts = site_tail_inputs(nets[prob.parent_idx[0]], site.frame["path"].tolist(), feature_cache,
+                                          log=log, digests=site.frame["sha256"].tolist())
     if len(nets) == len(prob.parent_idx):  # no other networks: the multi probes equal the parent's probe
         methods = [m for m in methods if m != "multi_probe"] if len(prob.parent_idx) == 1 else methods
     outer = _folds(y, prob.groups, folds, seed)
