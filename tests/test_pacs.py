@@ -370,6 +370,60 @@ def test_basic_authentication_is_sent_and_a_refusal_says_so(tmp_path) -> None:
                                              password="s3cret")).search_studies() == []
 
 
+def test_a_bearer_token_is_sent_and_a_gateway_refusal_says_so(orthanc, archive, samples) -> None:
+    """Behind an OAuth gateway (here a small reverse proxy in front of Orthanc that accepts one bearer
+    token, as a hospital's API gateway would) only the configured token gets through."""
+    import http.server
+    import urllib.error
+    import urllib.request
+
+    from boneai.pacs_server import free_port
+
+    token = "t0ken-for-the-test"
+    seen: list[str | None] = []
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            seen.append(self.headers.get("Authorization"))
+            if self.headers.get("Authorization") != f"Bearer {token}":
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", "Bearer")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            upstream = orthanc.dicomweb_url.rsplit("/dicom-web", 1)[0] + self.path
+            request = urllib.request.Request(upstream, headers={"Accept": self.headers.get("Accept", "*/*")})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as reply:
+                    body, status, kind = reply.read(), reply.status, reply.headers.get("Content-Type", "")
+            except urllib.error.HTTPError as exc:
+                body, status, kind = exc.read(), exc.code, exc.headers.get("Content-Type", "")
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Gateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        with pytest.raises(ArchiveError, match="refused the credentials"):
+            ArchiveClient(ArchiveSettings(url=url)).search_studies()
+        with pytest.raises(ArchiveError, match="refused the credentials"):
+            ArchiveClient(ArchiveSettings(url=url, token="wrong")).search_studies()
+        studies = ArchiveClient(ArchiveSettings(url=url, token=token)).search_studies()
+        assert {s.study_uid for s in studies} == {s.study_uid for s in archive.search_studies()}
+        assert seen[:2] == [None, "Bearer wrong"] and seen[-1] == f"Bearer {token}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_bone_age_and_boxes_are_in_the_report_and_read_back() -> None:
     """Without an archive: the SR holds each box as a SCOORD polyline on its own image (in that image's
     pixels) and, in bone-age mode, the months per view and for the study."""
