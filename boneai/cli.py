@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     vs.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
 
     ad = sub.add_parser("adapt", help="make a site model from a parent and a labelled local folder, choosing "
-                        "recalibration, head fine-tuning or feature probes by cross-validation inside the folder")
+                        "recalibration, fine-tuning the head or the last block, or feature probes, by cross-validation "
+                        "inside the folder")
     ad.add_argument("--task", choices=["fracture"], default="fracture")
     ad.add_argument("--data", required=True, help="labelled folder: fractured/ + not_fractured/, or FracAtlas layout")
     ad.add_argument("--from", dest="parent", default="fracture", help="parent model (name, task or folder)")

@@ -86,8 +86,9 @@ def start_form() -> None:
     c1, c2 = st.columns(2)
     validate = c1.button("Validate on these images", key="site_validate", type="primary")
     adapt = c2.button("Adapt to these images", key="site_adapt",
-                      help="Recalibration, head fine-tuning or feature probes, chosen by cross-validation "
-                           "inside this folder. Validate the adapted model on other cases afterwards.")
+                      help="Recalibration, fine-tuning the head or the last block, or feature probes, chosen by "
+                           "cross-validation inside this folder (several minutes). Validate the adapted model "
+                           "on other cases afterwards.")
     if not (validate or adapt):
         return
     user = require_role("admin")
