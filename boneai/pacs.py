@@ -483,8 +483,8 @@ def analyse_study(client: ArchiveClient, predictor: Any, study: ArchiveStudy, *,
                   show_anyway: Collection[str] = ()) -> ProcessResult:
     """Fetch, check, predict and store the AI report (and secondary captures) of one study, unconditionally.
 
-    ``show_anyway``: content digests (SHA-256 of the instance's bytes, hex, or a prefix of it, as the
-    Study review page names its views) of out-of-scope views a reviewer chose to show anyway; they count
+    ``show_anyway``: content digests (SHA-256 of the instance's bytes, hex, or a prefix of at least 16
+    characters, as the Study review page names its views) of out-of-scope views a reviewer chose to show anyway; they count
     in the study and are marked in scope in the report, as on the page.
     """
     import highdicom as hd
@@ -531,7 +531,7 @@ def _matches_digest(data: bytes, digests: Collection[str]) -> bool:
     if not digests:
         return False
     full = hashlib.sha256(data).hexdigest()
-    return any(d and full.startswith(d.lower()) for d in digests)
+    return any(len(d) >= 16 and full.startswith(d.lower()) for d in digests)  # a short prefix could match others
 
 
 def process_study(client: ArchiveClient, predictor: Any, study_uid: str, *, model_version: str,
