@@ -383,6 +383,9 @@ class ModelCard(_Part):
     region_relative: float | None = None  # boxes drawn round cells >= this share of the region's peak
     region_shrink: float = 1.0  # each box scaled about its centre (fitted on validation)
     centre_head: bool = False  # the network also predicts box centres and sizes (CenterNet-style)
+    classifier_head: bool = False  # the image logit is the classifier's own branch and head (shared trunk fixed)
+    shared_blocks: int | None = None  # encoder blocks shared with that classifier (None: all)
+    classifier_input_size: int | None = None  # that classifier's input square (shared features resized to it)
     box_source: str | None = None  # "regions" (of the fracture map; None too) or "centres" (heatmap peaks)
     box_operating_points: Mapping[str, OperatingPoint] = _key("box_operating_points", _part_map(OperatingPoint),
                                                               default_factory=lambda: _EMPTY)

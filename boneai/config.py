@@ -209,7 +209,7 @@ class LocaliserConfig:
         None, "a train-localiser run whose whole network starts this one (a second stage, e.g. at a lower learning "
               "rate); it is also the first candidate, so the stage never ends worse than it started")
     image_size: int = option(384, "input square in pixels")
-    epochs: int = option(12, "passes over the fractured training images")
+    epochs: int = option(12, "passes over the fractured training images (0 with --continue-from: keep the starting network)")
     batch_size: int = option(16, "images per step")
     lr: float = option(1e-3, "learning rate of the decoder and heads (AdamW, one-cycle)")
     encoder_lr: float = option(2e-4, "learning rate of the pretrained encoder")
@@ -220,6 +220,15 @@ class LocaliserConfig:
     box_threshold: float = option(0.5, "map threshold for the validation figures printed each epoch")
     centre_head: bool = option(False, "also learn a box-centre heatmap and box sizes (CenterNet-style), "
                                       "so that every heatmap peak is a box with its own score")
+    classifier_head: bool = option(False, "take the image logit from the --init-from classifier's own head and keep its "
+                                          "whole encoder fixed: only the decoder learns, and one forward pass gives "
+                                          "the classifier's logit and the boxes (use the classifier's --image-size)")
+    shared_blocks: typing.Optional[int] = option(
+        None, "with --classifier-head: encoder blocks the two branches share (fixed, the classifier's); the later "
+              "blocks are the localiser's own, trained at --encoder-lr, beside the classifier's (default: all shared)")
+    classifier_input_size: typing.Optional[int] = option(
+        None, "with --classifier-head: the classifier's input square (default: its card's); at a larger --image-size "
+              "the shared features are resized to their size at that input before the classifier's branch")
     seed: int = option(0, "random seed")
     max_minutes: typing.Optional[float] = option(None, "wall-clock budget; stops before an epoch that would overrun it")
     limit: typing.Optional[int] = option(None, "use only N training images (quick runs)")

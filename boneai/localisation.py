@@ -74,17 +74,36 @@ class FractureLocaliser(nn.Module):
     """
 
     def __init__(self, variant: int = 0, pyramid_channels: int = 64, segmentation_channels: int = 32,
-                 centre_head: bool = False) -> None:
+                 centre_head: bool = False, classifier_head: bool = False, shared_blocks: int | None = None,
+                 classifier_input_size: int | None = None) -> None:
         super().__init__()
         import segmentation_models_pytorch as smp
 
         self.centre_head = centre_head
+        self.classifier_head = classifier_head
         # encoder_weights=None: nothing is downloaded; the encoder is filled from our own weights.
         self.net = smp.FPN(encoder_name=f"tu-tf_efficientnet_lite{variant}", encoder_weights=None,
                            decoder_pyramid_channels=pyramid_channels,
                            decoder_segmentation_channels=segmentation_channels,
                            classes=CENTRE_CHANNELS if centre_head else 1, upsampling=1,
-                           aux_params={"classes": 1, "dropout": 0.2})
+                           aux_params=None if classifier_head else {"classes": 1, "dropout": 0.2})
+        self.shared_blocks = None
+        # The classifier's input square: where the network's own is larger, the shared features are resized
+        # (bilinear) to the size they have at the classifier's input before its branch (scale as trained).
+        self.classifier_input_size = classifier_input_size if classifier_head else None
+        if classifier_head:
+            # The classifier's own later blocks and head (1x1 conv to 1280 channels, batch norm + ReLU6,
+            # pooling, linear) after the first ``shared_blocks`` encoder blocks, which the two branches
+            # share: with the classifier's weights there, the image logit is the classifier's.
+            import timm
+
+            full = timm.create_model(f"tf_efficientnet_lite{variant}", num_classes=1)
+            n = len(full.blocks)
+            self.shared_blocks = n if shared_blocks is None else int(shared_blocks)
+            if not 0 <= self.shared_blocks <= n:
+                raise ValueError(f"shared_blocks must be 0 to {n}, not {shared_blocks}")
+            self.classifier_blocks = nn.Sequential(*list(full.blocks)[self.shared_blocks:])
+            self.image_head = nn.Sequential(full.conv_head, full.bn2, full.global_pool, full.classifier)
         if centre_head:
             conv = self.net.segmentation_head[0]
             with torch.no_grad():  # CenterNet's prior: centre heatmap starts at 0.1 everywhere, sizes at ~4 cells
@@ -93,9 +112,17 @@ class FractureLocaliser(nn.Module):
                 conv.weight[1:] *= 0.1
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a saved network; a one-channel network's weights start a centre-head one (channel 0)."""
+        """Load a saved network; a one-channel network's weights start a centre-head one (channel 0).
+
+        A network with the classifier's head takes only the decoder of a network with its own image
+        head: the encoder and the head come from the classifier (``load_encoder``, ``load_classifier_head``).
+        """
         key = "net.segmentation_head.0"
         own = self.state_dict()
+        if self.classifier_head and any(k.startswith("net.classification_head.") for k in state):
+            shared = self._shared_prefixes()
+            state = {k: v for k, v in state.items() if k in own and not k.startswith(shared)}
+            state.update({k: v for k, v in own.items() if k not in state})
         if self.centre_head and state.get(f"{key}.weight") is not None and state[f"{key}.weight"].shape[0] == 1:
             state = dict(state)
             for part in ("weight", "bias"):
@@ -104,16 +131,68 @@ class FractureLocaliser(nn.Module):
                 state[f"{key}.{part}"] = merged
         self.load_state_dict(state)
 
+    def _shared_prefixes(self) -> tuple[str, ...]:
+        """State keys of the encoder part shared with the classifier (stem and first blocks)."""
+        enc = "net.encoder.model."
+        return (f"{enc}conv_stem.", f"{enc}bn1.", *(f"{enc}blocks.{i}." for i in range(self.shared_blocks or 0)))
+
+    def _encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The decoder's features (as ``self.net.encoder(x)`` gives them) and the shared trunk's output."""
+        enc = self.net.encoder.model
+        h = enc.bn1(enc.conv_stem(x))
+        stages = enc._stage_out_idx  # timm's own record of which stages are features (tested against its forward)
+        features = [x, h] if 0 in stages else [x]
+        shared = h
+        for i, block in enumerate(enc.blocks):
+            h = block(h)
+            if i + 1 in stages:
+                features.append(h)
+            if i + 1 == self.shared_blocks:
+                shared = h
+        return features, shared
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask, label = self.net(x)
-        return mask, label[:, 0]
+        if not self.classifier_head:
+            mask, label = self.net(x)
+            return mask, label[:, 0]
+        features, shared = self._encode(x)
+        mask = self.net.segmentation_head(self.net.decoder(features))
+        if self.classifier_input_size and self.classifier_input_size != x.shape[-1]:
+            side = max(1, round(shared.shape[-1] * self.classifier_input_size / x.shape[-1]))
+            shared = nn.functional.interpolate(shared, size=(side, side), mode="bilinear", align_corners=False)
+        return mask, self.image_head(self.classifier_blocks(shared))[:, 0]
 
     def frozen_modules(self, n_blocks: int) -> list[nn.Module]:
-        """The encoder's stem and first ``n_blocks`` blocks (for fine-tuning with them fixed)."""
+        """The encoder's stem and first ``n_blocks`` blocks (for fine-tuning with them fixed). With the
+        classifier's head: the shared stem and blocks and the classifier's branch, whatever
+        ``n_blocks`` (the image logit stays the classifier's)."""
         enc = self.net.encoder.model
-        if n_blocks <= 0:
-            return []
-        return [enc.conv_stem, enc.bn1] + [enc.blocks[i] for i in range(min(n_blocks, len(enc.blocks)))]
+        if self.classifier_head:
+            n_blocks = self.shared_blocks
+        stem = [enc.conv_stem, enc.bn1] if n_blocks > 0 or self.classifier_head else []
+        frozen = stem + [enc.blocks[i] for i in range(min(n_blocks, len(enc.blocks)))]
+        return frozen + ([self.classifier_blocks, self.image_head] if self.classifier_head else [])
+
+    def load_classifier_head(self, state: dict[str, torch.Tensor]) -> int:
+        """Copy a timm EfficientNet-Lite classifier's later blocks (after the shared ones) and head
+        (``conv_head``, ``bn2``, ``classifier``); returns tensors copied."""
+        names = {"conv_head": "image_head.0", "bn2": "image_head.1", "classifier": "image_head.3"}
+        own = {k: v for k, v in self.state_dict().items() if k.startswith(("image_head.", "classifier_blocks."))}
+        picked = {}
+        for key, value in state.items():
+            prefix, _, rest = key.partition(".")
+            if prefix == "blocks":
+                index, _, rest = rest.partition(".")
+                target = f"classifier_blocks.{int(index) - self.shared_blocks}.{rest}"
+            else:
+                target = f"{names.get(prefix)}.{rest}"
+            if target in own and own[target].shape == value.shape:
+                picked[target] = value.to(own[target].dtype)
+        missing = [k for k in own if k not in picked and not k.endswith("num_batches_tracked")]
+        if missing:
+            raise ValueError(f"classifier head weights missing for {missing[:3]}")
+        self.load_state_dict(picked, strict=False)
+        return len(picked)
 
     def load_encoder(self, state: dict[str, torch.Tensor]) -> int:
         """Copy a timm EfficientNet-Lite classifier's backbone into the encoder; returns tensors copied."""
@@ -412,8 +491,13 @@ def train_localiser(cfg: LocaliserConfig, command: str | None = None) -> dict[st
     positives = [i for i, ex in enumerate(train_examples) if ex.label == 1 and ex.mask.any()]
     negatives = [i for i, ex in enumerate(train_examples) if ex.label == 0]
 
-    model = FractureLocaliser(variant=0, centre_head=cfg.centre_head)
-    copied = model.load_encoder(read_weights(parent / parent_card.weights_file))
+    model = FractureLocaliser(variant=0, centre_head=cfg.centre_head, classifier_head=cfg.classifier_head,
+                              shared_blocks=cfg.shared_blocks,
+                              classifier_input_size=cfg.classifier_input_size or parent_card.input_size)
+    parent_state = read_weights(parent / parent_card.weights_file)
+    copied = model.load_encoder(parent_state)
+    if cfg.classifier_head:
+        copied += model.load_classifier_head(parent_state)
     if cfg.continue_from:
         model.load_state(read_weights(Path(cfg.continue_from) / "model.safetensors"))
     model = model.to(memory_format=torch.channels_last)  # about a third faster on CPU (bench: 4.9 -> 3.3 s/step)
@@ -423,12 +507,12 @@ def train_localiser(cfg: LocaliserConfig, command: str | None = None) -> dict[st
     encoder_params = [p for p in model.net.encoder.parameters() if p.requires_grad]
     encoder_ids = {id(p) for p in model.net.encoder.parameters()}
     head_params = [p for p in model.parameters() if id(p) not in encoder_ids and p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": encoder_params, "lr": cfg.encoder_lr},
-                                   {"params": head_params, "lr": cfg.lr}], weight_decay=cfg.weight_decay)
+    groups = [(params, lr) for params, lr in ((encoder_params, cfg.encoder_lr), (head_params, cfg.lr)) if params]
+    optimizer = torch.optim.AdamW([{"params": params, "lr": lr} for params, lr in groups], weight_decay=cfg.weight_decay)
     n_neg = int(round(len(positives) * cfg.negatives_per_positive))
     steps_per_epoch = math.ceil((len(positives) + n_neg) / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[cfg.encoder_lr, cfg.lr],
-                                                    total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[lr for _, lr in groups],
+                                                    total_steps=max(1, cfg.epochs * steps_per_epoch), pct_start=0.15)
     val_inputs = [_batch([ex], cfg.image_size, None, mean, std)[0][0] for ex in val_examples]
     history: list[dict[str, Any]] = []
     best, best_state = -1.0, None
@@ -439,6 +523,8 @@ def train_localiser(cfg: LocaliserConfig, command: str | None = None) -> dict[st
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append({"epoch": 0, **figures, "seconds": 0.0, "best": True})
         print(json.dumps(history[-1]), flush=True)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(history[-1]) + "\n")
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.time()
         if cfg.max_minutes and history and (time.time() - t_start) / 60 + history[-1]["seconds"] / 60 > cfg.max_minutes:
@@ -477,12 +563,20 @@ def train_localiser(cfg: LocaliserConfig, command: str | None = None) -> dict[st
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         _save(model if best_state is None else None, best_state, out)
+    if not cfg.epochs:  # --epochs 0 with --continue-from: the starting network, e.g. joined to a classifier branch
+        _save(model if best_state is None else None, best_state, out)
     card = {
         "name": out.name, "task": "fracture", "kind": "localiser", "architecture": "fpn_efficientnet_lite0",
-        "description": "FPN (segmentation-models-pytorch) on EfficientNet-Lite0 with an image-level head, "
-                       "trained on the FracAtlas fracture boxes.",
+        "description": ("FPN (segmentation-models-pytorch) on an EfficientNet-Lite0 encoder whose stem and first "
+                        f"{model.shared_blocks} blocks are those of the {parent.name} classifier, beside that "
+                        "classifier's own later blocks and head (one forward pass: the classifier's logit and the "
+                        "boxes); trained on the FracAtlas fracture boxes." if cfg.classifier_head else
+                        "FPN (segmentation-models-pytorch) on EfficientNet-Lite0 with an image-level head, "
+                        "trained on the FracAtlas fracture boxes."),
         "input_size": cfg.image_size, "mean": mean, "std": std, "pipeline": pipeline,
-        "map_stride": MAP_STRIDE, "centre_head": cfg.centre_head, "weights_file": WEIGHTS_FILE, "weights_dtype": "float16",
+        "map_stride": MAP_STRIDE, "centre_head": cfg.centre_head, "classifier_head": cfg.classifier_head,
+        "shared_blocks": model.shared_blocks, "classifier_input_size": model.classifier_input_size,
+        "weights_file": WEIGHTS_FILE, "weights_dtype": "float16",
         "encoder_from": str(parent), "encoder_tensors_copied": copied,
         "training": {"command": command,
                      "config": asdict(cfg), "history": history, "n_train_fractured": len(positives),
@@ -837,7 +931,8 @@ def fit_on_validation(run_dir: str | Path, data: str | Path, split: str | Path,
 
 
 def _load_network(directory: Path, card: ModelCard) -> FractureLocaliser:
-    model = FractureLocaliser(variant=0, centre_head=card.centre_head)
+    model = FractureLocaliser(variant=0, centre_head=card.centre_head, classifier_head=card.classifier_head,
+                              shared_blocks=card.shared_blocks, classifier_input_size=card.classifier_input_size)
     model.load_state_dict(read_weights(directory / card.weights_file))
     return model
 

@@ -443,3 +443,127 @@ def test_fit_localiser_chooses_the_box_drawing_on_validation_and_records_it(tmp_
                              region_shrinks=(1.0,), centre_thresholds=(0.05,), centre_shrinks=(1.0,))
     assert [t["source"] for t in card["validation"]["region_trials"]] == ["regions"]
     assert card["box_source"] == "regions"
+
+
+# --- the classifier's own head: one forward pass for the classifier's logit and the boxes ---------
+
+
+def _classifier_state():
+    from boneai.models import build_model
+
+    torch.manual_seed(3)
+    clf = build_model("efficientnet_lite0", pretrained=False).eval()
+    with torch.no_grad():  # a head that is not near zero, so that a wrong copy would show
+        clf.classifier.weight.normal_(std=0.1)
+        clf.bn2.running_mean.uniform_(-0.5, 0.5)
+    return clf, clf.state_dict()
+
+
+@pytest.mark.parametrize("shared", [None, 3])
+def test_a_classifier_head_localiser_gives_the_classifier_logit_and_learns_only_its_own_branch(shared):
+    clf, state = _classifier_state()
+    model = FractureLocaliser(centre_head=True, classifier_head=True, shared_blocks=shared)
+    assert model.load_encoder(state) > 0
+    later = [k for k in state if k.startswith("blocks.") and int(k.split(".")[1]) >= model.shared_blocks]
+    assert model.load_classifier_head(state) == 8 + len(later)  # head: conv, 5 of batch norm, linear's 2
+    model.eval()
+    with torch.no_grad():  # the localiser's own later blocks move away from the classifier's in training
+        for block in list(model.net.encoder.model.blocks)[model.shared_blocks:]:
+            for p in block.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        mask, logit = model(x)
+        expected = clf(x)[:, 0]
+        features, _ = model._encode(x)
+        for ours, smp_s in zip(features, model.net.encoder(x), strict=True):  # the decoder sees smp's features
+            torch.testing.assert_close(ours, smp_s)
+    assert mask.shape == (2, 4, 24, 24)
+    torch.testing.assert_close(logit, expected, rtol=1e-4, atol=1e-4)
+    # whatever --freeze-blocks says, the shared trunk and the classifier's branch stay the classifier's
+    for module in model.frozen_modules(0):
+        module.requires_grad_(False)
+    learning = {".".join(n.split(".")[1:5]) if ".blocks." in n else n.split(".")[1]
+                for n, p in model.named_parameters() if p.requires_grad}
+    own_blocks = {f"encoder.model.blocks.{i}" for i in range(model.shared_blocks, len(clf.blocks))}
+    assert learning == {"decoder", "segmentation_head"} | own_blocks
+
+
+def test_a_classifier_head_localiser_takes_only_the_decoder_of_a_localiser_with_its_own_head():
+    _, state = _classifier_state()
+    torch.manual_seed(0)
+    plain = FractureLocaliser(centre_head=True)
+    model = FractureLocaliser(centre_head=True, classifier_head=True)
+    model.load_encoder(state)
+    model.load_classifier_head(state)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state(plain.state_dict())
+    after = model.state_dict()
+    for key, value in after.items():
+        if key.startswith(("net.decoder.", "net.segmentation_head.")):
+            torch.testing.assert_close(value, plain.state_dict()[key])
+        else:  # encoder and image head: still the classifier's
+            torch.testing.assert_close(value, before[key])
+    # a missing head tensor is refused, not silently left at its random start
+    with pytest.raises(ValueError, match="classifier head"):
+        FractureLocaliser(classifier_head=True).load_classifier_head(
+            {k: v for k, v in state.items() if not k.startswith("bn2.")})
+
+
+def test_a_saved_classifier_head_localiser_loads_from_its_card_and_predicts_the_classifier_logit(
+        tmp_path, tiny_localiser, samples_dir):
+    from safetensors.torch import save_file
+
+    from boneai.io import read_radiograph
+    from boneai.preprocess import apply_pipeline
+    from boneai.transforms import to_tensor
+
+    clf, state = _classifier_state()
+    model = FractureLocaliser(centre_head=True, classifier_head=True, shared_blocks=4)
+    model.load_encoder(state)
+    model.load_classifier_head(state)
+    out = tmp_path / "shared"
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    card = json.loads((tiny_localiser / "card.json").read_text())
+    card.update({"name": "shared", "centre_head": True, "classifier_head": True, "shared_blocks": 4,
+                 "box_source": "centres"})
+    (out / "card.json").write_text(json.dumps(card))
+    predictor = load_localiser(card, out)
+    assert predictor.batchnorm_folded
+    rg = read_radiograph(samples_dir / "fracatlas" / "IMG0000019.jpg")
+    view = predictor.views([rg])[0]
+    x = to_tensor(apply_pipeline(rg.pixels, card["pipeline"]), card["mean"], card["std"])[None]
+    with torch.inference_mode():
+        expected = float(clf(x)[0, 0])
+    assert view.head_logit == pytest.approx(expected, abs=1e-3)
+    assert view.centres is not None and len(predictor.boxes(view)) > 0
+
+
+def test_the_shipped_localiser_holds_the_shipped_classifier_s_shared_blocks_and_branch():
+    """The shipped localiser's image logit is the `fracture` classifier's branch: if that classifier is
+    retrained, the localiser must be rebuilt (``train-localiser --classifier-head``), or this fails."""
+    from boneai.card import ModelCard
+    from boneai.inference import WEIGHTS_DIR
+    from boneai.predictor import read_weights
+
+    card = ModelCard.from_dir(WEIGHTS_DIR / "fracture_localiser")
+    if not card.classifier_head:
+        pytest.skip("the shipped localiser has its own image head")
+    ours = read_weights(WEIGHTS_DIR / "fracture_localiser" / card.weights_file)
+    theirs = read_weights(WEIGHTS_DIR / "fracture" / "model.safetensors")
+    shared = card.shared_blocks
+    compared = 0
+    for key, value in theirs.items():
+        prefix, _, rest = key.partition(".")
+        if prefix in ("conv_stem", "bn1") or (prefix == "blocks" and int(rest.split(".")[0]) < shared):
+            mine = ours[f"net.encoder.model.{key}"]
+        elif prefix == "blocks":
+            index, _, tail = rest.partition(".")
+            mine = ours[f"classifier_blocks.{int(index) - shared}.{tail}"]
+        else:
+            mine = ours[{"conv_head": "image_head.0", "bn2": "image_head.1", "classifier": "image_head.3"}[prefix]
+                        + "." + rest]
+        torch.testing.assert_close(mine.float(), value.float(), rtol=0, atol=0)
+        compared += 1
+    assert compared == len(theirs)
