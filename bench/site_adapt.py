@@ -6,7 +6,9 @@ every positive plus a seeded draw of negatives (~190 images), re-imaged with ano
 shutters with a burnt-in marker, noise, JPEG). Each repeat splits the site in two stratified halves,
 runs ``adapt`` (``boneai.site.adapt``, every choice by cross-validation inside the half) on one half,
 and scores the parent, a plain logistic regression on the parent's pooled features (``adapt
---methods linear_probe``, the issue's baseline) and the adapted model on the other half.
+--methods linear_probe``, the issue's baseline), the parent with the adapting half's batch-norm
+statistics alone (``--methods bn_recalibrate``) and the adapted model on the other half. Models with
+site statistics are scored with a forward pass (their features are not the cached ones).
 
 Features are computed once per image and network (``--work``/cache); a repeat then costs only the
 cross-validation. The first repeat also scores the adapted model end to end (``evaluate`` on the
@@ -35,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from boneai.batch import evaluate_folder  # noqa: E402
 from boneai.data import read_fracatlas, read_split_file  # noqa: E402
 from boneai.evaluate import roc_auc  # noqa: E402
 from boneai.site import (  # noqa: E402
@@ -121,6 +124,7 @@ def main() -> int:
                "methods": list(METHODS),
                "parent_auc": summary("parent_auc"), "plain_probe_auc": summary("plain_probe_auc"),
                "adapted_auc": summary("adapted_auc"), "cv_auc": summary("cv_auc"),
+               "site_statistics_auc": summary("site_statistics_auc"),
                "methods_chosen": table["method"].value_counts().to_dict(),
                "seconds": round(time.time() - t0, 1), "runs": rows}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -138,22 +142,27 @@ def main() -> int:
         res["method"] = card["site"]["method"]
         res["cv_auc"] = card["validation"]["auc"]
         res["candidates_cv_auc"] = {k: v["cv_auc"] for k, v in card["site"]["candidates"].items()}
-        res["adapted_auc"] = roc_auc(y[b_idx], cached_logits(work / "model", b_paths, cache))
+        half_folder(site.iloc[b_idx], work / "half_b")
+        if card["site"].get("site_batchnorm"):  # its own statistics: scored with a forward pass
+            res["adapted_auc"] = evaluate_folder("fracture", work / "half_b", str(work / "model"))["auc"]
+        else:
+            res["adapted_auc"] = roc_auc(y[b_idx], cached_logits(work / "model", b_paths, cache))
         base = adapt(work / "half_a", work / "baseline", parent=args.parent, cache=cache, seed=rep,
                      methods=["linear_probe"], feature_models=[])
         res["plain_probe_auc"] = roc_auc(y[b_idx], cached_logits(work / "baseline", b_paths, cache))
+        # The parent with the adapting half's batch-norm statistics and nothing else fitted (AdaBN alone).
+        adapt(work / "half_a", work / "site_statistics", parent=args.parent, cache=cache, seed=rep,
+              methods=["bn_recalibrate"], feature_models=[])
+        res["site_statistics_auc"] = evaluate_folder("fracture", work / "half_b", str(work / "site_statistics"))["auc"]
         del base
-        if rep == 0:  # the cached shortcut must equal the model loaded and run end to end
-            from boneai.batch import evaluate_folder
-
-            half_folder(site.iloc[b_idx], work / "half_b")
+        if rep == 0 and not card["site"].get("site_batchnorm"):  # the cached shortcut equals the model run end to end
             end_to_end = evaluate_folder("fracture", work / "half_b", str(work / "model"))["auc"]
             res["adapted_auc_end_to_end"] = end_to_end
             assert abs(end_to_end - res["adapted_auc"]) < 2e-3, (end_to_end, res["adapted_auc"])
         rows.append(res)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}), flush=True)
         out = summarise(rows)  # written after every repeat, so a stopped run keeps what it measured
-    for k in ("parent_auc", "plain_probe_auc", "adapted_auc"):
+    for k in ("parent_auc", "plain_probe_auc", "site_statistics_auc", "adapted_auc"):
         s = out[k]
         print(f"{k:16s} median {s['median']:.3f} (range {s['min']:.3f}-{s['max']:.3f})")
     print(f"methods chosen: {out['methods_chosen']}; {out['seconds']:.0f} s")

@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     vs.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
 
     ad = sub.add_parser("adapt", help="make a site model from a parent and a labelled local folder, choosing "
-                        "recalibration, fine-tuning the head or the last block, or feature probes, by cross-validation "
-                        "inside the folder")
+                        "recalibration, fine-tuning the head or the last block, or feature probes, each also with "
+                        "batch-norm statistics re-estimated on the site's images, by cross-validation inside the folder")
     ad.add_argument("--task", choices=["fracture"], default="fracture")
     ad.add_argument("--data", required=True, help="labelled folder: fractured/ + not_fractured/, or FracAtlas layout")
     ad.add_argument("--from", dest="parent", default="fracture", help="parent model (name, task or folder)")
@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--feature-models", default=None,
                     help="comma-separated models whose networks add probes (default: the other single-network "
                          "fracture classifiers in weights/; 'none' for the parent's only)")
-    ad.add_argument("--methods", default=None, help="comma-separated candidates (default: all)")
+    ad.add_argument("--methods", default=None, help="comma-separated candidates (default: all): recalibrate, "
+                    "finetune_head, finetune_blocks, linear_probe, multi_probe, multi_probe_parent, bn_recalibrate, "
+                    "bn_linear_probe, bn_multi_probe_parent")
     ad.add_argument("--folds", type=int, default=5)
     ad.add_argument("--seed", type=int, default=0)
     ad.add_argument("--cache", default=None, help="feature cache folder (reruns on the same files skip the networks)")

@@ -11,7 +11,10 @@ cross-validation **inside** ``DIR`` only, between
 * ``linear_probe``: an L2 logistic regression on the parent's pooled features (C chosen by inner CV);
 * ``multi_probe``: one such probe per shipped fracture network (the parent's and the other single
   networks in ``weights/``), their scores averaged; and ``multi_probe_parent``, the same average with
-  the parent's own logit as one more voter.
+  the parent's own logit as one more voter;
+* ``bn_recalibrate``, ``bn_linear_probe``, ``bn_multi_probe_parent``: the same after every network's
+  batch-norm statistics are re-estimated on the site's images (``boneai.site_bn``, AdaBN; no labels
+  used). Inside cross-validation the statistics come from each outer training part only.
 
 Every candidate is scored by *nested* cross-validation (outer folds stratified by label and grouped
 by near-duplicate views and patient folders; its hyperparameters chosen by inner folds inside each
@@ -42,7 +45,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +83,17 @@ __all__ = [
 ]
 
 #: Candidates, simplest first.
-METHODS = ("recalibrate", "finetune_head", "finetune_blocks", "linear_probe", "multi_probe", "multi_probe_parent")
+METHODS = ("recalibrate", "finetune_head", "finetune_blocks", "linear_probe", "multi_probe", "multi_probe_parent",
+           "bn_recalibrate", "bn_linear_probe", "bn_multi_probe_parent")
+#: Candidates whose networks' batch-norm statistics are first re-estimated on the site's images
+#: (``boneai.site_bn``, AdaBN); inside cross-validation on each training part's images only.
+BN_PREFIX = "bn_"
 #: Among candidates tied with the best (see :func:`_choose`), the one with the most voters wins:
 #: averaging reduces the variance that ~100 images leave in any one fit. On the simulated site the
 #: multi-network average was the best fixed candidate (bench/site_adapt.py, docs/site_adaptation.md).
-PREFERENCE = ("multi_probe_parent", "multi_probe", "linear_probe", "finetune_blocks", "finetune_head", "recalibrate")
+#: A candidate with site statistics comes after the same candidate with the parent's own (the simpler).
+PREFERENCE = ("multi_probe_parent", "bn_multi_probe_parent", "multi_probe", "linear_probe", "bn_linear_probe",
+              "finetune_blocks", "finetune_head", "recalibrate", "bn_recalibrate")
 #: Methods that need a single-network parent (they change that network).
 SINGLE_NETWORK_METHODS = ("finetune_head", "finetune_blocks")
 #: Resamples of the paired bootstrap that decides whether a candidate is tied with the best.
@@ -178,11 +187,14 @@ class FeatureNet:
     prefix: str  # its tensors' prefix in the source weights file ("" for a single network)
     weights_sha256: str
     is_parent: bool
+    bn_images: str = ""  # with site batch-norm statistics: a hash of the images they came from
+    bn_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # those statistics
 
     @property
     def key(self) -> str:
-        """Identifies the network's exact weights (cache key)."""
-        return hashlib.sha256(f"{self.weights_sha256}:{self.prefix}".encode()).hexdigest()[:16]
+        """Identifies the network's exact weights (cache key), site statistics included."""
+        bn = f":bn{self.bn_images}" if self.bn_images else ""
+        return hashlib.sha256(f"{self.weights_sha256}:{self.prefix}{bn}".encode()).hexdigest()[:16]
 
     @property
     def label(self) -> str:
@@ -280,6 +292,33 @@ def site_features(nets: Sequence[FeatureNet], paths: Sequence[str], cache: Featu
         if todo:
             cache.save(net.key)
         out.append(np.stack([store[d] for d in digests]))
+    return out
+
+
+def site_bn_nets(nets: Sequence[FeatureNet], paths: Sequence[str], rows: np.ndarray, digests: Sequence[str],
+                 batch_size: int = 16, log: Callable[[str], None] | None = None) -> list[FeatureNet]:
+    """Each network with its batch-norm statistics re-estimated on the images ``rows`` (AdaBN,
+    ``boneai.site_bn``; no labels used); the weights stay the network's."""
+    from boneai.site_bn import batchnorm_buffers, site_batchnorm
+
+    rows = np.asarray(rows)
+    tag = hashlib.sha256("".join(sorted(digests[i] for i in rows)).encode()).hexdigest()[:16]
+    out = []
+    for net in nets:
+        pr = net.predictor
+
+        def batches(pr: Predictor = pr):
+            for start in range(0, len(rows), batch_size):
+                yield torch.stack([to_tensor(pr.input_image(_read_pixels(paths[i])), pr.mean, pr.std)
+                                   for i in rows[start:start + batch_size]])
+
+        t0 = time.time()
+        adapted = site_batchnorm(pr.model, batches())
+        site_pred = Predictor(pr.card, adapted.to(memory_format=torch.channels_last), pr.directory)
+        out.append(FeatureNet(site_pred, net.source, net.prefix, net.weights_sha256, net.is_parent,
+                              bn_images=tag, bn_state=batchnorm_buffers(adapted)))
+        if log:
+            log(f"site batch-norm statistics {net.label}: {len(rows)} images ({time.time() - t0:.0f} s)")
     return out
 
 
@@ -440,6 +479,13 @@ def _fit_probes(prob: _Problem, rows: np.ndarray, nets: Sequence[int], with_pare
 
 
 def _fit_candidate(method: str, prob: _Problem, rows: np.ndarray) -> _Fitted:
+    """``method`` fitted on ``rows``; a ``bn_`` method is its base method on a problem whose features
+    come from networks with site statistics (the caller passes that problem)."""
+    base = method.removeprefix(BN_PREFIX)
+    if base != method:
+        fitted = _fit_candidate(base, prob, rows)
+        fitted.method = method
+        return fitted
     if method == "recalibrate":
         fitted = _Fitted(method, lambda idx: prob.parent_logit[idx])
     elif method == "finetune_head":
@@ -491,13 +537,14 @@ def _fit_tail(prob: _Problem, rows: np.ndarray) -> _Fitted:
                    {"epochs": int(epochs), "tail": tail})
 
 
-def _nested_oof(method: str, prob: _Problem,
-                outer: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, list[Any]]:
-    """Out-of-fold logits of a candidate whose own choices are made inside each outer training part."""
+def _nested_oof(method: str, prob: _Problem, outer: list[tuple[np.ndarray, np.ndarray]],
+                fold_problems: Sequence[_Problem] | None = None) -> tuple[np.ndarray, list[Any]]:
+    """Out-of-fold logits of a candidate whose own choices are made inside each outer training part
+    (``fold_problems``: one problem per outer fold, for features that depend on the training part)."""
     oof = np.zeros(len(prob.y))
     chosen = []
-    for tr, te in outer:
-        fitted = _fit_candidate(method, prob, tr)
+    for k, (tr, te) in enumerate(outer):
+        fitted = _fit_candidate(method, fold_problems[k] if fold_problems is not None else prob, tr)
         oof[te] = fitted.score(te)
         chosen.append({k: v for k, v in fitted.params.items() if k in ("C", "epochs")})
     return oof, chosen
@@ -571,10 +618,19 @@ def adapt(data: str | Path, out: str | Path, parent: str = "fracture", feature_m
     if len(nets) == len(prob.parent_idx):  # no other networks: the multi probes equal the parent's probe
         methods = [m for m in methods if m != "multi_probe"] if len(prob.parent_idx) == 1 else methods
     outer = _folds(y, prob.groups, folds, seed)
+    paths, digests = site.frame["path"].tolist(), site.frame["sha256"].tolist()
+
+    def with_site_statistics(rows: np.ndarray) -> tuple[list[FeatureNet], _Problem]:
+        bn = site_bn_nets(nets, paths, rows, digests, log=log)
+        return bn, replace(prob, feats=site_features(bn, paths, feature_cache, log=log, digests=digests),
+                           tail_acts=None, tail_model=None, _probes={})
+
+    fold_problems = ([with_site_statistics(tr)[1] for tr, _ in outer]
+                     if any(m.startswith(BN_PREFIX) for m in methods) else None)
     candidates: dict[str, dict[str, Any]] = {}
     oofs: dict[str, np.ndarray] = {}
     for m in methods:
-        oof, chosen = _nested_oof(m, prob, outer)
+        oof, chosen = _nested_oof(m, prob, outer, fold_problems if m.startswith(BN_PREFIX) else None)
         oofs[m] = oof
         candidates[m] = {"cv_auc": _auc(y, oof), "inner_choices": chosen}
         log(f"candidate {m}: cross-validated AUC {candidates[m]['cv_auc']:.3f}")
@@ -582,7 +638,11 @@ def adapt(data: str | Path, out: str | Path, parent: str = "fracture", feature_m
     for m, v in se.items():
         candidates[m]["se_of_difference_to_best"] = v
     log(f"chosen: {method}")
-    final = _fit_candidate(method, prob, np.arange(len(y)))
+    if method.startswith(BN_PREFIX):  # the site statistics of the whole folder
+        nets, final_prob = with_site_statistics(np.arange(len(y)))
+    else:
+        final_prob = prob
+    final = _fit_candidate(method, final_prob, np.arange(len(y)))
     oof = oofs[method]
     preds = pd.DataFrame({"image": [str(Path(p).relative_to(site.root)) for p in site.frame["path"]],
                           "label": y, "logit": oof})
@@ -601,6 +661,9 @@ def adapt(data: str | Path, out: str | Path, parent: str = "fracture", feature_m
         "choice_rule": "among candidates within one bootstrap standard error of the best cross-validated AUC, "
                        "the first of " + ", ".join(PREFERENCE),
         "parent_cv_auc": _auc(y, prob.parent_logit),
+        "site_batchnorm": ({"images": int(len(y)), "what": "batch-norm running statistics of every network "
+                            "re-estimated on the folder's images and their mirrors (AdaBN); weights unchanged"}
+                           if method.startswith(BN_PREFIX) else None),
         "feature_networks": [{"source": n.source, "prefix": n.prefix, "weights_sha256": n.weights_sha256,
                               "parent": n.is_parent} for n in nets],
         "folds": len(outer), "seed": seed, "command": command, "seconds": round(time.time() - t0, 1),
@@ -625,13 +688,18 @@ def _write_site_model(out: Path, method: str, final: _Fitted, nets: Sequence[Fea
               "operating_points": fields["operating_points"], "default_operating_point": DEFAULT_OPERATING_POINT,
               "validation": validation}
     drop = ("test", "validation_before_protocol", "revalidation", "protocol")
-    if method in ("recalibrate", *SINGLE_NETWORK_METHODS):
+    base = method.removeprefix(BN_PREFIX)
+    if base in ("recalibrate", *SINGLE_NETWORK_METHODS):
         card = {k: v for k, v in parent_card.items() if k not in drop}
         card.update(common)
         card["name"] = out.name
         card["description"] = (f"{parent_card.get('name')} adapted to a site ({method.replace('_', ' ')}): "
                                + str(parent_card.get("description") or ""))
         state = load_file(str(parent_dir / parent_card.get("weights_file", WEIGHTS_FILE)))
+        for net in nets:  # site batch-norm statistics, where the candidate has them
+            if net.is_parent:
+                for k, v in (net.bn_state or {}).items():
+                    state[net.prefix + k] = v.to(state[net.prefix + k].dtype)
         if method == "finetune_head":
             dtype = state["classifier.weight"].dtype
             state["classifier.weight"] = torch.tensor(final.params["weight"]).reshape(1, -1).to(dtype)
@@ -659,6 +727,8 @@ def _write_site_model(out: Path, method: str, final: _Fitted, nets: Sequence[Fea
             for k, v in sources[net.source].items():
                 if k.startswith(net.prefix):
                     state[f"m{j}.{k[len(net.prefix):]}"] = v.contiguous()
+            for k, v in (net.bn_state or {}).items():  # site batch-norm statistics
+                state[f"m{j}.{k}"] = v.to(state[f"m{j}.{k}"].dtype).contiguous()
             p = final.params["probes"][j]
             for name in ("mean", "scale", "coef", "intercept"):
                 state[f"probe.{j}.{name}"] = torch.tensor(np.asarray(p[name], dtype=np.float32))
@@ -666,13 +736,16 @@ def _write_site_model(out: Path, method: str, final: _Fitted, nets: Sequence[Fea
             members.append({**{k: member_card[k] for k in ("architecture", "input_size", "mean", "std", "pipeline",
                                                             "description") if k in member_card},
                             "tta_hflip": True, "prefix": f"m{j}.", "source": net.source, "source_prefix": net.prefix,
-                            "parent": net.is_parent, "weights_sha256": net.weights_sha256})
+                            "parent": net.is_parent, "weights_sha256": net.weights_sha256,
+                            "site_batchnorm": bool(net.bn_state)})
         save_file(state, str(out / WEIGHTS_FILE))
         first = members[0]
         card = {"name": out.name, "task": "fracture", "kind": "site_probe", "architecture": "site_probe",
                 "description": (f"Site model: {'parent logit + ' if final.params['parent_weight'] else ''}"
                                 "L2 logistic probes on the pooled, mirror-averaged features of "
-                                + ", ".join(nets[i].label for i in used)),
+                                + ", ".join(nets[i].label for i in used)
+                                + (", with batch-norm statistics re-estimated on the site's images"
+                                   if method.startswith(BN_PREFIX) else "")),
                 "input_size": first["input_size"], "mean": first["mean"], "std": first["std"],
                 "pipeline": first["pipeline"], "tta_hflip": True, "weights_file": WEIGHTS_FILE,
                 "members": members,
@@ -712,6 +785,9 @@ def cached_logits(model: str | Path, paths: Sequence[str], cache: str | Path) ->
 
     folder = model_dir(model)
     card = ModelCard.from_dir(folder)
+    if (card.get("site") or {}).get("site_batchnorm"):
+        raise BoneAIError(f"{card.name} has site batch-norm statistics: its features are not the cached ones; "
+                          "score it with a forward pass (predict_many).")
     store = FeatureCache(cache)
     digests = [file_sha256(p) for p in paths]
 

@@ -86,7 +86,8 @@ def start_form() -> None:
     c1, c2 = st.columns(2)
     validate = c1.button("Validate on these images", key="site_validate", type="primary")
     adapt = c2.button("Adapt to these images", key="site_adapt",
-                      help="Recalibration, fine-tuning the head or the last block, or feature probes, chosen by "
+                      help="Recalibration, fine-tuning the head or the last block, or feature probes, each also "
+                           "with batch-norm statistics re-estimated on these images, chosen by "
                            "cross-validation inside this folder (several minutes). Validate the adapted model "
                            "on other cases afterwards.")
     if not (validate or adapt):

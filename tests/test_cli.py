@@ -78,3 +78,14 @@ def test_unknown_model_is_a_one_line_error(tmp_path):
     proc = _cli("evaluate", "--data", str(tmp_path), "--model", "nope", "--out", str(tmp_path / "x.json"))
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "not found" in proc.stderr
+
+
+def test_adapt_help_names_every_candidate_the_code_compares():
+    """The parser names the candidates without importing torch; it must not fall behind the code's list."""
+    from boneai.cli import build_parser
+    from boneai.site import METHODS
+
+    adapt = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "adapt")[1]
+    methods_help = next(a.help for a in adapt._actions if a.dest == "methods")
+    named = [m.strip(" ,") for m in methods_help.split("):", 1)[1].split(",")]
+    assert named == list(METHODS)

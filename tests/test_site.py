@@ -415,3 +415,101 @@ def test_site_validation_page_in_a_browser_unpacks_a_zip_and_shows_a_validation(
     assert len(unpacked) == 1
     assert sorted(p.name for p in unpacked[0].rglob("*") if p.is_file()) == sorted(
         Path(f).name for f in samples["file"])  # the images, not the text file
+
+
+# --- site batch-norm statistics (AdaBN) -----------------------------------------------------------
+
+
+def test_site_batchnorm_re_estimates_only_the_statistics_from_the_images_and_their_mirrors() -> None:
+    import torch
+    from torch import nn
+
+    from boneai.errors import BoneAIError
+    from boneai.site_bn import batchnorm_buffers, site_batchnorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2), nn.Dropout(0.5)).eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(6, 2, 4, 4)
+    x[:, 0] = x[:, 0] * 3 + 10  # a site whose first channel is much brighter
+    x[:, 0, :, :2] += 4  # and not symmetric, so that the mirror images count
+    adapted = site_batchnorm(net, [x[:4], x[4:]])
+    # the first norm's statistics: per-batch averages over images and mirrors (two batches, equal weight)
+    means = [torch.cat([b, torch.flip(b, dims=[3])]).mean(dim=(0, 2, 3)) for b in (x[:4], x[4:])]
+    torch.testing.assert_close(adapted[0].running_mean, (means[0] + means[1]) / 2)
+    assert float(adapted[0].running_mean[0]) > 9
+    # weights untouched, the original network untouched, evaluation mode everywhere
+    for k in ("0.weight", "1.weight", "1.bias", "2.weight"):
+        torch.testing.assert_close(adapted.state_dict()[k], before[k])
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    assert not any(m.training for m in adapted.modules())
+    assert set(batchnorm_buffers(adapted)) == {f"{i}.{b}" for i in (0, 2)
+                                               for b in ("running_mean", "running_var", "num_batches_tracked")}
+    with pytest.raises(BoneAIError, match="no batch norms"):
+        site_batchnorm(nn.Conv2d(1, 1, 1), [torch.zeros(1, 1, 2, 2)])
+    with pytest.raises(BoneAIError, match="No site images"):
+        site_batchnorm(net, [])
+
+
+def _degraded_sample_site(root: Path, samples_dir: Path) -> Path:
+    """A class-folder site of the shipped FracAtlas samples, each exported twice by a simulated site."""
+    import numpy as np
+    from PIL import Image
+
+    from boneai.io import read_radiograph
+    from boneai.site_sim import SiteLook, degrade
+
+    table = pd.read_csv(samples_dir / "samples.csv")
+    table = table[table["dataset"] == "fracatlas"]
+    rng = np.random.default_rng(0)
+    look = SiteLook(long_side=160, gamma=0.5, window=(50, 210), sharpen=1.8, noise_sigma=11.0, jpeg_quality=40)
+    for r in table.itertuples():
+        pixels = read_radiograph(samples_dir / r.file).pixels
+        sub = root / ("fractured" if r.label else "not_fractured")
+        sub.mkdir(parents=True, exist_ok=True)
+        for copy in range(2):
+            Image.fromarray(degrade(pixels, look, rng)).save(sub / f"{Path(r.file).stem}_{copy}.png")
+    return root
+
+
+def test_adapt_with_site_statistics_writes_them_and_the_model_gives_the_logits_it_was_fitted_on(
+        tmp_path: Path, samples_dir: Path) -> None:
+    import numpy as np
+    import torch
+
+    from boneai.inference import load_model
+    from boneai.predictor import read_weights
+    from boneai.site import adapt, feature_nets, read_site, site_bn_nets, site_features
+
+    if not (inference.WEIGHTS_DIR / PARENT / "card.json").is_file():
+        pytest.skip(f"no {PARENT} model in {inference.WEIGHTS_DIR}")
+    data = _degraded_sample_site(tmp_path / "site", samples_dir)
+    out = tmp_path / "bn_model"
+    card = adapt(data, out, parent=PARENT, feature_models=[], methods=["bn_recalibrate"], folds=3,
+                 command="python -m boneai adapt --data SITE --from fracture_fast --methods bn_recalibrate --out OUT")
+    assert card["site"]["method"] == "bn_recalibrate"
+    site = read_site(data)
+    assert card["site"]["site_batchnorm"]["images"] == site.n >= 16
+    parent_state = read_weights(inference.WEIGHTS_DIR / PARENT / "model.safetensors")
+    site_state = read_weights(out / "model.safetensors")
+    stats = [k for k in parent_state if k.endswith("running_mean")]
+    assert stats and all(not torch.equal(site_state[k], parent_state[k]) for k in stats)
+    assert all(torch.equal(site_state[k], parent_state[k]) for k in parent_state if k.endswith("weight"))
+    # The written model's logits are those of the parent network with the whole folder's statistics.
+    paths = site.frame["path"].tolist()
+    nets = site_bn_nets(feature_nets(PARENT, True), paths, np.arange(len(paths)), site.frame["sha256"].tolist())
+    feats = site_features(nets, paths)[0]
+    head = nets[0].predictor.model.get_classifier()
+    expected = feats @ head.weight.detach().double().numpy().reshape(-1) + float(head.bias.detach()[0])
+    model = load_model(out)
+    from boneai.io import read_radiograph
+
+    got = [p.logit for p in model.predict_many([read_radiograph(p) for p in paths])]
+    np.testing.assert_allclose(got, expected, atol=0.05)
+    # the cached-feature shortcut refuses it rather than scoring the parent's statistics
+    from boneai.errors import BoneAIError
+    from boneai.site import cached_logits
+
+    with pytest.raises(BoneAIError, match="site batch-norm statistics"):
+        cached_logits(out, paths, tmp_path / "cache")

@@ -50,34 +50,36 @@ def test_short_training_lowers_validation_loss_and_writes_a_card(tmp_path):
 def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     data = fracture_folder(tmp_path / "data", per_class=12)
     out = tmp_path / "run"
+    epochs = 6  # enough that the run cannot finish between two looks, however fast the machine
     cmd = [sys.executable, "-m", "boneai", "train", "--task", "fracture", "--data", str(data), "--out", str(out),
-           *_QUICK, "--epochs", "3"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+           *_QUICK, "--epochs", str(epochs)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline:
-        if (out / "checkpoint_last.pt").is_file() and len(_metrics(out)) >= 2:
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "checkpoint_last.pt").is_file() and (out / "metrics.jsonl").is_file() and len(_metrics(out)) >= 2:
             break
-        time.sleep(0.2)
-    # Give the checkpoint write a moment to finish, then kill hard as a crash or power cut would.
-    time.sleep(0.5)
+        time.sleep(0.05)
+    # Freeze it at once, then kill it hard as a crash or power cut would: the checkpoint and the
+    # metrics are written atomically, so any moment is a fair one.
+    proc.send_signal(signal.SIGSTOP)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     done_before = [h["epoch"] for h in _metrics(out)]
-    assert 1 in done_before and 3 not in done_before
+    assert 1 in done_before and epochs not in done_before, done_before
     # The checkpoint holds plain data only: it loads without unpickling objects.
     import torch
 
     assert torch.load(out / "checkpoint_last.pt", weights_only=True)["config"]["lr"] == 1e-3
     # Other settings would mix two runs under one card: refused with a way out, the checkpoint kept.
-    other = _train(data, out, "--epochs", "3", "--lr", "3e-4")
+    other = _train(data, out, "--epochs", str(epochs), "--lr", "3e-4")
     assert other.returncode != 0 and "other settings" in other.stderr and "--no-resume" in other.stderr
     assert "Traceback" not in other.stderr and (out / "checkpoint_last.pt").is_file()
-    resumed = _train(data, out, "--epochs", "3")
+    resumed = _train(data, out, "--epochs", str(epochs))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert '"event": "resumed"' in resumed.stdout
-    epochs = [h["epoch"] for h in _metrics(out)]
+    done = [h["epoch"] for h in _metrics(out)]
     # Each epoch is trained once: no restart from epoch 1 after the kill.
-    assert epochs.count(1) == 1 and epochs[-1] == 3 and sorted(set(epochs)) == [0, 1, 2, 3]
+    assert done.count(1) == 1 and done[-1] == epochs and sorted(set(done)) == list(range(epochs + 1))
 
 
 def _checkpoint_state(**config):
