@@ -187,8 +187,7 @@ class FeatureNet:
     prefix: str  # its tensors' prefix in the source weights file ("" for a single network)
     weights_sha256: str
     is_parent: bool
-    bn_images: str = ""  # with site batch-norm statistics: a hash of the images they came from
-    bn_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # those statistics
+    bn_images: str = ""  # with site batch-norm statistics (in its predictor's network): a hash of their images
 
     @property
     def key(self) -> str:
@@ -235,11 +234,26 @@ def default_feature_models(parent: str | Path, weights_dir: str | Path | None = 
 
 class FeatureCache:
     """Pooled features per network and file content, in ``<dir>/<network key>.npz`` (reruns skip done
-    images; the key is the network's weights hash, so other weights never reuse them)."""
+    images; the key is the network's weights hash, so other weights never reuse them). In memory it
+    also keeps each file's model input per preprocessing pipeline, so that the passes of one ``adapt``
+    (features, tail inputs, site statistics per fold) read and preprocess every file once."""
 
     def __init__(self, directory: str | Path | None) -> None:
         self.directory = Path(directory) if directory else None
         self._mem: dict[str, dict[str, np.ndarray]] = {}
+        self._inputs: dict[tuple[str, str], np.ndarray] = {}
+
+    def input_batch(self, pr: Predictor, paths: Sequence[str], digests: Sequence[str],
+                    idx: Sequence[int]) -> torch.Tensor:
+        """The normalised model inputs of files ``idx`` for ``pr``'s pipeline (uint8 squares kept)."""
+        pipeline = json.dumps(pr.pipeline, sort_keys=True)
+        tensors = []
+        for i in idx:
+            key = (pipeline, digests[i])
+            if key not in self._inputs:
+                self._inputs[key] = pr.input_image(_read_pixels(paths[i]))
+            tensors.append(to_tensor(self._inputs[key], pr.mean, pr.std))
+        return torch.stack(tensors)
 
     def _file(self, key: str) -> Path | None:
         return self.directory / f"{key}.npz" if self.directory else None
@@ -282,8 +296,7 @@ def site_features(nets: Sequence[FeatureNet], paths: Sequence[str], cache: Featu
         for start in range(0, len(todo), batch_size):
             idx = todo[start:start + batch_size]
             pr = net.predictor
-            batch = torch.stack([to_tensor(pr.input_image(_read_pixels(paths[i])), pr.mean, pr.std) for i in idx])
-            feats = pr.pooled_features(batch, mirror=True)
+            feats = pr.pooled_features(cache.input_batch(pr, paths, digests, idx), mirror=True)
             for i, f in zip(idx, feats, strict=True):
                 store[digests[i]] = f.astype(np.float32)
             if log:
@@ -296,27 +309,24 @@ def site_features(nets: Sequence[FeatureNet], paths: Sequence[str], cache: Featu
 
 
 def site_bn_nets(nets: Sequence[FeatureNet], paths: Sequence[str], rows: np.ndarray, digests: Sequence[str],
-                 batch_size: int = 16, log: Callable[[str], None] | None = None) -> list[FeatureNet]:
+                 cache: FeatureCache | None = None, batch_size: int = 16,
+                 log: Callable[[str], None] | None = None) -> list[FeatureNet]:
     """Each network with its batch-norm statistics re-estimated on the images ``rows`` (AdaBN,
     ``boneai.site_bn``; no labels used); the weights stay the network's."""
-    from boneai.site_bn import batchnorm_buffers, site_batchnorm
+    from boneai.site_bn import site_batchnorm
 
+    cache = cache or FeatureCache(None)
     rows = np.asarray(rows)
     tag = hashlib.sha256("".join(sorted(digests[i] for i in rows)).encode()).hexdigest()[:16]
     out = []
     for net in nets:
         pr = net.predictor
-
-        def batches(pr: Predictor = pr):
-            for start in range(0, len(rows), batch_size):
-                yield torch.stack([to_tensor(pr.input_image(_read_pixels(paths[i])), pr.mean, pr.std)
-                                   for i in rows[start:start + batch_size]])
-
         t0 = time.time()
-        adapted = site_batchnorm(pr.model, batches())
+        batches = (cache.input_batch(pr, paths, digests, rows[start:start + batch_size])
+                   for start in range(0, len(rows), batch_size))
+        adapted = site_batchnorm(pr.model, batches)
         site_pred = Predictor(pr.card, adapted.to(memory_format=torch.channels_last), pr.directory)
-        out.append(FeatureNet(site_pred, net.source, net.prefix, net.weights_sha256, net.is_parent,
-                              bn_images=tag, bn_state=batchnorm_buffers(adapted)))
+        out.append(FeatureNet(site_pred, net.source, net.prefix, net.weights_sha256, net.is_parent, bn_images=tag))
         if log:
             log(f"site batch-norm statistics {net.label}: {len(rows)} images ({time.time() - t0:.0f} s)")
     return out
@@ -337,8 +347,7 @@ def site_tail_inputs(net: FeatureNet, paths: Sequence[str], cache: FeatureCache 
     pr = net.predictor
     for start in range(0, len(todo), batch_size):
         idx = todo[start:start + batch_size]
-        batch = torch.stack([to_tensor(pr.input_image(_read_pixels(paths[i])), pr.mean, pr.std) for i in idx])
-        for i, a in zip(idx, tail_inputs(pr.model, batch), strict=True):
+        for i, a in zip(idx, tail_inputs(pr.model, cache.input_batch(pr, paths, digests, idx)), strict=True):
             store[digests[i]] = a
         if log:
             log(f"tail inputs {net.label}: {min(start + batch_size, len(todo))}/{len(todo)} new images")
@@ -543,8 +552,8 @@ def _nested_oof(method: str, prob: _Problem, outer: list[tuple[np.ndarray, np.nd
     (``fold_problems``: one problem per outer fold, for features that depend on the training part)."""
     oof = np.zeros(len(prob.y))
     chosen = []
-    for k, (tr, te) in enumerate(outer):
-        fitted = _fit_candidate(method, fold_problems[k] if fold_problems is not None else prob, tr)
+    for fold, (tr, te) in enumerate(outer):
+        fitted = _fit_candidate(method, fold_problems[fold] if fold_problems is not None else prob, tr)
         oof[te] = fitted.score(te)
         chosen.append({k: v for k, v in fitted.params.items() if k in ("C", "epochs")})
     return oof, chosen
@@ -621,7 +630,7 @@ def adapt(data: str | Path, out: str | Path, parent: str = "fracture", feature_m
     paths, digests = site.frame["path"].tolist(), site.frame["sha256"].tolist()
 
     def with_site_statistics(rows: np.ndarray) -> tuple[list[FeatureNet], _Problem]:
-        bn = site_bn_nets(nets, paths, rows, digests, log=log)
+        bn = site_bn_nets(nets, paths, rows, digests, feature_cache, log=log)
         return bn, replace(prob, feats=site_features(bn, paths, feature_cache, log=log, digests=digests),
                            tail_acts=None, tail_model=None, _probes={})
 
@@ -698,7 +707,7 @@ def _write_site_model(out: Path, method: str, final: _Fitted, nets: Sequence[Fea
         state = load_file(str(parent_dir / parent_card.get("weights_file", WEIGHTS_FILE)))
         for net in nets:  # site batch-norm statistics, where the candidate has them
             if net.is_parent:
-                for k, v in (net.bn_state or {}).items():
+                for k, v in _site_statistics(net).items():
                     state[net.prefix + k] = v.to(state[net.prefix + k].dtype)
         if method == "finetune_head":
             dtype = state["classifier.weight"].dtype
@@ -727,7 +736,7 @@ def _write_site_model(out: Path, method: str, final: _Fitted, nets: Sequence[Fea
             for k, v in sources[net.source].items():
                 if k.startswith(net.prefix):
                     state[f"m{j}.{k[len(net.prefix):]}"] = v.contiguous()
-            for k, v in (net.bn_state or {}).items():  # site batch-norm statistics
+            for k, v in _site_statistics(net).items():
                 state[f"m{j}.{k}"] = v.to(state[f"m{j}.{k}"].dtype).contiguous()
             p = final.params["probes"][j]
             for name in ("mean", "scale", "coef", "intercept"):
@@ -737,7 +746,7 @@ def _write_site_model(out: Path, method: str, final: _Fitted, nets: Sequence[Fea
                                                             "description") if k in member_card},
                             "tta_hflip": True, "prefix": f"m{j}.", "source": net.source, "source_prefix": net.prefix,
                             "parent": net.is_parent, "weights_sha256": net.weights_sha256,
-                            "site_batchnorm": bool(net.bn_state)})
+                            "site_batchnorm": bool(net.bn_images)})
         save_file(state, str(out / WEIGHTS_FILE))
         first = members[0]
         card = {"name": out.name, "task": "fracture", "kind": "site_probe", "architecture": "site_probe",
@@ -763,6 +772,13 @@ def _write_site_model(out: Path, method: str, final: _Fitted, nets: Sequence[Fea
     typed = ModelCard.from_dict(json.loads(json.dumps(card, default=_json_default)), out)
     typed.write(out)
     return typed
+
+
+def _site_statistics(net: FeatureNet) -> dict[str, torch.Tensor]:
+    """The batch-norm running statistics a network with site statistics stores ({} for the others)."""
+    from boneai.site_bn import batchnorm_buffers
+
+    return batchnorm_buffers(net.predictor.model) if net.bn_images else {}
 
 
 def _json_default(o: Any) -> Any:
