@@ -220,9 +220,9 @@ class LocaliserConfig:
     box_threshold: float = option(0.5, "map threshold for the validation figures printed each epoch")
     centre_head: bool = option(False, "also learn a box-centre heatmap and box sizes (CenterNet-style), "
                                       "so that every heatmap peak is a box with its own score")
-    classifier_head: bool = option(False, "take the image logit from the --init-from classifier's own head and keep its "
-                                          "whole encoder fixed: only the decoder learns, and one forward pass gives "
-                                          "the classifier's logit and the boxes (use the classifier's --image-size)")
+    classifier_head: bool = option(False, "take the image logit from the --init-from classifier's own later blocks and "
+                                          "head, beside the localiser's (see --shared-blocks): they and the shared "
+                                          "blocks stay fixed, and one forward pass gives the classifier's logit and the boxes")
     shared_blocks: typing.Optional[int] = option(
         None, "with --classifier-head: encoder blocks the two branches share (fixed, the classifier's); the later "
               "blocks are the localiser's own, trained at --encoder-lr, beside the classifier's (default: all shared)")

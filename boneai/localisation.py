@@ -177,33 +177,36 @@ class FractureLocaliser(nn.Module):
         """Copy a timm EfficientNet-Lite classifier's later blocks (after the shared ones) and head
         (``conv_head``, ``bn2``, ``classifier``); returns tensors copied."""
         names = {"conv_head": "image_head.0", "bn2": "image_head.1", "classifier": "image_head.3"}
-        own = {k: v for k, v in self.state_dict().items() if k.startswith(("image_head.", "classifier_blocks."))}
-        picked = {}
-        for key, value in state.items():
+
+        def target(key: str) -> str:
             prefix, _, rest = key.partition(".")
             if prefix == "blocks":
                 index, _, rest = rest.partition(".")
-                target = f"classifier_blocks.{int(index) - self.shared_blocks}.{rest}"
-            else:
-                target = f"{names.get(prefix)}.{rest}"
-            if target in own and own[target].shape == value.shape:
-                picked[target] = value.to(own[target].dtype)
-        missing = [k for k in own if k not in picked and not k.endswith("num_batches_tracked")]
-        if missing:
-            raise ValueError(f"classifier head weights missing for {missing[:3]}")
-        self.load_state_dict(picked, strict=False)
-        return len(picked)
+                return f"classifier_blocks.{int(index) - self.shared_blocks}.{rest}"
+            return f"{names.get(prefix)}.{rest}"
+
+        return _copy_tensors(self, state, target, ("image_head.", "classifier_blocks."), "classifier head")
 
     def load_encoder(self, state: dict[str, torch.Tensor]) -> int:
         """Copy a timm EfficientNet-Lite classifier's backbone into the encoder; returns tensors copied."""
-        encoder = self.net.encoder.model
-        own = encoder.state_dict()
-        picked = {k: v.to(own[k].dtype) for k, v in state.items() if k in own and own[k].shape == v.shape}
-        missing = [k for k in own if k not in picked and not k.endswith("num_batches_tracked")]
-        if missing:
-            raise ValueError(f"encoder weights missing for {missing[:3]}")
-        encoder.load_state_dict(picked, strict=False)
-        return len(picked)
+        return _copy_tensors(self.net.encoder.model, state, lambda k: k, ("",), "encoder")
+
+
+def _copy_tensors(module: nn.Module, state: Mapping[str, torch.Tensor], rename, prefixes: tuple[str, ...],
+                  what: str) -> int:
+    """Load into ``module`` every tensor of ``state`` whose renamed key (``rename``) it has with the same
+    shape; refuse when one of its tensors under ``prefixes`` would stay unfilled. Returns tensors copied."""
+    own = {k: v for k, v in module.state_dict().items() if k.startswith(prefixes)}
+    picked = {}
+    for key, value in state.items():
+        target = rename(key)
+        if target in own and own[target].shape == value.shape:
+            picked[target] = value.to(own[target].dtype)
+    missing = [k for k in own if k not in picked and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(f"{what} weights missing for {missing[:3]}")
+    module.load_state_dict(picked, strict=False)
+    return len(picked)
 
 
 def boxes_from_map(prob_map: np.ndarray, threshold: float, scale: float = 1.0, max_boxes: int = 10,
@@ -563,8 +566,7 @@ def train_localiser(cfg: LocaliserConfig, command: str | None = None) -> dict[st
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         _save(model if best_state is None else None, best_state, out)
-    if not cfg.epochs:  # --epochs 0 with --continue-from: the starting network, e.g. joined to a classifier branch
-        _save(model if best_state is None else None, best_state, out)
+    _save(model if best_state is None else None, best_state, out)  # the kept network, also when no epoch ran
     card = {
         "name": out.name, "task": "fracture", "kind": "localiser", "architecture": "fpn_efficientnet_lite0",
         "description": ("FPN (segmentation-models-pytorch) on an EfficientNet-Lite0 encoder whose stem and first "
