@@ -3,7 +3,7 @@
     .venv/bin/python bench/concurrent_reviewers.py [--reviewers 4] [--rounds 1] \
         [--out bench/results/concurrent_reviewers.json]
 
-One app server (``streamlit run app.py``, the default fracture model, heatmaps on as by default) and
+One app server (``streamlit run app.py``, the default fracture model, its evidence on as by default) and
 headless Chromium with one browser context per reviewer (own cookies, own Streamlit session). Each
 reviewer opens Study review, switches to *Upload files* and waits; a barrier then releases all of
 them at once. Each uploads a view never seen before (a shipped radiograph re-encoded with one pixel
@@ -12,10 +12,11 @@ changed, so no cache helps), and the clock (common start: the barrier) stops
 * ``to_probability_s``: when that reviewer's page shows the view's probability;
 * ``to_saved_s``: when, after choosing *Agree* and *Save to review log* as soon as the probability
   is shown, the page confirms the save;
-* ``to_heatmap_s``: when the view's heatmap caption is drawn (heatmaps may follow the probabilities).
+* ``to_evidence_s``: when the view's evidence is drawn with its caption: a classifier's heatmap, or a
+  localiser's boxes (both may follow the probabilities).
 
 Before the first round one session opens the app and uploads a view, so the model is loaded and the
-heatmap code has run once, as on a server that has been up for a while. Target on 2 cores: the
+evidence code has run once, as on a server that has been up for a while. Target on 2 cores: the
 slowest reviewer saved within 6 s. The figures are wall clock: run it on an otherwise idle machine;
 the load average before and after is recorded with them.
 """
@@ -58,15 +59,16 @@ PROBABILITY_JS = """(name) => {
         .some(m => fresh(m) && m.innerText.startsWith('Probability') && /\\d\\.\\d{3}/.test(m.innerText));
 }"""
 
-#: True once the view uploaded as ``name`` has its heatmap caption and a loaded image.
-HEATMAP_JS = """(name) => {
+#: True once the view uploaded as ``name`` has its evidence caption (a heatmap's, or a localiser's boxes')
+#: and a loaded image.
+EVIDENCE_JS = """(name) => {
     const fresh = (el) => !el.closest('[data-stale="true"]');
     const text = [...document.querySelectorAll('[data-testid="stText"]')]
         .find(t => fresh(t) && t.innerText.startsWith('View ') && t.innerText.includes(name));
     const block = text && text.closest('[data-testid="stVerticalBlock"]');
     return !!block
         && [...block.querySelectorAll('[data-testid="stCaptionContainer"]')]
-            .some(c => fresh(c) && c.innerText.startsWith('Heatmap ('))
+            .some(c => fresh(c) && /^(Heatmap \(|\d+ box\(es\): |No box passes)/.test(c.innerText))
         && [...block.querySelectorAll('[data-testid="stImage"] img')]
             .some(i => fresh(i) && i.complete && i.naturalWidth > 0);
 }"""
@@ -110,10 +112,10 @@ async def review(page, uploader, path: Path, barrier: asyncio.Barrier, start: li
     clicked = time.perf_counter() - start[0]
     await page.get_by_text(re.compile(r"Saved to the review log as review #\d+")).wait_for()
     to_saved = time.perf_counter() - start[0]
-    await page.wait_for_function(HEATMAP_JS, arg=path.name, polling=50)
-    to_heatmap = time.perf_counter() - start[0]
+    await page.wait_for_function(EVIDENCE_JS, arg=path.name, polling=50)
+    to_evidence = time.perf_counter() - start[0]
     return {"to_probability_s": round(to_probability, 3), "save_clicked_s": round(clicked, 3),
-            "to_saved_s": round(to_saved, 3), "to_heatmap_s": round(to_heatmap, 3)}
+            "to_saved_s": round(to_saved, 3), "to_evidence_s": round(to_evidence, 3)}
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -131,11 +133,11 @@ async def run(args: argparse.Namespace) -> dict:
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             try:
-                # Warm-up: the model loaded and one upload through the heatmap code, as on a running server.
+                # Warm-up: the model loaded and one upload through the evidence code, as on a running server.
                 context, page, uploader = await open_upload_page(browser, url)
                 warm = unseen_view(tmp, 0, "warmup")
                 await uploader.set_input_files(str(warm))
-                await page.wait_for_function(HEATMAP_JS, arg=warm.name, polling=50)
+                await page.wait_for_function(EVIDENCE_JS, arg=warm.name, polling=50)
                 await context.close()
                 for r in range(args.rounds):
                     opened = await asyncio.gather(*(open_upload_page(browser, url) for _ in range(args.reviewers)))
@@ -145,7 +147,7 @@ async def run(args: argparse.Namespace) -> dict:
                                                    for (_, page, uploader), f in zip(opened, files)))
                     for i, t in enumerate(times, 1):
                         print(f"round {r + 1} reviewer {i}: probability {t['to_probability_s']:.2f} s, "
-                              f"saved {t['to_saved_s']:.2f} s, heatmap {t['to_heatmap_s']:.2f} s")
+                              f"saved {t['to_saved_s']:.2f} s, evidence {t['to_evidence_s']:.2f} s")
                     rounds.append(times)
                     for context, _, _ in opened:
                         await context.close()
@@ -169,7 +171,7 @@ async def run(args: argparse.Namespace) -> dict:
         "rounds": [{"reviewers": times,
                     "slowest_to_probability_s": max(t["to_probability_s"] for t in times),
                     "slowest_to_saved_s": max(t["to_saved_s"] for t in times),
-                    "slowest_to_heatmap_s": max(t["to_heatmap_s"] for t in times)} for times in rounds],
+                    "slowest_to_evidence_s": max(t["to_evidence_s"] for t in times)} for times in rounds],
         "slowest_to_saved_s": {"median": round(statistics.median(slowest), 3), "target": TARGET_SLOWEST_SAVED_S},
     }
 

@@ -229,6 +229,11 @@ class LocaliserConfig:
     classifier_input_size: typing.Optional[int] = option(
         None, "with --classifier-head: the classifier's input square (default: its card's); at a larger --image-size "
               "the shared features are resized to their size at that input before the classifier's branch")
+    tune_classifier_branch: bool = option(
+        False, "with --classifier-head: train only the classifier's own later blocks and head (batch-norm statistics "
+               "fixed) on the image labels, at this --image-size through the resize; the shared blocks and the "
+               "localiser's branch stay fixed, so the boxes do not change. Epochs are kept by validation image AUC, "
+               "and --lr is that branch's learning rate")
     seed: int = option(0, "random seed")
     max_minutes: typing.Optional[float] = option(None, "wall-clock budget; stops before an epoch that would overrun it")
     limit: typing.Optional[int] = option(None, "use only N training images (quick runs)")

@@ -157,10 +157,28 @@ class FractureLocaliser(nn.Module):
             return mask, label[:, 0]
         features, shared = self._encode(x)
         mask = self.net.segmentation_head(self.net.decoder(features))
-        if self.classifier_input_size and self.classifier_input_size != x.shape[-1]:
-            side = max(1, round(shared.shape[-1] * self.classifier_input_size / x.shape[-1]))
+        return mask, self._classify(shared, x.shape[-1])
+
+    def image_logit(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier branch's logit alone (stem, shared blocks, resize, its own blocks and head): what
+        ``forward`` gives as its second output, without the localiser's blocks and decoder."""
+        if not self.classifier_head:
+            raise ValueError("image_logit needs a network with the classifier's head")
+        enc = self.net.encoder.model
+        shared = enc.bn1(enc.conv_stem(x))
+        for block in list(enc.blocks)[:self.shared_blocks]:
+            shared = block(shared)
+        return self._classify(shared, x.shape[-1])
+
+    def _classify(self, shared: torch.Tensor, input_side: int) -> torch.Tensor:
+        if self.classifier_input_size and self.classifier_input_size != input_side:
+            side = max(1, round(shared.shape[-1] * self.classifier_input_size / input_side))
             shared = nn.functional.interpolate(shared, size=(side, side), mode="bilinear", align_corners=False)
-        return mask, self.image_head(self.classifier_blocks(shared))[:, 0]
+        return self.image_head(self.classifier_blocks(shared))[:, 0]
+
+    def classifier_branch(self) -> list[nn.Module]:
+        """The classifier's own later blocks and head (what ``--tune-classifier-branch`` trains)."""
+        return [self.classifier_blocks, self.image_head] if self.classifier_head else []
 
     def frozen_modules(self, n_blocks: int) -> list[nn.Module]:
         """The encoder's stem and first ``n_blocks`` blocks (for fine-tuning with them fixed). With the
@@ -491,7 +509,11 @@ def train_localiser(cfg: LocaliserConfig, command: str | None = None) -> dict[st
     train_examples, val_examples = load(train_df), load(val_df)
     print(f"loaded {len(train_examples)} training and {len(val_examples)} validation images "
           f"in {time.time() - t_start:.0f} s", flush=True)
-    positives = [i for i, ex in enumerate(train_examples) if ex.label == 1 and ex.mask.any()]
+    tune_branch = cfg.tune_classifier_branch
+    if tune_branch and not cfg.classifier_head:
+        raise ValueError("--tune-classifier-branch needs --classifier-head")
+    # The map losses need a fracture's boxes; the image label alone does not.
+    positives = [i for i, ex in enumerate(train_examples) if ex.label == 1 and (tune_branch or ex.mask.any())]
     negatives = [i for i, ex in enumerate(train_examples) if ex.label == 0]
 
     model = FractureLocaliser(variant=0, centre_head=cfg.centre_head, classifier_head=cfg.classifier_head,
@@ -505,6 +527,10 @@ def train_localiser(cfg: LocaliserConfig, command: str | None = None) -> dict[st
         model.load_state(read_weights(Path(cfg.continue_from) / "model.safetensors"))
     model = model.to(memory_format=torch.channels_last)  # about a third faster on CPU (bench: 4.9 -> 3.3 s/step)
     frozen = model.frozen_modules(cfg.freeze_blocks)
+    if tune_branch:  # only the classifier's branch learns; everything else (so the boxes) stays as it is
+        branch = {id(m) for m in model.classifier_branch()}
+        frozen = [m for m in model.children() if id(m) not in branch] + [
+            m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for module in frozen:
         module.requires_grad_(False)
     encoder_params = [p for p in model.net.encoder.parameters() if p.requires_grad]
@@ -522,7 +548,7 @@ def train_localiser(cfg: LocaliserConfig, command: str | None = None) -> dict[st
     if cfg.continue_from:  # the starting network is the first candidate
         maps, logits, centres = _predict_inputs(model.eval(), val_inputs)
         figures = _val_figures(maps, logits, val_examples, cfg.image_size, cfg.box_threshold, centres)
-        best = _epoch_score(figures)
+        best = _epoch_score(figures, tune_branch)
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append({"epoch": 0, **figures, "seconds": 0.0, "best": True})
         print(json.dumps(history[-1]), flush=True)
@@ -542,8 +568,12 @@ def train_localiser(cfg: LocaliserConfig, command: str | None = None) -> dict[st
         for b in range(0, len(order), cfg.batch_size):
             batch = [train_examples[i] for i in order[b:b + cfg.batch_size]]
             x, masks, labels, centre_targets = _batch(batch, cfg.image_size, rng, mean, std)
-            mask_logits, image_logits = model(x.contiguous(memory_format=torch.channels_last))
-            loss = _loss(mask_logits, image_logits, masks, labels, cfg.cls_weight, centre_targets)
+            x = x.contiguous(memory_format=torch.channels_last)
+            if tune_branch:
+                loss = nn.functional.binary_cross_entropy_with_logits(model.image_logit(x), labels)
+            else:
+                mask_logits, image_logits = model(x)
+                loss = _loss(mask_logits, image_logits, masks, labels, cfg.cls_weight, centre_targets)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -555,7 +585,7 @@ def train_localiser(cfg: LocaliserConfig, command: str | None = None) -> dict[st
         model.eval()
         maps, logits, centres = _predict_inputs(model, val_inputs)
         figures = _val_figures(maps, logits, val_examples, cfg.image_size, cfg.box_threshold, centres)
-        score = _epoch_score(figures)
+        score = _epoch_score(figures, tune_branch)
         record = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 4), **figures,
                   "seconds": round(time.time() - t0, 1)}
         if score > best:
@@ -572,12 +602,15 @@ def train_localiser(cfg: LocaliserConfig, command: str | None = None) -> dict[st
         "description": ("FPN (segmentation-models-pytorch) on an EfficientNet-Lite0 encoder whose stem and first "
                         f"{model.shared_blocks} blocks are those of the {parent.name} classifier, beside that "
                         "classifier's own later blocks and head (one forward pass: the classifier's logit and the "
-                        "boxes); trained on the FracAtlas fracture boxes." if cfg.classifier_head else
+                        "boxes); trained on the FracAtlas fracture boxes"
+                        + ("; the classifier's branch then fine-tuned on the image labels at this input size."
+                           if tune_branch else ".") if cfg.classifier_head else
                         "FPN (segmentation-models-pytorch) on EfficientNet-Lite0 with an image-level head, "
                         "trained on the FracAtlas fracture boxes."),
         "input_size": cfg.image_size, "mean": mean, "std": std, "pipeline": pipeline,
         "map_stride": MAP_STRIDE, "centre_head": cfg.centre_head, "classifier_head": cfg.classifier_head,
         "shared_blocks": model.shared_blocks, "classifier_input_size": model.classifier_input_size,
+        "classifier_branch_tuned": bool(cfg.classifier_head and (tune_branch or _branch_tuned(cfg.continue_from))),
         "weights_file": WEIGHTS_FILE, "weights_dtype": "float16",
         "encoder_from": str(parent), "encoder_tensors_copied": copied,
         "training": {"command": command,
@@ -589,6 +622,12 @@ def train_localiser(cfg: LocaliserConfig, command: str | None = None) -> dict[st
     }
     (out / "card.json").write_text(json.dumps(card, indent=2))
     return card
+
+
+def _branch_tuned(run_dir: str | Path | None) -> bool:
+    """Whether a run's classifier branch was fine-tuned (by it or a run it continued): it is not the classifier's."""
+    path = Path(run_dir) / "card.json" if run_dir else None
+    return bool(path and path.is_file() and json.loads(path.read_text()).get("classifier_branch_tuned"))
 
 
 def previous_stages(run_dir: str | Path | None, _depth: int = 0) -> list[dict[str, Any]]:
@@ -607,8 +646,11 @@ def previous_stages(run_dir: str | Path | None, _depth: int = 0) -> list[dict[st
     return [*earlier, stage]
 
 
-def _epoch_score(figures: Mapping[str, Any]) -> float:
-    """An epoch's validation score: hit rate and FROC at 1 FP averaged, of the better way of drawing boxes."""
+def _epoch_score(figures: Mapping[str, Any], image_level: bool = False) -> float:
+    """An epoch's validation score: hit rate and FROC at 1 FP averaged, of the better way of drawing boxes;
+    with ``image_level`` (only the classifier's branch trains, the boxes cannot change) the image head's AUC."""
+    if image_level:
+        return float(figures["auc_head"])
     return max((f["hit_rate"] + f["froc"]["1"]) / 2 for f in (figures, figures.get("centres") or figures))
 
 

@@ -150,9 +150,13 @@ def test_operating_points_and_custom_threshold_change_the_decisions(fracture_pre
     _no_exception(at)
 
 
-def test_heatmaps_toggle_method_and_hot_spot(fracture_predictor) -> None:
+def test_heatmaps_toggle_method_and_hot_spot() -> None:
+    """A classifier chosen in the sidebar (here ``fracture``): Grad-CAM-family heatmaps, their method and hot spot."""
     explain = pytest.importorskip("boneai.explain")
-    at = _app()
+    fracture_predictor = inference.load_model("fracture")  # the weights/fracture folder, not the task's default
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
+    at.session_state["chosen_model_fracture"] = "fracture"
+    at.run()
     at.selectbox(key="review_sample_fracture").set_value("Single view IMG0000019.jpg, hand").run()
     assert at.toggle(key="review_heatmaps").value is True
     default = explain.DEFAULT_CAM_METHOD

@@ -69,12 +69,15 @@ def test_upload_review_and_find_it_in_the_log(tmp_path: Path) -> None:
             page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(str(SAMPLE))
             page.get_by_text(f"View 1: {SAMPLE.name}").wait_for(timeout=120_000)
 
-            # The probability shown is the predictor's, and a heatmap image is drawn.
+            # The probability shown is the predictor's, and its evidence is drawn: a localiser's boxes
+            # (or the note that none passes), a classifier's heatmap.
             metric = page.locator('[data-testid="stMetric"]').filter(has_text="Probability").first
             metric.wait_for(timeout=60_000)
             assert metric.locator('[data-testid="stMetricValue"]').inner_text().strip() == f"{expected:.3f}"
-            page.get_by_text(re.compile(r"^Heatmap \(\w+\), hottest point")).wait_for(timeout=120_000)
-            # The overlay replaces the plain radiograph once the heatmap is ready: wait for it to load.
+            evidence = (r"^(\d+ box\(es\): |No box passes the sensitive box operating point)"
+                        if card.get("kind") == "localiser" else r"^Heatmap \(\w+\), hottest point")
+            page.get_by_text(re.compile(evidence)).first.wait_for(timeout=120_000)
+            # The overlay replaces the plain radiograph once it is ready: wait for it to load.
             page.wait_for_function(
                 "() => { const img = document.querySelector('[data-testid=\"stMain\"] [data-testid=\"stImage\"] img');"
                 " return !!img && img.complete && img.naturalWidth > 100; }", timeout=60_000)

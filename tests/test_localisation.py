@@ -541,8 +541,9 @@ def test_a_saved_classifier_head_localiser_loads_from_its_card_and_predicts_the_
 
 
 def test_the_shipped_localiser_holds_the_shipped_classifier_s_shared_blocks_and_branch():
-    """The shipped localiser's image logit is the `fracture` classifier's branch: if that classifier is
-    retrained, the localiser must be rebuilt (``train-localiser --classifier-head``), or this fails."""
+    """The shipped localiser's image logit is the `fracture` classifier's branch (its shared blocks, and the
+    branch itself unless it was fine-tuned): if that classifier is retrained, the localiser must be rebuilt
+    (``train-localiser --classifier-head``), or this fails."""
     from boneai.card import ModelCard
     from boneai.inference import WEIGHTS_DIR
     from boneai.predictor import read_weights
@@ -558,6 +559,8 @@ def test_the_shipped_localiser_holds_the_shipped_classifier_s_shared_blocks_and_
         prefix, _, rest = key.partition(".")
         if prefix in ("conv_stem", "bn1") or (prefix == "blocks" and int(rest.split(".")[0]) < shared):
             mine = ours[f"net.encoder.model.{key}"]
+        elif card.classifier_branch_tuned:
+            continue
         elif prefix == "blocks":
             index, _, tail = rest.partition(".")
             mine = ours[f"classifier_blocks.{int(index) - shared}.{tail}"]
@@ -566,4 +569,58 @@ def test_the_shipped_localiser_holds_the_shipped_classifier_s_shared_blocks_and_
                         + "." + rest]
         torch.testing.assert_close(mine.float(), value.float(), rtol=0, atol=0)
         compared += 1
-    assert compared == len(theirs)
+    assert compared == len(theirs) or (card.classifier_branch_tuned and compared > 0)
+
+
+@pytest.mark.parametrize("input_size", [None, 96])
+def test_image_logit_is_the_forward_pass_s_image_output(input_size):
+    _, state = _classifier_state()
+    model = FractureLocaliser(centre_head=True, classifier_head=True, shared_blocks=3,
+                              classifier_input_size=input_size).eval()
+    model.load_encoder(state)
+    model.load_classifier_head(state)
+    x = torch.randn(2, 3, 128, 128)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.image_logit(x), model(x)[1])
+    with pytest.raises(ValueError, match="classifier's head"):
+        FractureLocaliser().image_logit(x)
+
+
+def test_tuning_the_classifier_branch_changes_only_that_branch_and_keeps_the_boxes(tmp_path, samples_dir, monkeypatch):
+    """``--tune-classifier-branch``: the branch's weights learn on the image labels; the shared trunk, the
+    localiser's blocks, decoder and heads and every batch-norm statistic stay as they were."""
+    from boneai import localisation as loc
+    from boneai.config import LocaliserConfig
+    from boneai.predictor import read_weights
+
+    data = _mini_fracatlas(tmp_path / "fa", samples_dir)
+    frame = pd.read_csv(data / "dataset.csv")
+    split = np.where(np.arange(len(frame)) % 2 == 0, "train", "val")
+    pd.DataFrame({"image_id": frame["image_id"], "group": range(len(frame)), "split": split}).to_csv(
+        tmp_path / "split.csv", index=False)
+    common = dict(data=str(data), split=str(tmp_path / "split.csv"), init_from="weights/fracture", image_size=128,
+                  centre_head=True, classifier_head=True, shared_blocks=3, classifier_input_size=96, batch_size=4,
+                  threads=1)
+    loc.train_localiser(LocaliserConfig(out=str(tmp_path / "start"), epochs=0, **common))
+    scores = iter(range(100))  # every epoch beats the one before, so the tuned epoch is the one kept
+    monkeypatch.setattr(loc, "_epoch_score", lambda figures, image_level=False: next(scores))
+    with pytest.raises(ValueError, match="--classifier-head"):
+        loc.train_localiser(LocaliserConfig(out=str(tmp_path / "bad"), epochs=1, tune_classifier_branch=True,
+                                            **{**common, "classifier_head": False}))
+    card = loc.train_localiser(LocaliserConfig(out=str(tmp_path / "tuned"), epochs=1, lr=1e-2,
+                                               tune_classifier_branch=True, continue_from=str(tmp_path / "start"),
+                                               negatives_per_positive=2.0, **common))
+    before = read_weights(tmp_path / "start" / "model.safetensors")
+    after = read_weights(tmp_path / "tuned" / "model.safetensors")
+    branch = ("classifier_blocks.", "image_head.")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(branch) for k in changed)
+    shape = FractureLocaliser(centre_head=True, classifier_head=True, shared_blocks=3)
+    norms = {f"{name}.{part}" for name, m in shape.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+             for part in ("weight", "bias", "running_mean", "running_var")}
+    assert any(k.startswith(branch) for k in norms) and not changed & norms
+    epochs = card["training"]["history"]
+    assert [h["epoch"] for h in epochs] == [0, 1] and epochs[1].get("best")
+    for key in ("hit_rate", "froc", "centres", "auc_map_peak"):  # the boxes are the starting network's
+        assert epochs[1][key] == epochs[0][key]
+    assert "fine-tuned on the image labels" in card["description"]

@@ -245,7 +245,7 @@ def test_study_review_greys_an_out_of_scope_upload_with_its_reason_and_show_anyw
         sys.path.insert(0, str(REPO))
     from streamlit.testing.v1 import AppTest
 
-    from boneai.inference import load_model
+    from boneai.inference import default_model_name, load_model
     from boneai.store import ReviewStore
 
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=300).run()
@@ -260,7 +260,7 @@ def test_study_review_greys_an_out_of_scope_upload_with_its_reason_and_show_anyw
 
     errors = [e.value for e in at.error]  # markdown-escaped, as every shown text
     assert len(errors) == 1 and plain("Out of scope: colour image") in errors[0] and "No finding" in errors[0]
-    p_hand = load_model("fracture").predict(_read(hand)).probability
+    p_hand = load_model(default_model_name("fracture")).predict(_read(hand)).probability  # the page's model
     probabilities = [m.value for m in at.main.metric if m.label == "Probability"]
     assert probabilities == [f"{p_hand:.3f}"]  # the photo has no probability
     assert [m.value for m in at.main.metric if m.label == "Study probability"] == [f"{p_hand:.3f}"]

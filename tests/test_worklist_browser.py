@@ -39,7 +39,7 @@ def test_worklist_opens_an_archive_study_and_the_review_goes_back_to_the_archive
         newest = client.search_studies()[0]  # the two-view sample study has the latest date
         views = [ds for ds in samples if ds.StudyInstanceUID == newest.study_uid]
         assert len(views) == 2
-        predictor = inference.load_model("fracture")
+        predictor = inference.load_model(inference.default_model_name("fracture"))  # the page's model
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             images = []
