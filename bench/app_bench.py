@@ -1,15 +1,15 @@
-"""App figures in a real browser: start to first page, and a 4-view study from upload to its numbers and heatmaps.
+"""App figures in a real browser: start to first page, and a 4-view study from upload to its numbers and evidence.
 
     .venv/bin/python bench/app_bench.py [--repeats 5] [--starts 3] [--out bench/results/app_bench.json]
 
 1. *Start to first page*: ``streamlit run app.py`` is started cold; the clock stops when the Study
    review page shows the bundled sample study's probabilities (model loaded, prediction made,
-   heatmaps drawn). Median over ``--starts`` cold starts. Target <= 10 s.
-2. *4-view study*: in the warm app, four radiographs are uploaded through the file input, heatmaps on
+   evidence drawn). Median over ``--starts`` cold starts. Target <= 10 s.
+2. *4-view study*: in the warm app, four radiographs are uploaded through the file input, evidence on
    (the default); one clock stops when the last of the four views shows its probability (target
-   <= 3 s on 2 cores), another when all four heatmap images are drawn (they may follow the
-   probabilities: no target). Every repeat uploads files never seen before (re-encoded with a
-   one-pixel change), so no cache helps. Median over ``--repeats``.
+   <= 3 s on 2 cores), another when all four views' evidence is drawn with its caption (a
+   localiser's boxes, or a classifier's heatmap; it may follow the probabilities: no target). Every
+   repeat uploads files never seen before (re-encoded with a one-pixel change), so no cache helps. Median over ``--repeats``.
 
 Uses headless Debian Chromium (``make browser-deps``) and the models in the weights folder
 (``BONEAI_WEIGHTS_DIR`` or weights/). Run it on an otherwise idle machine: the figures are wall clock.
@@ -54,20 +54,24 @@ def unseen_copies(folder: Path, repeat: int) -> list[Path]:
     return out
 
 
+#: The caption under a view's evidence: a classifier's heatmap, or a localiser's boxes (or none passing).
+EVIDENCE_CAPTION = r"^(Heatmap \(|\d+ box\(es\): |No box passes)"
+
+
 def wait_first_page(page, url: str, timeout_ms: int = 180_000) -> None:
     page.goto(url)
-    page.get_by_text(re.compile(r"^Heatmap \(")).first.wait_for(timeout=timeout_ms)
+    page.get_by_text(re.compile(EVIDENCE_CAPTION)).first.wait_for(timeout=timeout_ms)
     page.locator('[data-testid="stMetric"]').filter(has_text="Study probability").first.wait_for(timeout=timeout_ms)
 
 
 #: True once the page shows the four views of the upload whose names start with ``prefix`` and, for
-#: each, a loaded image and its heatmap caption, none of them left over from the previous run.
+#: each, a loaded image and its evidence caption, none of them left over from the previous run.
 STUDY_DRAWN_JS = """(prefix) => {
     const fresh = (el) => !el.closest('[data-stale="true"]');
     const names = [...document.querySelectorAll('[data-testid="stText"]')]
         .filter(t => fresh(t) && t.innerText.startsWith('View ') && t.innerText.includes(prefix));
     const captions = [...document.querySelectorAll('[data-testid="stCaptionContainer"]')]
-        .filter(c => fresh(c) && c.innerText.startsWith('Heatmap ('));
+        .filter(c => fresh(c) && /^(Heatmap \(|\d+ box\(es\): |No box passes)/.test(c.innerText));
     const images = [...document.querySelectorAll('[data-testid="stMain"] [data-testid="stImage"] img')]
         .filter(i => fresh(i) && i.complete && i.naturalWidth > 0);
     return names.length === 4 && captions.length === 4 && images.length === 4;
@@ -135,7 +139,7 @@ def main() -> int:
                                 study_s.append(elapsed)
                                 probability_s.append(to_probability)
                             print(f"4-view study {'(warm-up) ' if r == 0 else ''}upload to last probability: "
-                                  f"{to_probability:.2f} s, to all heatmaps: {elapsed:.2f} s")
+                                  f"{to_probability:.2f} s, to all evidence: {elapsed:.2f} s")
                     page.close()
         finally:
             browser.close()
@@ -151,10 +155,10 @@ def main() -> int:
         "torch_threads_in_app": "BONEAI_TORCH_THREADS or min(4, cpus // 2)",
         "study_upload_to_last_probability_s": {"median": round(statistics.median(probability_s), 3),
                                                "runs": [round(x, 3) for x in probability_s], "views": len(VIEWS),
-                                               "heatmaps": "on", "target": TARGET_STUDY_S},
-        "study_upload_to_all_heatmaps_s": {"median": round(statistics.median(study_s), 3),
+                                               "evidence": "on", "target": TARGET_STUDY_S},
+        "study_upload_to_all_evidence_s": {"median": round(statistics.median(study_s), 3),
                                            "runs": [round(x, 3) for x in study_s], "views": len(VIEWS),
-                                           "target": None, "note": "heatmaps may follow the probabilities"},
+                                           "target": None, "note": "boxes or heatmaps may follow the probabilities"},
         "app_start_to_first_page_s": {"median": round(statistics.median(start_s), 3),
                                       "runs": [round(x, 3) for x in start_s],
                                       "server_healthy_median": round(statistics.median(healthy_s), 3),

@@ -70,7 +70,8 @@ def main() -> int:
         try:
             page = browser.new_page(viewport={"width": WIDTH, "height": 1000})
             page.goto(url)
-            page.get_by_text(re.compile(r"^Heatmap \(")).first.wait_for(timeout=300_000)
+            # the default model's evidence: a localiser's boxes, or a classifier's heatmap
+            page.get_by_text(re.compile(r"^(Heatmap \(|\d+ box\(es\): |No box passes)")).first.wait_for(timeout=300_000)
             form = page.locator('[data-testid="stForm"]')
             form.get_by_text("Agree", exact=True).click()
             form.locator("textarea").fill("Cortical break at the distal radius on both views.")
@@ -91,14 +92,14 @@ def main() -> int:
             shoot(page, out / "performance.png")
 
             page.goto(url + "/training")
-            page.get_by_role("heading", name="Training").wait_for(timeout=60_000)
+            page.get_by_role("heading", name="Training", exact=True).wait_for(timeout=60_000)
             if not args.no_job:
                 page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
             shoot(page, out / "training.png")
 
             page.goto(url + "/review_log")
             page.get_by_text("Reviews shown").wait_for(timeout=60_000)
-            page.locator('[data-testid="stDataFrame"]').wait_for(timeout=60_000)
+            page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=60_000)
             shoot(page, out / "review_log.png")
         finally:
             browser.close()
