@@ -6,7 +6,9 @@ Scope (is the view a musculoskeletal radiograph of a trained region?):
     are flagged out of scope;
   * the original package files end to end (DICOM header included), e.g. pydicom's CT/MR test files;
   * FracAtlas test split (never fitted on, never used for a choice): how many are wrongly flagged;
-  * the 40 full-resolution RSNA hands (other hospitals): in scope by definition, how many flagged.
+  * the 40 full-resolution RSNA hands (other hospitals): in scope by definition, how many flagged;
+  * in-scope radiographs as other sites export them (``boneai.site_sim``): the FracAtlas test split with
+    a drawn look per image, and the validation split through the simulated site's harsh chain.
 Familiarity (how like the fracture model's training images?):
   * AUC of separating FracAtlas validation images from the 40 full-resolution RSNA hands;
   * how many FracAtlas test (and validation) images are called unfamiliar;
@@ -46,8 +48,13 @@ from boneai.scope_train import (  # noqa: E402
     Item,
     fit_familiarity,
     negative_items,
+    other_chain_items,
     radiograph_items,
 )
+from boneai.site_sim import HARSH  # noqa: E402
+
+#: First seed of the measured test images' looks (train-scope --other-chain draws from 100,000 on).
+MEASURED_LOOK_SEED = 200_000
 
 
 def _share(flags: np.ndarray) -> dict:
@@ -99,7 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     full_dir = Path(args.full_resolution or Path(args.boneage) / "full_resolution") / "images"
     full = [Item(f"rsnafull:{p.name}", "radiograph", "rsna:full_resolution", (lambda p=p: _read(str(p))), True, str(p))
             for p in sorted(full_dir.glob("*.png"))]
-    items = rad + neg + full
+    # In-scope radiographs as other sites export them (boneai.site_sim), never fitted on: the test split,
+    # each image with its own drawn look (seeds apart from train-scope --other-chain's), and the validation
+    # split through the simulated site's fixed harsh chain (bench/site_adapt.py).
+    other = (other_chain_items(args.data, args.split, "test", None, MEASURED_LOOK_SEED, "fracatlas:test_other_chain",
+                               held_out=True)
+             + other_chain_items(args.data, args.split, "val", None, 0, "fracatlas:val_harsh_site", held_out=True,
+                                 look=HARSH))
+    items = rad + neg + full + other
     store = FeatureCache(args.cache, model.card["feature_model"]["sha256"])
     pooled, colour = store.features(items, model.extractor, log=lambda m: print(m, file=sys.stderr))
     src = np.array([it.source for it in items])
@@ -127,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                                              for it, r, f in zip(items, results, flagged)
                                              if f and it.source == "fracatlas:test"]
     scope["rsna_full_resolution_flagged"] = _share(flagged[src == "rsna:full_resolution"])
+    scope["fracatlas_test_other_chains_wrongly_flagged"] = _share(flagged[src == "fracatlas:test_other_chain"])
+    scope["fracatlas_val_harsh_site_chain_wrongly_flagged"] = _share(flagged[src == "fracatlas:val_harsh_site"])
     scope["rsna_100px_fitted_flagged_in_sample"] = _share(flagged[src == "rsna:train"])
     scope["targets"] = {"out_of_scope_flagged_min": 0.95, "fracatlas_test_flagged_max": 0.01}
     scope["end_to_end_pydicom_test_files"] = pydicom_files_end_to_end(model)
@@ -176,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"held_out_negatives_flagged": scope["held_out_negatives"]["share"],
                "fracatlas_test_wrongly_flagged": scope["fracatlas_test_wrongly_flagged"]["share"],
                "rsna_full_resolution_flagged": scope["rsna_full_resolution_flagged"]["share"],
+               "test_other_chains_flagged": scope["fracatlas_test_other_chains_wrongly_flagged"]["share"],
+               "val_harsh_site_flagged": scope["fracatlas_val_harsh_site_chain_wrongly_flagged"]["share"],
                "familiarity_auc": familiarity["auc_val_vs_rsna_full_resolution"],
                "fracatlas_test_unfamiliar": familiarity["fracatlas_test_unfamiliar"]}
     print(json.dumps(summary, indent=2))

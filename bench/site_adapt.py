@@ -50,12 +50,7 @@ from boneai.site import (  # noqa: E402
     site_features,  # noqa: E402
     site_tail_inputs,
 )
-from boneai.site_sim import SiteLook, write_site  # noqa: E402
-
-#: The simulated site's look, fixed before any adaptation was run (a harsh chain: parent AUC on
-#: it ~0.66, where the issue's real other-source set gives 0.57).
-HARSH = SiteLook(long_side=136, gamma=0.5, window=(50, 210), sharpen=1.8, noise_sigma=11.0, jpeg_quality=40,
-                 collimation=0.15)
+from boneai.site_sim import HARSH, SiteLook, write_site  # noqa: E402
 
 
 def build_site(data: str, split: str, out: Path, n_neg: int, look: SiteLook, seed: int) -> pd.DataFrame:

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", default="weights/scope")
     sc.add_argument("--feature-model", default="fracture", help="model whose pooled features are used")
     sc.add_argument("--cache", default="runs/scope/features.npz", help="feature cache (reruns skip done images)")
+    sc.add_argument("--other-chain", type=int, default=0,
+                    help="also fit N training radiographs re-imaged with other sites' chains (lower resolution, "
+                         "contrast curve, shutters, noise, JPEG) as in scope")
 
     tl = sub.add_parser("train-localiser", help="train the fracture localiser (boxes + image logit) on a split file")
     add_config_arguments(tl, LocaliserConfig)
@@ -197,7 +200,8 @@ def _cmd_train_scope(args: argparse.Namespace) -> int:
     from boneai.train import command_line
 
     card = train_scope(args.data, args.split, args.out, boneage=args.boneage, feature_model=args.feature_model,
-                       cache=args.cache, command=command_line(), log=lambda m: print(m, file=sys.stderr))
+                       cache=args.cache, command=command_line(), n_other_chain=args.other_chain,
+                       log=lambda m: print(m, file=sys.stderr))
     print(json.dumps({"out": args.out, "radiograph_threshold": card["classifier"]["radiograph_threshold"],
                       "validation_flagged": card["classifier"]["validation_flagged"]}))
     return 0

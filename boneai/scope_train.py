@@ -50,13 +50,18 @@ from boneai.scope import (
     file_sha256,
 )
 
-__all__ = ["CLASSES", "REASONS", "HELD_OUT", "Item", "negative_items", "radiograph_items", "FeatureCache",
-           "fit_scope", "train_scope"]
+__all__ = ["CLASSES", "REASONS", "HELD_OUT", "Item", "negative_items", "radiograph_items", "other_chain_items",
+           "FeatureCache", "fit_scope", "train_scope"]
 
 CLASSES = ("radiograph", "photograph", "screenshot_document", "slice")
 #: "looks like <reason>, not a musculoskeletal radiograph"
 REASONS = {"photograph": "a photograph", "screenshot_document": "a screenshot, a document or a graphic",
            "slice": "a CT, MR, ultrasound or nuclear-medicine image"}
+#: Source of the training radiographs re-imaged with other sites' chains, and the first seed of their looks
+#: (the benchmark's measured looks start elsewhere: ``bench/scope_familiarity.py``).
+OTHER_CHAIN_SOURCE = "fracatlas:train_other_chain"
+OTHER_CHAIN_SEED = 100_000
+
 #: Negative sources never fitted on: they measure how many out-of-scope images are flagged.
 HELD_OUT = frozenset({
     "skimage:coffee", "skimage:rocket", "skimage:camera", "skimage:coins", "skimage:retina",
@@ -459,6 +464,32 @@ def radiograph_items(fracatlas: str | Path | None, split: str | Path | None, bon
     return items
 
 
+def other_chain_items(fracatlas: str | Path, split: str | Path, part: str, n: int | None, seed: int,
+                      source: str, held_out: bool, look=None) -> list[Item]:
+    """FracAtlas images of one split ``part`` as another site's imaging chain would export them
+    (``boneai.site_sim``: lower resolution, another contrast curve, sharpening, collimator shutters, a
+    side marker, noise, JPEG). Each image gets its own look, ``SiteLook.draw(seed + k)``, unless
+    ``look`` fixes one for all. ``n`` of them (all when None), drawn with ``seed``. Radiographs still:
+    in scope, whatever the chain."""
+    from boneai.data import read_fracatlas, read_split_file
+    from boneai.site_sim import SiteLook, degrade
+
+    df = read_fracatlas(fracatlas).merge(read_split_file(split)[["image_id", "split"]], on="image_id")
+    df = df[df["split"] == part].reset_index(drop=True)
+    if n is not None and n < len(df):
+        df = df.iloc[np.sort(np.random.default_rng(seed).choice(len(df), size=n, replace=False))]
+    items = []
+    for k, (path, image_id) in enumerate(zip(df["path"], df["image_id"])):
+        site = look if look is not None else SiteLook.draw(seed + k)
+        tag = "fixed" if look is not None else str(seed + k)
+
+        def make(p=path, site=site, s=seed + k) -> Radiograph:
+            return _pix(degrade(_read_quiet(p).pixels, site, np.random.default_rng(s)), "JPEG")
+
+        items.append(Item(f"otherchain:{part}:{tag}:{image_id}", "radiograph", source, make, held_out))
+    return items
+
+
 # -- features ---------------------------------------------------------------------------------------------
 class FeatureCache:
     """Pooled and colour features by item id, kept in an ``.npz`` (valid for one feature model's weights)."""
@@ -613,7 +644,7 @@ def fit_scope(pooled: np.ndarray, colour: np.ndarray, labels: np.ndarray, fit_ma
 def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, boneage: str | Path | None = None,
                 feature_model: str | Path = "fracture", cache: str | Path | None = "runs/scope/features.npz",
                 n_boneage: int = 300, n_variants: int = 24, n_synthetic: int = 160, c: float | None = None,
-                components: int | None = None, seed: int = 0, command: str = "",
+                components: int | None = None, seed: int = 0, command: str = "", n_other_chain: int = 0,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fit and write the scope model (``scope_card.json`` + ``scope.safetensors``) to ``out``."""
     import torch
@@ -628,6 +659,9 @@ def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, bonea
     sha = file_sha256(fm_weights)
     extractor = FeatureExtractor(fm_dir)
     rad = radiograph_items(fracatlas, split, boneage, n_boneage, seed)
+    if n_other_chain:  # radiographs as other sites export them: in scope too (not in the familiarity fit)
+        rad += other_chain_items(fracatlas, split, "train", n_other_chain, OTHER_CHAIN_SEED + seed,
+                                 OTHER_CHAIN_SOURCE, held_out=False)
     panels = [it.path for it in rad if it.source == "fracatlas:train"][::50]
     neg = negative_items(n_variants, n_synthetic, seed, panels)
     items = rad + neg
@@ -695,6 +729,9 @@ def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, bonea
                         "n_train": int((sources == "fracatlas:train").sum()), "n_val": int(val_mask.sum())},
         "data": {"fracatlas": str(fracatlas), "split": str(split), "boneage": None if boneage is None else str(boneage),
                  "n_boneage": n_boneage, "n_variants": n_variants, "n_synthetic": n_synthetic, "seed": seed,
+                 "n_other_chain": n_other_chain,
+                 "other_chain": "FracAtlas train images re-imaged with another site's chain each "
+                                "(boneai.site_sim.SiteLook.draw), fitted as radiographs" if n_other_chain else None,
                  "held_out_sources": sorted(HELD_OUT), "sources": counts,
                  "chest": "no chest radiograph is available offline: chest films are recognised by the DICOM "
                           "header only (BodyPartExamined CHEST)",

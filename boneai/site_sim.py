@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-__all__ = ["SiteLook", "degrade", "write_site"]
+__all__ = ["HARSH", "SiteLook", "degrade", "write_site"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,12 @@ class SiteLook:
                    window=(lo, int(r.integers(205, 240))), sharpen=float(r.uniform(0.8, 1.6)),
                    noise_sigma=float(r.uniform(5.0, 9.0)), jpeg_quality=int(r.integers(45, 70)),
                    collimation=float(r.uniform(0.08, 0.16)))
+
+
+#: The simulated site of ``bench/site_adapt.py``, fixed before any adaptation was run (a harsh chain:
+#: parent AUC on it ~0.66, where the issue's real other-source set gives 0.57).
+HARSH = SiteLook(long_side=136, gamma=0.5, window=(50, 210), sharpen=1.8, noise_sigma=11.0, jpeg_quality=40,
+                 collimation=0.15)
 
 
 def _grey(pixels: np.ndarray) -> np.ndarray:

@@ -206,6 +206,39 @@ def test_without_a_scope_model_the_rules_still_apply(tmp_path) -> None:
     assert res[1].in_scope and res[1].familiarity is None and res[1].unfamiliar is None
 
 
+def test_other_chain_items_are_radiographs_re_imaged_each_with_its_own_look(tmp_path) -> None:
+    """``train-scope --other-chain``: training radiographs as other sites export them, still in scope."""
+    import pandas as pd
+
+    from boneai.scope_train import other_chain_items
+    from boneai.site_sim import HARSH
+
+    root = tmp_path / "fa"
+    (root / "images" / "Fractured").mkdir(parents=True)
+    rows = []
+    for k, path in enumerate(FRACATLAS[:4]):
+        (root / "images" / "Fractured" / path.name).write_bytes(path.read_bytes())
+        rows.append({"image_id": path.name, "hand": 1, "fractured": 1})
+    pd.DataFrame(rows).to_csv(root / "dataset.csv", index=False)
+    split = tmp_path / "split.csv"
+    pd.DataFrame({"image_id": [r["image_id"] for r in rows], "group": range(4),
+                  "split": ["train", "train", "train", "test"]}).to_csv(split, index=False)
+
+    items = other_chain_items(root, split, "train", 2, 7, "fracatlas:train_other_chain", held_out=False)
+    assert len(items) == 2 and len({it.id for it in items}) == 2
+    assert all(it.cls == "radiograph" and it.source == "fracatlas:train_other_chain" and not it.held_out
+               for it in items)
+    again = other_chain_items(root, split, "train", 2, 7, "fracatlas:train_other_chain", held_out=False)
+    assert [it.id for it in again] == [it.id for it in items]
+    first = items[0].make()
+    np.testing.assert_array_equal(first.pixels, again[0].make().pixels)  # the same look and noise again
+    original = _read(root / "images" / "Fractured" / items[0].id.rsplit(":", 1)[1])
+    assert first.pixels.ndim == 2 and max(first.pixels.shape) < max(original.pixels.shape)  # a smaller export
+    assert items[0].id.split(":")[2] != items[1].id.split(":")[2]  # each image its own drawn look
+    fixed = other_chain_items(root, split, "test", None, 0, "x", held_out=True, look=HARSH)
+    assert len(fixed) == 1 and fixed[0].held_out and max(fixed[0].make().pixels.shape) <= 136 * 1.1 + 1
+
+
 # -- command line -----------------------------------------------------------------------------------------
 def test_predict_json_has_scope_fields_and_out_of_scope_rows_have_no_finding(tmp_path, scope_model) -> None:
     photo = tmp_path / "photo.png"
