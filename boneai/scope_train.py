@@ -481,7 +481,8 @@ def other_chain_items(fracatlas: str | Path, split: str | Path, part: str, n: in
     items = []
     for k, (path, image_id) in enumerate(zip(df["path"], df["image_id"])):
         site = look if look is not None else SiteLook.draw(seed + k)
-        tag = "fixed" if look is not None else str(seed + k)
+        tag = str(seed + k) if look is None else (  # the id names the look: feature caches key on it
+            hashlib.sha256(repr(look).encode()).hexdigest()[:10] + f"-{seed + k}")
 
         def make(p=path, site=site, s=seed + k) -> Radiograph:
             return _pix(degrade(_read_quiet(p).pixels, site, np.random.default_rng(s)), "JPEG")
