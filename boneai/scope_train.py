@@ -19,8 +19,12 @@ Data, all offline:
   by the DICOM header only (BodyPartExamined CHEST).
 * Whole sources are **held out** (:data:`HELD_OUT`) and never fitted on: they measure the flag rate.
 
-The familiarity statistics are fitted on the pooled features of the FracAtlas train split (what the
-fracture model trained on); the validation split's distances map a distance to a familiarity.
+The classifier reads the feature model's pooled features, or with ``--imagenet-features`` those of the
+ImageNet EfficientNet-Lite0 on the same preprocessing (the shipped model; ``docs/site_adaptation.md``).
+With ``--other-chain N``, N training radiographs re-imaged with other sites' chains are fitted as
+radiographs too. The familiarity statistics are always fitted on the feature model's pooled features of
+the FracAtlas train split (what the fracture model trained on); the validation split's distances map
+a distance to a familiarity.
 """
 
 from __future__ import annotations
