@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from boneai._json import json_default
-from boneai.config import LocaliserConfig, TrainConfig, add_config_arguments, config_argv, config_from_args
+from boneai.config import ADAPT_METHODS, LocaliserConfig, TrainConfig, add_config_arguments, config_argv, config_from_args
 from boneai.errors import BoneAIError
 
 __all__ = ["main", "build_parser"]
@@ -107,9 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--feature-models", default=None,
                     help="comma-separated models whose networks add probes (default: the other single-network "
                          "fracture classifiers in weights/; 'none' for the parent's only)")
-    ad.add_argument("--methods", default=None, help="comma-separated candidates (default: all): recalibrate, "
-                    "finetune_head, finetune_blocks, linear_probe, multi_probe, multi_probe_parent, bn_recalibrate, "
-                    "bn_linear_probe, bn_multi_probe_parent")
+    ad.add_argument("--methods", default=None,
+                    help="comma-separated candidates (default: all): " + ", ".join(ADAPT_METHODS))
     ad.add_argument("--folds", type=int, default=5)
     ad.add_argument("--seed", type=int, default=0)
     ad.add_argument("--cache", default=None, help="feature cache folder (reruns on the same files skip the networks)")

@@ -240,6 +240,10 @@ class LocaliserConfig:
     threads: int = option(0, "torch threads (0: torch's default)")
 
 
+#: Candidates of ``python -m boneai adapt`` (``boneai.site``), simplest first.
+ADAPT_METHODS = ("recalibrate", "finetune_head", "finetune_blocks", "linear_probe", "multi_probe", "multi_probe_parent",
+                 "bn_recalibrate", "bn_linear_probe", "bn_multi_probe_parent")
+
 #: Tasks of ``python -m boneai train``, and the architecture each trains when ``--model`` is not given.
 TRAIN_TASKS = ("fracture", "boneage", "anomaly")
 DEFAULT_ARCHITECTURES = {"fracture": "efficientnet_lite0", "boneage": "boneage_lite0", "anomaly": "cae"}

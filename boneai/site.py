@@ -57,6 +57,7 @@ from torch import nn
 from boneai import evaluate as ev
 from boneai._json import json_default
 from boneai.card import DEFAULT_OPERATING_POINT, WEIGHTS_FILE, ModelCard
+from boneai.config import ADAPT_METHODS
 from boneai.data import image_fingerprints, near_duplicate_groups, read_classification_dir
 from boneai.ensemble import EnsemblePredictor
 from boneai.errors import BoneAIError, DatasetError
@@ -83,8 +84,7 @@ __all__ = [
 ]
 
 #: Candidates, simplest first.
-METHODS = ("recalibrate", "finetune_head", "finetune_blocks", "linear_probe", "multi_probe", "multi_probe_parent",
-           "bn_recalibrate", "bn_linear_probe", "bn_multi_probe_parent")
+METHODS = ADAPT_METHODS  # defined beside the command-line options, which name them without importing torch
 #: Candidates whose networks' batch-norm statistics are first re-estimated on the site's images
 #: (``boneai.site_bn``, AdaBN); inside cross-validation on each training part's images only.
 BN_PREFIX = "bn_"
