@@ -48,6 +48,7 @@ from boneai.scope_train import (  # noqa: E402
     Item,
     fit_familiarity,
     negative_items,
+    network_feature_cache,
     other_chain_items,
     radiograph_items,
 )
@@ -118,11 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     pooled, colour = store.features(items, model.extractor, log=lambda m: print(m, file=sys.stderr))
     scope_pooled = None
     if model.scope_network:  # the classifier reads an ImageNet network's features (train-scope --imagenet-features)
-        weights_sha = model.card["classifier"]["features_weights_sha256"]
-        scope_cache = Path(args.cache).with_name(f"{Path(args.cache).stem}_{model.scope_network}.npz")
-        scope_pooled, _ = FeatureCache(scope_cache, f"{model.scope_network}:{weights_sha}:"
-                                                    f"{model.card['feature_model']['sha256']}").features(
-            items, model.scope_extractor, log=lambda m: print(m, file=sys.stderr))
+        store_net, _ = network_feature_cache(args.cache, model.scope_network, model.card["feature_model"]["sha256"])
+        scope_pooled, _ = store_net.features(items, model.scope_extractor, log=lambda m: print(m, file=sys.stderr))
     src = np.array([it.source for it in items])
     cls = np.array([it.cls for it in items])
     held = np.array([it.held_out for it in items])

@@ -217,9 +217,6 @@ class FeatureExtractor:
 
     def pooled(self, images: Sequence[Radiograph | np.ndarray], batch_size: int = 16) -> np.ndarray:
         """(N, C) pooled features of the images through the model's own preprocessing."""
-        return self._pooled(images, batch_size)
-
-    def _pooled(self, images: Sequence[Radiograph | np.ndarray], batch_size: int) -> np.ndarray:
         import torch
 
         from boneai.transforms import to_tensor
@@ -247,17 +244,17 @@ class ImageNetFeatureExtractor(FeatureExtractor):
     put such radiographs next to grey photographs (``docs/site_adaptation.md``).
     """
 
-    def __init__(self, model_dir: str | Path, network: str) -> None:
+    def __init__(self, preprocessing: FeatureExtractor, network: str) -> None:
+        """``preprocessing``: the feature model's extractor, already loaded; its predictor gives the input
+        image, mean and std (the feature model is not loaded a second time)."""
         from boneai.models import build_model
 
         if network not in SCOPE_NETWORKS:
             raise BoneAIError(f"Unknown scope network {network!r}; known: {', '.join(SCOPE_NETWORKS)}.")
-        super().__init__(model_dir)  # the preprocessing (and its mean and std) of the feature model
+        self.predictor = preprocessing.predictor
         self.network = network
         self.model = _fast_copy(build_model(SCOPE_NETWORKS[network][0], pretrained=True))
-
-    def pooled(self, images: Sequence[Radiograph | np.ndarray], batch_size: int = 16) -> np.ndarray:
-        return self._pooled(images, batch_size)
+        self._lock = threading.Lock()
 
 
 def classifier_input(pooled: np.ndarray, colour: np.ndarray) -> np.ndarray:
@@ -336,7 +333,7 @@ class ScopeModel:
         if self.scope_network is None:
             return self.extractor
         if self._scope_extractor is None:
-            self._scope_extractor = ImageNetFeatureExtractor(self.check_feature_model(), self.scope_network)
+            self._scope_extractor = ImageNetFeatureExtractor(self.extractor, self.scope_network)
         return self._scope_extractor
 
     def reads_features_of(self, predictor: Any) -> bool:

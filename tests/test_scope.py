@@ -166,7 +166,7 @@ def test_the_fracture_models_own_predictions_feed_the_scope_check_without_a_seco
     def no_second_pass(*args, **kwargs):
         raise AssertionError("the scope check ran the encoder again")
 
-    monkeypatch.setattr(type(scope_model.extractor), "pooled", no_second_pass)
+    monkeypatch.setattr(scope_model.extractor, "pooled", no_second_pass)  # the feature model's encoder only
     monkeypatch.setattr("boneai.scope.load_scope_model", lambda weights_dir=None: scope_model)
     shared = check_views(images, predictor=predictor, predictions=predictions)
     assert [r.in_scope for r in shared] == [r.in_scope for r in separate] == [True, True, True, False]
