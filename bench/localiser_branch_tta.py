@@ -34,13 +34,10 @@ from boneai.transforms import to_tensor  # noqa: E402
 
 
 def logits(model, x: torch.Tensor) -> dict[str, float]:
-    enc = model.net.encoder.model
     side = x.shape[-1]
     out = {}
     t0 = time.perf_counter()
-    shared = enc.bn1(enc.conv_stem(x))
-    for block in list(enc.blocks)[:model.shared_blocks]:
-        shared = block(shared)
+    shared = model.shared_features(x)
     single = model._classify(shared, side)
     t1 = time.perf_counter()
     feature_mirror = model._classify(shared.flip(-1), side)

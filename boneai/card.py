@@ -386,7 +386,6 @@ class ModelCard(_Part):
     classifier_head: bool = False  # the image logit is the classifier's own branch and head (shared trunk fixed)
     shared_blocks: int | None = None  # encoder blocks shared with that classifier (None: all)
     classifier_input_size: int | None = None  # that classifier's input square (shared features resized to it)
-    classifier_branch_tuned: bool = False  # that branch was fine-tuned here (train-localiser --tune-classifier-branch)
     box_source: str | None = None  # "regions" (of the fracture map; None too) or "centres" (heatmap peaks)
     box_operating_points: Mapping[str, OperatingPoint] = _key("box_operating_points", _part_map(OperatingPoint),
                                                               default_factory=lambda: _EMPTY)

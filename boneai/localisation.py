@@ -159,16 +159,20 @@ class FractureLocaliser(nn.Module):
         mask = self.net.segmentation_head(self.net.decoder(features))
         return mask, self._classify(shared, x.shape[-1])
 
+    def shared_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared trunk's output alone (stem and the ``shared_blocks`` first blocks)."""
+        enc = self.net.encoder.model
+        shared = enc.bn1(enc.conv_stem(x))
+        for block in list(enc.blocks)[:self.shared_blocks]:
+            shared = block(shared)
+        return shared
+
     def image_logit(self, x: torch.Tensor) -> torch.Tensor:
         """The classifier branch's logit alone (stem, shared blocks, resize, its own blocks and head): what
         ``forward`` gives as its second output, without the localiser's blocks and decoder."""
         if not self.classifier_head:
             raise ValueError("image_logit needs a network with the classifier's head")
-        enc = self.net.encoder.model
-        shared = enc.bn1(enc.conv_stem(x))
-        for block in list(enc.blocks)[:self.shared_blocks]:
-            shared = block(shared)
-        return self._classify(shared, x.shape[-1])
+        return self._classify(self.shared_features(x), x.shape[-1])
 
     def _classify(self, shared: torch.Tensor, input_side: int) -> torch.Tensor:
         if self.classifier_input_size and self.classifier_input_size != input_side:
@@ -610,7 +614,6 @@ def train_localiser(cfg: LocaliserConfig, command: str | None = None) -> dict[st
         "input_size": cfg.image_size, "mean": mean, "std": std, "pipeline": pipeline,
         "map_stride": MAP_STRIDE, "centre_head": cfg.centre_head, "classifier_head": cfg.classifier_head,
         "shared_blocks": model.shared_blocks, "classifier_input_size": model.classifier_input_size,
-        "classifier_branch_tuned": bool(cfg.classifier_head and (tune_branch or _branch_tuned(cfg.continue_from))),
         "weights_file": WEIGHTS_FILE, "weights_dtype": "float16",
         "encoder_from": str(parent), "encoder_tensors_copied": copied,
         "training": {"command": command,
@@ -622,12 +625,6 @@ def train_localiser(cfg: LocaliserConfig, command: str | None = None) -> dict[st
     }
     (out / "card.json").write_text(json.dumps(card, indent=2))
     return card
-
-
-def _branch_tuned(run_dir: str | Path | None) -> bool:
-    """Whether a run's classifier branch was fine-tuned (by it or a run it continued): it is not the classifier's."""
-    path = Path(run_dir) / "card.json" if run_dir else None
-    return bool(path and path.is_file() and json.loads(path.read_text()).get("classifier_branch_tuned"))
 
 
 def previous_stages(run_dir: str | Path | None, _depth: int = 0) -> list[dict[str, Any]]:

@@ -541,9 +541,8 @@ def test_a_saved_classifier_head_localiser_loads_from_its_card_and_predicts_the_
 
 
 def test_the_shipped_localiser_holds_the_shipped_classifier_s_shared_blocks_and_branch():
-    """The shipped localiser's image logit is the `fracture` classifier's branch (its shared blocks, and the
-    branch itself unless it was fine-tuned): if that classifier is retrained, the localiser must be rebuilt
-    (``train-localiser --classifier-head``), or this fails."""
+    """The shipped localiser's image logit is the `fracture` classifier's branch: if that classifier is
+    retrained, the localiser must be rebuilt (``train-localiser --classifier-head``), or this fails."""
     from boneai.card import ModelCard
     from boneai.inference import WEIGHTS_DIR
     from boneai.predictor import read_weights
@@ -559,8 +558,6 @@ def test_the_shipped_localiser_holds_the_shipped_classifier_s_shared_blocks_and_
         prefix, _, rest = key.partition(".")
         if prefix in ("conv_stem", "bn1") or (prefix == "blocks" and int(rest.split(".")[0]) < shared):
             mine = ours[f"net.encoder.model.{key}"]
-        elif card.classifier_branch_tuned:
-            continue
         elif prefix == "blocks":
             index, _, tail = rest.partition(".")
             mine = ours[f"classifier_blocks.{int(index) - shared}.{tail}"]
@@ -569,7 +566,7 @@ def test_the_shipped_localiser_holds_the_shipped_classifier_s_shared_blocks_and_
                         + "." + rest]
         torch.testing.assert_close(mine.float(), value.float(), rtol=0, atol=0)
         compared += 1
-    assert compared == len(theirs) or (card.classifier_branch_tuned and compared > 0)
+    assert compared == len(theirs)
 
 
 @pytest.mark.parametrize("input_size", [None, 96])
