@@ -14,6 +14,11 @@ Familiarity (how like the fracture model's training images?):
   * how many FracAtlas test (and validation) images are called unfamiliar;
   * the number of principal components, chosen on a development proxy that is not the measured set:
     FracAtlas validation vs 300 RSNA hands of the 100x100 copy (other images than the 40).
+Familiarity of a set of views (``boneai.scope.set_familiarity``): how often random sets of N views of
+one source are called unfamiliar. FracAtlas sets are drawn as whole near-duplicate groups of the split
+(a patient's views together), the other sources' views one by one. The rule was chosen on FracAtlas
+validation and the 100x100 RSNA hands; the FracAtlas test split, the 40 full-resolution hands and the
+re-imaged radiographs only measure it.
 
 Usage:
   OMP_NUM_THREADS=1 .venv/bin/python bench/scope_familiarity.py --data ../shared/data/fracatlas \\
@@ -41,7 +46,7 @@ if str(REPO) not in sys.path:
 
 from boneai.evaluate import bootstrap_auc_ci, roc_auc  # noqa: E402
 from boneai.io import read_radiograph  # noqa: E402
-from boneai.scope import ScopeModel  # noqa: E402
+from boneai.scope import LOW_FAMILIARITY, ScopeModel, set_familiarity  # noqa: E402
 from boneai.scope_train import (  # noqa: E402
     CLASSES,
     FeatureCache,
@@ -86,6 +91,39 @@ def pydicom_files_end_to_end(model: ScopeModel) -> dict:
     for r in rows:
         by_modality[str(r["modality"])].append(not r["in_scope"])
     return {"files": rows, "by_modality": {m: _share(np.array(v)) for m, v in sorted(by_modality.items())}}
+
+
+#: Set sizes and random draws per size of the set-level figures.
+SET_SIZES = (2, 4, 10, 20, 40)
+SET_DRAWS = 1000
+
+
+def set_level(fam: np.ndarray, src: np.ndarray, group: np.ndarray, seed: int = 0) -> dict:
+    """Share of random sets of each size called unfamiliar, per source. ``group``: items drawn together
+    (a FracAtlas near-duplicate group), or "" to draw the item alone."""
+    rng = np.random.default_rng(seed)
+    out: dict = {}
+    for source in sorted(set(src)):
+        idx = np.flatnonzero(src == source)
+        units = defaultdict(list)
+        for i in idx:
+            units[group[i] or f"#{i}"].append(i)
+        units = list(units.values())
+        row = {"n_views": int(len(idx)), "views_under_low_familiarity": float(np.mean(fam[idx] < LOW_FAMILIARITY))}
+        for n in SET_SIZES:
+            if n > len(idx):
+                continue
+            hits = 0
+            for _ in range(SET_DRAWS):
+                chosen: list[int] = []
+                for u in rng.permutation(len(units)):
+                    chosen += units[u]
+                    if len(chosen) >= n:
+                        break
+                hits += set_familiarity(fam[chosen[:n]].tolist()).unfamiliar
+            row[f"sets_of_{n}_unfamiliar"] = hits / SET_DRAWS
+        out[source] = row
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +224,22 @@ def main(argv: list[str] | None = None) -> int:
     familiarity["components_used"] = int(model.a["fam_components"].shape[0])
     familiarity["component_choice"] = choice
 
+    import pandas as pd
+
+    groups = pd.read_csv(args.split).set_index("image_id")["group"].to_dict()
+    group = np.array([groups.get(it.id.rsplit(":", 1)[-1], "") if it.source.startswith("fracatlas:") else ""
+                      for it in items])
+    measured = {"fracatlas:val": "chosen on", "rsna:train": "chosen on", "fracatlas:train": "in-sample features",
+                "fracatlas:test": "measured", "rsna:full_resolution": "measured",
+                "fracatlas:test_other_chain": "measured", "fracatlas:val_harsh_site": "measured"}
+    keep = np.isin(src, list(measured))
+    familiarity["sets"] = {
+        "rule": f"a set is unfamiliar when the one-sided 95 % lower bound of its share of views under "
+                f"{LOW_FAMILIARITY} exceeds 0.20 (boneai.scope.set_familiarity)",
+        "draws": SET_DRAWS, "role": measured,
+        "by_source": set_level(fam[keep], src[keep], group[keep]),
+    }
+
     report = {"command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:]),
               "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "scope_model": {"training_command": model.card["training"]["command"],
@@ -201,7 +255,11 @@ def main(argv: list[str] | None = None) -> int:
                "test_other_chains_flagged": scope["fracatlas_test_other_chains_wrongly_flagged"]["share"],
                "val_harsh_site_flagged": scope["fracatlas_val_harsh_site_chain_wrongly_flagged"]["share"],
                "familiarity_auc": familiarity["auc_val_vs_rsna_full_resolution"],
-               "fracatlas_test_unfamiliar": familiarity["fracatlas_test_unfamiliar"]}
+               "fracatlas_test_unfamiliar": familiarity["fracatlas_test_unfamiliar"],
+               "sets_of_4_unfamiliar": {k: v.get("sets_of_4_unfamiliar")
+                                        for k, v in familiarity["sets"]["by_source"].items()},
+               "sets_of_10_unfamiliar": {k: v.get("sets_of_10_unfamiliar")
+                                         for k, v in familiarity["sets"]["by_source"].items()}}
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -16,7 +16,7 @@ import pandas as pd
 from boneai import evaluate as ev
 from boneai.data import fracture_boxes, read_boneage, read_classification_dir, read_fracatlas, read_split_file
 from boneai.errors import BoneAIError, DatasetError
-from boneai.inference import ModelPredictor, load_model
+from boneai.inference import ModelPredictor, default_model_name, load_model
 from boneai.io import read_radiograph
 from boneai.localisation import LocaliserPredictor, _box_point_figures, localised_views, truth_boxes
 from boneai.scope import check_views
@@ -68,7 +68,7 @@ def evaluate_folder(task: str, data: str | Path, model: str | None = None, regio
     With ``split`` (a split file: image_id, split) and ``subset``, only that subset's images count:
     ``subset="test"`` gives the figures no choice touched.
     """
-    predictor = load_model(model or task)
+    predictor = load_model(model or default_model_name(task))  # the task's default, not a model named like it
     if predictor.task != task:
         raise BoneAIError(f"Model {predictor.name!r} is a {predictor.task} model, not a {task} model.")
     report: dict[str, Any] = {"task": task, "model": predictor.name, "data": str(data)}
@@ -127,7 +127,7 @@ def predict_files(files: Sequence[str], task: str = "fracture", model: str | Non
                   operating_point: str | None = None, sex: str | None = None, heatmap_dir: str | None = None,
                   cam_method: str | None = None) -> list[dict[str, Any]]:
     """One result dict per file: ``{file, ok, probability, decision, error, ...}``; errors never raise."""
-    predictor = load_model(model or task)
+    predictor = load_model(model or default_model_name(task))  # the task's default, not a model named like it
     op: str | float | None = operating_point
     if operating_point is not None:
         try:
@@ -223,7 +223,9 @@ def evaluate_localisation(data: str | Path, model: str | None = None, method: st
                        "froc": {"0.5": None, "1": None, "2": None}, "map50": None})
         prob = np.asarray(probs)
     elif method == "boxes":
-        predictor = load_model(model or "fracture_localiser")
+        predictor = load_model(model or default_model_name("fracture"))
+        if model is None and not isinstance(predictor, LocaliserPredictor):  # a default that gives no boxes
+            predictor = load_model("fracture_localiser")
         if not isinstance(predictor, LocaliserPredictor):
             raise DatasetError(f"Model {predictor.name!r} gives no boxes; use a localiser or --method gradcam.")
         views = localised_views(predictor, df["path"].tolist(), batch_size)

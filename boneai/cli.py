@@ -224,13 +224,13 @@ def _cmd_fit_localiser(args: argparse.Namespace) -> int:
 def _maybe_record(args: argparse.Namespace, report: dict) -> None:
     if not args.record:
         return
-    from boneai.inference import model_dir
+    from boneai.inference import default_model_name, model_dir
     from boneai.protocol import record_test
     from boneai.train import command_line
 
     if args.subset != "test":
         raise ValueError("--record stores test figures: use it with --split FILE --subset test")
-    record_test(model_dir(args.model or args.task), report, command_line())
+    record_test(model_dir(args.model or default_model_name(args.task)), report, command_line())
 
 
 def _cmd_refit(args: argparse.Namespace) -> int:
@@ -257,10 +257,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
 
     if args.record and not args.predictions:
-        from boneai.inference import model_dir
+        from boneai.inference import default_model_name, model_dir
 
         # Test predictions beside the card, for the Model performance page's test view.
-        args.predictions = str(model_dir(args.model or args.task) / "test_predictions.csv")
+        args.predictions = str(model_dir(args.model or default_model_name(args.task)) / "test_predictions.csv")
     report = evaluate_folder(args.task, args.data, args.model, region=args.region, batch_size=args.batch_size,
                              split=args.split, subset=args.subset,
                              predictions_csv=args.predictions)
@@ -309,7 +309,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     else:
         for r in results:
             print(_result_line(r))
+    together = _set_warning(results)
+    if together:
+        print(f"warning: {together}", file=sys.stderr)
     return 1 if any(not r["ok"] for r in results) else 0
+
+
+def _set_warning(results: list[dict]) -> str | None:
+    """The warning for files that, taken together, are unlike the training images (several views of one
+    source; :func:`boneai.scope.set_familiarity`), or None."""
+    from boneai.scope import set_familiarity
+
+    together = set_familiarity([r.get("familiarity") for r in results if r.get("ok") and r.get("in_scope")])
+    return together.message("files") if together is not None and together.unfamiliar else None
 
 
 def _result_line(r: dict) -> str:

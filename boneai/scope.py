@@ -15,6 +15,12 @@ Every view is checked before a finding is shown (``predict`` and the Study revie
   images at least as far away (a conformal p-value; training distances are in-sample and too small).
   Below the card's threshold (0.01: beyond the 99th percentile of validation distances) the view is
   *unfamiliar*: the model's output is less reliable there.
+* **Familiarity of a set of views** (a study, a batch, a site's folder): one view from another source
+  is rarely beyond the 99th percentile, but several views from it are, together, plainly unlike the
+  training images. :func:`set_familiarity` counts the views under :data:`LOW_FAMILIARITY` (0.10);
+  about one in ten of the training source's images are. When the share of such views is, with 95 %
+  confidence (one-sided Clopper-Pearson bound), above twice that (:data:`SET_SHARE_BOUND`), the set is
+  unfamiliar: its source is unlike the training images, and the model should be validated there.
 
 Example:
     >>> from boneai.io import read_radiograph
@@ -51,6 +57,11 @@ __all__ = [
     "load_scope_model",
     "check_views",
     "scope_dir",
+    "LOW_FAMILIARITY",
+    "SET_SHARE_BOUND",
+    "SET_CONFIDENCE",
+    "SetFamiliarity",
+    "set_familiarity",
 ]
 
 #: The scope model's card inside its folder. Not ``card.json``: the scope model is not a predictor
@@ -59,6 +70,16 @@ SCOPE_CARD = "scope_card.json"
 SCOPE_WEIGHTS = "scope.safetensors"
 #: What the app says next to the finding of an unfamiliar view.
 UNFAMILIAR_NOTE = "this image is unlike the model's training images; its output is less reliable here"
+#: Familiarity is a conformal p-value: on images like the training source's, about this share of views
+#: score under it. The set-level check counts such views.
+LOW_FAMILIARITY = 0.10
+#: A set of views is unfamiliar when the lower confidence bound of its share of views under
+#: LOW_FAMILIARITY exceeds this: twice the share expected of the training source's images. Chosen on the
+#: FracAtlas validation split (false alarms) and the 100 x 100 RSNA hands (the familiarity development
+#: set); measured on other images in bench/scope_familiarity.py (docs/site_adaptation.md).
+SET_SHARE_BOUND = 0.20
+#: One-sided confidence of that bound (exact Clopper-Pearson).
+SET_CONFIDENCE = 0.95
 
 #: Plain radiography (DICOM PS3.3 C.7.3.1.1.1): CR, DX, and RG (radiographic imaging, conventional film).
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "RG"})
@@ -120,6 +141,64 @@ class ScopeResult:
         return {"in_scope": self.in_scope, "scope_reason": self.reason,
                 "familiarity": None if self.familiarity is None else round(float(self.familiarity), 4),
                 "unfamiliar": self.unfamiliar}
+
+
+@dataclass(frozen=True)
+class SetFamiliarity:
+    """Familiarity of a set of views taken together (:func:`set_familiarity`).
+
+    Attributes:
+        n: views with a familiarity score.
+        n_low: of those, views under :data:`LOW_FAMILIARITY`.
+        share_lower_bound: one-sided lower confidence bound of the share of such views.
+        unfamiliar: the bound exceeds :data:`SET_SHARE_BOUND`.
+    """
+
+    n: int
+    n_low: int
+    share_lower_bound: float
+    unfamiliar: bool
+
+    @property
+    def share_low(self) -> float:
+        return self.n_low / self.n
+
+    def message(self, what: str = "views") -> str:
+        """One sentence for the user; says the set is unfamiliar or that nothing points that way."""
+        counts = (f"{self.n_low} of {self.n} {what} have familiarity under {LOW_FAMILIARITY:.2f}, where about "
+                  f"{LOW_FAMILIARITY:.0%} of the training source's images do")
+        if self.unfamiliar:
+            return (f"Taken together, these {what} are unlike the model's training images: {counts}. Its output is "
+                    "less reliable for images from this source; validate it on local cases (Site validation) "
+                    "before relying on it.")
+        return f"Taken together, these {what} are not shown to be unlike the model's training images: {counts}."
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "n_low": self.n_low, "low_familiarity": LOW_FAMILIARITY,
+                "share_low": round(self.share_low, 4), "share_lower_bound": round(self.share_lower_bound, 4),
+                "bound_limit": SET_SHARE_BOUND, "confidence": SET_CONFIDENCE, "unfamiliar": self.unfamiliar}
+
+
+def set_familiarity(values: Sequence[float | None]) -> SetFamiliarity | None:
+    """Whether a set of views (one source: a study, a batch, a site's folder) is, taken together,
+    unlike the training images. ``values``: the views' familiarity scores; None (no score, or a view
+    out of scope) is skipped. None when no view has a score.
+
+    Example:
+        >>> set_familiarity([0.02, 0.04, 0.08, 0.5]).unfamiliar
+        True
+        >>> set_familiarity([0.02, 0.4, 0.6, 0.9]).unfamiliar
+        False
+    """
+    from scipy.stats import binomtest
+
+    scores = [float(v) for v in values if v is not None and np.isfinite(v)]
+    if not scores:
+        return None
+    n, k = len(scores), sum(v < LOW_FAMILIARITY for v in scores)
+    lower = 0.0 if k == 0 else float(binomtest(k, n, LOW_FAMILIARITY, alternative="greater")
+                                     .proportion_ci(confidence_level=SET_CONFIDENCE, method="exact").low)
+    return SetFamiliarity(n=n, n_low=k, share_lower_bound=lower, unfamiliar=lower > SET_SHARE_BOUND)
 
 
 def _norm(value: Any) -> str:

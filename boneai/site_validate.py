@@ -11,7 +11,8 @@ point of the card, calibration (ECE) and the familiarity distribution of the vie
   point is under :data:`MIN_SENSITIVITY` (that point was chosen for 0.90 on the validation split);
 * **not enough cases** when a class has fewer than :data:`MIN_CASES_PER_CLASS` images (the interval
   would be too wide to tell);
-* **usable** otherwise, with a caution when many views are unfamiliar or calibration is off.
+* **usable** otherwise, with a caution when many views are unfamiliar (one by one, or the views taken
+  together: :func:`boneai.scope.set_familiarity`) or calibration is off.
 
 This module also unpacks a site zip for the app safely (:func:`extract_site_zip`).
 """
@@ -83,14 +84,14 @@ def _with_ci(value: float, ci: list[float]) -> dict[str, Any]:
 def validate_site(data: str | Path, model: str | None = None, task: str = "fracture", n_boot: int = 1000,
                   seed: int = 0, batch_size: int = 16, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The site validation report (a JSON-ready dict) of ``model`` on the labelled folder ``data``."""
-    from boneai.inference import load_model
+    from boneai.inference import default_model_name, load_model
     from boneai.io import read_radiograph
     from boneai.scope import check_views
     from boneai.site import read_site
 
     if task != "fracture":
         raise BoneAIError("Site validation is available for the fracture task.")
-    predictor = load_model(model or task)
+    predictor = load_model(model or default_model_name(task))
     if predictor.task != task:
         raise BoneAIError(f"Model {predictor.name!r} is a {predictor.task} model, not a {task} model.")
     site = read_site(data, near_duplicates=False)
@@ -169,7 +170,7 @@ def validate_site(data: str | Path, model: str | None = None, task: str = "fract
     fam = familiarity[ok]
     known = np.isfinite(fam)
     if known.any():
-        from boneai.scope import load_scope_model
+        from boneai.scope import load_scope_model, set_familiarity
 
         scope = load_scope_model()
         thr = scope.familiarity_threshold if scope is not None else 0.01
@@ -183,6 +184,7 @@ def validate_site(data: str | Path, model: str | None = None, task: str = "fract
                                          _bootstrap(len(f), lambda idx: float(np.mean(f[idx] < thr)), n_boot, seed)),
             "histogram": np.histogram(f, bins=10, range=(0.0, 1.0))[0].tolist(),
             "reference": "FracAtlas validation images: uniform on [0, 1] by construction (a conformal p-value)",
+            "set": _set_summary(set_familiarity(f.tolist())),
         }
     else:
         report["familiarity"] = None
@@ -199,6 +201,18 @@ def _sensitive_point(report: dict[str, Any]) -> str | None:
     if not points:
         return None
     return min(points, key=lambda k: points[k]["threshold"])  # the lowest threshold is the most sensitive
+
+
+def _set_summary(result: Any) -> dict[str, Any]:
+    """The report's record of :func:`boneai.scope.set_familiarity` for the site's views."""
+    return {**result.to_dict(), "message": result.message("views")}
+
+
+def _set_caution(summary: dict[str, Any]) -> str:
+    return (f"taken together, the views are unlike the model's training images ({summary['n_low']} of "
+            f"{summary['n']} have familiarity under {summary['low_familiarity']:.2f}, against about "
+            f"{summary['low_familiarity']:.0%} of the training source's images), so figures from its own "
+            "validation do not carry over here")
 
 
 def verdict(report: dict[str, Any]) -> dict[str, Any]:
@@ -224,6 +238,8 @@ def verdict(report: dict[str, Any]) -> dict[str, Any]:
     fam = report.get("familiarity")
     if fam and fam["unfamiliar_share"]["value"] > MAX_UNFAMILIAR_SHARE:
         cautions.append(f"{fam['unfamiliar_share']['value']:.0%} of the views are unfamiliar to the model")
+    elif fam and fam.get("set", {}).get("unfamiliar"):
+        cautions.append(_set_caution(fam["set"]))
     if report["ece"]["value"] > MAX_ECE:
         cautions.append(f"probabilities are miscalibrated here (ECE {report['ece']['value']:.2f}); recalibrate "
                         "or adapt the model before reading them as risks")
@@ -279,6 +295,7 @@ def report_html(report: dict[str, Any]) -> str:
                        for i, c in enumerate(fam["histogram"]))
         fam_html = (f"<p>Median familiarity {_fmt(fam['median'])}; unfamiliar (below {fam['threshold']:.2f}): "
                     f"{_fmt(fam['unfamiliar_share'])}. {e(fam['reference'])}.</p>"
+                    + (f"<p>{e(fam['set']['message'])}</p>" if fam.get("set") else "") +
                     f"<table><tr><th>familiarity</th><th>views</th><th></th></tr>{bars}</table>")
     else:
         fam_html = "<p>No familiarity scores (no scope model installed).</p>"

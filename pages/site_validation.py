@@ -146,6 +146,8 @@ def show_validation(job: JobStatus) -> None:
     c[2].metric("ECE", f"{report['ece']['value']:.3f}", help=f"95 % CI {_ci(report['ece'])}")
     fam = report.get("familiarity")
     c[3].metric("Unfamiliar views", f"{fam['unfamiliar_share']['value']:.0%}" if fam else "-")
+    if fam and fam.get("set"):  # the views taken together (boneai.scope.set_familiarity)
+        st.caption(plain(fam["set"]["message"]))
     st.dataframe(pd.DataFrame([{"operating point": k, "threshold": round(p["threshold"], 4),
                                 "sensitivity (95 % CI)": _ci(p["sensitivity"]),
                                 "specificity (95 % CI)": _ci(p["specificity"]),

@@ -67,11 +67,37 @@ def test_predict_lines_and_operating_points():
     bal = _cli("predict", good, "--operating-point", "balanced")
     assert sens.returncode == 0 and bal.returncode == 0
     assert "(threshold" in sens.stdout and "sensitive" in sens.stdout and "balanced" in bal.stdout
-    card = json.loads((REPO / "weights" / "fracture" / "card.json").read_text())
+    from boneai.inference import default_model_name
+
+    card = json.loads((REPO / "weights" / default_model_name("fracture") / "card.json").read_text())
     t_sens = card["operating_points"]["sensitive"]["threshold"]
     assert f"threshold {t_sens:.3f}" in sens.stdout
     bad = _cli("predict", good, "--operating-point", "aggressive")
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_without_model_the_commands_use_the_tasks_default_not_the_model_named_like_the_task(tmp_path):
+    """``weights/fracture`` is a model and ``fracture`` a task: ``--task fracture`` alone means the
+    default of ``defaults.json``, as in the app."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for name in ("fracture", "fracture_fast"):
+        (weights / name).symlink_to(REPO / "weights" / name, target_is_directory=True)
+    (weights / "defaults.json").write_text(json.dumps({"fracture": "fracture_fast"}))
+    fast = json.loads((REPO / "weights" / "fracture_fast" / "card.json").read_text())
+    good = str(sorted(SAMPLES.glob("*.jpg"))[0])
+    proc = subprocess.run([sys.executable, "-m", "boneai", "predict", "--task", "fracture", good, "--json"], cwd=REPO,
+                          env={**_ENV, "BONEAI_WEIGHTS_DIR": str(weights)}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout)[0]
+    assert row["threshold"] == pytest.approx(fast["operating_points"]["balanced"]["threshold"], abs=1e-6)
+    data = fracture_folder(tmp_path / "data", per_class=4, layout="folder")
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "boneai", "evaluate", "--task", "fracture", "--data", str(data),
+                           "--out", str(out)], cwd=REPO, env={**_ENV, "BONEAI_WEIGHTS_DIR": str(weights)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(out.read_text())["model"] == "fracture_fast"
 
 
 def test_unknown_model_is_a_one_line_error(tmp_path):
