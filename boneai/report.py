@@ -77,6 +77,7 @@ class StudyReport:
     sex: str | None = None  # bone age: "male"/"female"
     reviewer_decision: str | None = None
     note: str = ""
+    familiarity_note: str | None = None  # the views taken together are unlike the training images
     created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     intended_use: str = INTENDED_USE
 
@@ -97,6 +98,8 @@ class StudyReport:
             rows.append(("Study probability", f"{self.study_probability:.3f}{how}"))
         if self.study_finding:
             rows.append(("Study finding", self.study_finding))
+        if self.familiarity_note:
+            rows.append(("Familiarity", self.familiarity_note))
         rows.append(("Reviewer decision", self.reviewer_decision or "not recorded"))
         if self.note:
             rows.append(("Reviewer note", self.note))

@@ -190,14 +190,14 @@ def set_familiarity(values: Sequence[float | None]) -> SetFamiliarity | None:
         >>> set_familiarity([0.02, 0.4, 0.6, 0.9]).unfamiliar
         False
     """
-    from scipy.stats import binomtest
+    from scipy.stats import beta
 
     scores = [float(v) for v in values if v is not None and np.isfinite(v)]
     if not scores:
         return None
     n, k = len(scores), sum(v < LOW_FAMILIARITY for v in scores)
-    lower = 0.0 if k == 0 else float(binomtest(k, n, LOW_FAMILIARITY, alternative="greater")
-                                     .proportion_ci(confidence_level=SET_CONFIDENCE, method="exact").low)
+    # One-sided exact (Clopper-Pearson) lower bound of a binomial share: the beta(k, n - k + 1) quantile.
+    lower = 0.0 if k == 0 else float(beta.ppf(1.0 - SET_CONFIDENCE, k, n - k + 1))
     return SetFamiliarity(n=n, n_low=k, share_lower_bound=lower, unfamiliar=lower > SET_SHARE_BOUND)
 
 

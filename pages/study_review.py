@@ -318,6 +318,7 @@ for start in range(0, len(views), per_row):
 # -- study level -------------------------------------------------------------------------------------
 st.subheader("Study")
 result = study_result(predictions, counted, aggregation)  # boneai.study: the same rule as the CLI and PACS batch
+study_note = view_scope.study_familiarity_note(view_scope.study_familiarity(scopes, task))
 study_probability, study_decision, threshold = result.score, result.decision, result.threshold
 if not counted:
     st.info("No view of this study is in scope, so there is no study finding. Choose \"Show anyway\" on a view "
@@ -333,6 +334,8 @@ else:
               fmt_score(task, study_probability), help=f"{aggregation} of {len(counted)} view(s) in scope")
     s2.metric("Study decision", finding_text(task, study_decision))
     s3.metric("Threshold", fmt_score(task, threshold), help=f"Operating point: {predictions[0].operating_point}")
+    if study_note:
+        st.warning(plain(study_note), icon=":material/help:")
     if "label" in known:
         st.caption("Reference label of this sample: " + ("fractured" if int(known["label"]) else "not fractured"))
 
@@ -406,7 +409,7 @@ def build_report() -> StudyReport:
         threshold=None if task == "boneage" else threshold, aggregation=None if task == "boneage" else aggregation,
         study_probability=study_probability, study_finding=finding_text(task, study_decision),
         sex=None if male is None else ("male" if male else "female"),
-        reviewer_decision=record.get("decision"), note=record.get("note", ""))
+        reviewer_decision=record.get("decision"), note=record.get("note", ""), familiarity_note=study_note)
 
 
 st.subheader("Report")

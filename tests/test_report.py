@@ -72,6 +72,16 @@ def test_pdf_has_images_and_findings(report: StudyReport) -> None:
     assert "wrist.png" not in text
 
 
+def test_the_study_familiarity_note_is_in_both_reports_only_when_given(report: StudyReport) -> None:
+    from dataclasses import replace
+
+    note = "Taken together, these views are unlike the model's training images: 2 of 2 views ..."
+    assert "Familiarity" not in to_html(report) and "Familiarity" not in pdf_text(to_pdf(report))
+    flagged = replace(report, familiarity_note=note)
+    assert "Familiarity" in to_html(flagged) and "these views are unlike" in to_html(flagged)
+    assert "these views are unlike" in pdf_text(to_pdf(flagged)).replace("\n", " ")
+
+
 def test_a_patient_file_name_is_in_neither_the_log_nor_the_reports(tmp_path, sample_gray) -> None:
     """The page's path for an upload named after the patient: label from the bytes, log, CSV, reports."""
     name, data = "Doe_Jane_MRN123.dcm", b"\x00DICM wrist of the patient"

@@ -20,6 +20,7 @@ from PIL import Image
 from boneai.errors import BoneAIError
 from boneai.io import read_radiograph
 from boneai.scope import (
+    LOW_FAMILIARITY,
     SCOPE_CARD,
     UNFAMILIAR_NOTE,
     ScopeModel,
@@ -28,6 +29,7 @@ from boneai.scope import (
     colour_stats,
     header_reason,
     scope_dir,
+    set_familiarity,
 )
 from tests.conftest import make_dicom, load_sample_gray
 
@@ -224,6 +226,45 @@ def test_the_card_records_the_command_data_and_feature_model(scope_model) -> Non
     assert 0.0 < card["familiarity"]["threshold"] < 0.5
 
 
+def test_a_set_of_views_is_unfamiliar_when_its_share_under_0_1_is_surely_above_twice_the_expected() -> None:
+    """Hand-computed one-sided 95 % Clopper-Pearson lower bounds: k of k views under 0.10 gives
+    0.05 ** (1 / k); 3 of 4 gives 0.2486 (the beta(3, 2) 5 % quantile)."""
+    assert LOW_FAMILIARITY == 0.10
+    one = set_familiarity([0.05])
+    assert one.n_low == 1 and one.share_lower_bound == pytest.approx(0.05) and not one.unfamiliar  # one view never
+    two = set_familiarity([0.05, 0.099])
+    assert two.share_lower_bound == pytest.approx(0.05 ** 0.5) and two.unfamiliar  # 0.2236 > 0.20
+    three_of_four = set_familiarity([0.01, 0.02, 0.03, 0.9])
+    assert three_of_four.share_lower_bound == pytest.approx(0.24860, abs=1e-4) and three_of_four.unfamiliar
+    assert not set_familiarity([0.01, 0.5, 0.6, 0.9]).unfamiliar
+    # 0.10 itself is not under 0.10; None (out of scope, no score) is skipped; nothing scored: None.
+    assert set_familiarity([0.10, 0.10]).n_low == 0
+    assert set_familiarity([None, 0.05, None, 0.05]).n == 2
+    assert set_familiarity([None]) is None and set_familiarity([]) is None
+    # The expected share of images like the training source's does not flag even a large set.
+    assert not set_familiarity([0.05] * 12 + [0.5] * 88).unfamiliar
+    assert "unlike the model's training images: 2 of 2 views" in two.message("views")
+    assert "not shown to be unlike" in set_familiarity([0.5, 0.6]).message("views")
+
+
+def test_predict_warns_when_the_files_together_are_unfamiliar(monkeypatch, capsys) -> None:
+    from boneai.cli import main as cli_main
+
+    def rows(familiarities):
+        return [{"file": f"{i}.png", "ok": True, "in_scope": True, "familiarity": f, "unfamiliar": f < 0.01,
+                 "probability": 0.1, "decision": "no fracture", "threshold": 0.2, "operating_point": "balanced",
+                 "error": None, "scope_reason": None} for i, f in enumerate(familiarities)]
+
+    monkeypatch.setattr("boneai.batch.predict_files", lambda *a, **k: rows([0.02, 0.05, 0.08, 0.3]))
+    assert cli_main(["predict", "a.png", "--json"]) == 0
+    out = capsys.readouterr()
+    assert len(json.loads(out.out)) == 4  # the JSON rows are unchanged
+    assert out.err.startswith("warning: Taken together, these files are unlike") and "3 of 4 files" in out.err
+    monkeypatch.setattr("boneai.batch.predict_files", lambda *a, **k: rows([0.02, 0.3, 0.5, 0.7]))
+    assert cli_main(["predict", "a.png"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_without_a_scope_model_the_rules_still_apply(tmp_path) -> None:
     ct = _read(_pydicom_file("CT_small.dcm"))
     hand = _read(FRACATLAS[0])
@@ -351,3 +392,28 @@ def test_study_review_notes_an_unfamiliar_view_next_to_its_finding(isolated_stat
     assert [m.label for m in at.main.metric if m.label == "Probability"] == ["Probability"]
     notes = [w.value for w in at.warning if UNFAMILIAR_NOTE in w.value]
     assert len(notes) == 1 and notes[0].startswith("Unfamiliar image (familiarity ")
+
+
+def test_study_review_notes_a_study_whose_views_together_are_unfamiliar(isolated_state, scope_model,
+                                                                       monkeypatch) -> None:
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from streamlit.testing.v1 import AppTest
+
+    from ui.common import plain
+
+    hand = FRACATLAS[0]
+    other = FRACATLAS[1]
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=300).run()
+    at.radio(key="review_source").set_value("Upload files").run()
+    at.file_uploader(key="review_upload").set_value([(hand.name, hand.read_bytes(), "image/jpeg"),
+                                                     (other.name, other.read_bytes(), "image/jpeg")]).run()
+    assert not at.exception
+    study_note = plain("Taken together, these views are unlike")
+    assert not [w for w in at.warning if study_note in w.value]
+    # Every view counted as of low familiarity: the two views together are unlike the training images.
+    monkeypatch.setattr("boneai.scope.LOW_FAMILIARITY", 1.01)
+    at.run()
+    assert not at.exception
+    notes = [w.value for w in at.warning if study_note in w.value]
+    assert len(notes) == 1 and "2 of 2 views" in notes[0] and plain("Site validation") in notes[0]

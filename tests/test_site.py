@@ -226,6 +226,25 @@ def test_the_verdict_rule() -> None:
     assert verdict(_report((0.80, 0.95), 0.92, n=MIN_CASES_PER_CLASS - 1))["verdict"] == "not_enough_cases"
 
 
+def test_a_site_whose_views_together_are_unfamiliar_gets_a_caution_not_a_refusal() -> None:
+    """Views from another source rarely pass the per-view threshold one by one; taken together they do."""
+    from boneai.scope import set_familiarity
+    from boneai.site_validate import _set_summary, verdict
+
+    def with_familiarity(values: list[float]) -> dict:
+        report = _report((0.80, 0.95), 0.92)
+        report["familiarity"] = {"unfamiliar_share": {"value": 0.0}, "set": _set_summary(set_familiarity(values))}
+        return report
+
+    other_source = with_familiarity([0.02, 0.04, 0.05, 0.06, 0.08, 0.3, 0.5, 0.03, 0.07, 0.09])  # none under 0.01
+    v = verdict(other_source)
+    assert v["verdict"] == "usable" and len(v["cautions"]) == 1
+    assert "unlike the model's training images (8 of 10 have familiarity under 0.10" in v["cautions"][0]
+    assert "unlike" in v["verdict_text"]
+    like_training = with_familiarity([0.02, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95])
+    assert verdict(like_training)["cautions"] == []
+
+
 # -- the site zip -------------------------------------------------------------------------------------
 def _zip(members: dict[str, bytes]) -> io.BytesIO:
     buf = io.BytesIO()
