@@ -67,7 +67,7 @@ REVIEWER_DECISIONS = ("agree", "disagree", "uncertain")
 COLUMNS = [
     "id", "created_at", "study_id", "views", "task", "model_name", "model_version", "operating_point",
     "threshold", "aggregation", "view_probabilities", "study_probability", "boneage_months",
-    "model_decision", "reviewer", "reviewer_decision", "note",
+    "model_decision", "reviewer", "reviewer_decision", "note", "view_familiarities",
 ]
 
 #: What the callers record in the audit table (``action``); documentation, not a closed list.
@@ -95,7 +95,8 @@ CREATE TABLE IF NOT EXISTS reviews (
     reviewer_decision  TEXT NOT NULL CHECK (reviewer_decision IN ('agree', 'disagree', 'uncertain')),
     note               TEXT NOT NULL DEFAULT '',
     reviewer           TEXT,
-    review_key         TEXT
+    review_key         TEXT,
+    view_familiarities TEXT
 );
 CREATE INDEX IF NOT EXISTS reviews_created ON reviews (created_at);
 CREATE INDEX IF NOT EXISTS reviews_study ON reviews (study_id);
@@ -113,7 +114,7 @@ BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
 
 #: Columns added after the first release: a database made by an older version gets them on opening.
-_ADDED_COLUMNS = (("reviewer", "TEXT"), ("review_key", "TEXT"))
+_ADDED_COLUMNS = (("reviewer", "TEXT"), ("review_key", "TEXT"), ("view_familiarities", "TEXT"))
 
 # After the migration (the index needs the column). NULL keys never collide: reviews saved without
 # a key are all kept.
@@ -122,8 +123,9 @@ CREATE INDEX IF NOT EXISTS reviews_reviewer ON reviews (reviewer);
 CREATE UNIQUE INDEX IF NOT EXISTS reviews_key ON reviews (review_key);
 """
 
-#: ``PRAGMA user_version`` once old rows' view file names have been replaced by view numbers.
-_SCHEMA_VERSION = 1
+#: ``PRAGMA user_version`` once old rows' view file names have been replaced by view numbers (1) and
+#: the per-view familiarity column exists (2).
+_SCHEMA_VERSION = 2
 
 #: A view as the log and the reports name it: number in the study and 12 hex digits of SHA-256.
 VIEW_LABEL_RE = re.compile(r"view (\d{1,4}) · sha256:([0-9a-f]{12})")
@@ -248,6 +250,7 @@ class ReviewStore:
         created_at: datetime | None = None,
         reviewer: str | None = None,
         review_key: str | None = None,
+        view_familiarities: Iterable[float | None] | None = None,
     ) -> int:
         """Record one review and return its id.
 
@@ -258,6 +261,10 @@ class ReviewStore:
         ``review_key`` makes saving idempotent: a second call with the same key and reviewer (a
         double click, a Streamlit rerun) stores nothing and returns the first call's id. The page
         builds it from the study label, decision, note and model version; it is stored hashed.
+
+        ``view_familiarities``: each view's familiarity (:mod:`boneai.scope`; None for a view out of
+        scope or without a score), so the log can tell when a source's images drift from the training
+        images.
 
         Raises:
             BoneAIError: an unknown reviewer decision, an empty study label or no views.
@@ -278,6 +285,8 @@ class ReviewStore:
             raise BoneAIError(f"Note is longer than {_MAX_NOTE} characters; shorten it.")
         when = (created_at or datetime.now(timezone.utc)).astimezone(timezone.utc).isoformat(timespec="seconds")
         probs = [None if p is None else round(float(p), 6) for p in view_probabilities]
+        fams = None if view_familiarities is None else json.dumps(
+            [None if f is None else round(float(f), 4) for f in view_familiarities])
         who = _check_actor(reviewer, "Reviewer") if (reviewer or "").strip() else None  # blank: not signed in
         # Scoped by reviewer: two reviewers recording the same decision on a study are two reviews.
         key = (hashlib.sha256(f"{who or ''}\x00{review_key}".encode()).hexdigest()
@@ -288,12 +297,12 @@ class ReviewStore:
                 cur = con.execute(
                     "INSERT INTO reviews (created_at, study_id, views, task, model_name, model_version, "
                     "operating_point, threshold, aggregation, view_probabilities, study_probability, "
-                    "boneage_months, model_decision, reviewer_decision, note, reviewer, review_key) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "boneage_months, model_decision, reviewer_decision, note, reviewer, review_key, "
+                    "view_familiarities) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (review_key) DO NOTHING",
                     (when, study_id, json.dumps(names), task, model_name, model_version, operating_point,
                      _opt_float(threshold), aggregation, json.dumps(probs), _opt_float(study_probability),
-                     _opt_float(boneage_months), model_decision, reviewer_decision, note, who, key),
+                     _opt_float(boneage_months), model_decision, reviewer_decision, note, who, key, fams),
                 )
                 if cur.rowcount == 0:  # saved before under this key: the first save stands
                     return int(con.execute("SELECT id FROM reviews WHERE review_key = ?", (key,)).fetchone()[0])
@@ -354,6 +363,8 @@ class ReviewStore:
         df = pd.DataFrame(self._run(sql, params), columns=COLUMNS)
         for col in ("views", "view_probabilities"):
             df[col] = df[col].map(json.loads)
+        # NULL (saved without a scope check, or before the column existed): no scores.
+        df["view_familiarities"] = df["view_familiarities"].map(lambda v: json.loads(v) if isinstance(v, str) else [])
         return df
 
     def count(self) -> int:
@@ -399,7 +410,7 @@ def to_csv_bytes(df: pd.DataFrame) -> bytes:
     stay numbers, and so do ``;``-joined lists of numbers (``-1.25;0.5``).
     """
     out = df.copy()
-    for col in ("views", "view_probabilities"):
+    for col in ("views", "view_probabilities", "view_familiarities"):
         if col in out:
             out[col] = out[col].map(lambda v: ";".join("" if x is None else str(x) for x in v)
                                     if isinstance(v, (list, tuple)) else v)

@@ -102,10 +102,12 @@ def study_result(predictions: Sequence[Prediction], counted: Iterable[int], aggr
 
 def review_record(*, study_label: str, view_labels: Sequence[str], predictions: Sequence[Prediction],
                   result: StudyResult, model_name: str, model_version: str, reviewer_decision: str,
-                  note: str = "", reviewer: str | None = None, review_key: str | None = None) -> dict[str, Any]:
+                  note: str = "", reviewer: str | None = None, review_key: str | None = None,
+                  familiarities: Sequence[float | None] | None = None) -> dict[str, Any]:
     """The keyword arguments of :meth:`boneai.store.ReviewStore.add` for one reviewed study.
 
     Views outside ``result.counted`` are logged without a value: they made no finding.
+    ``familiarities``: each view's familiarity (None for a view out of scope), when the scope check gave any.
     """
     boneage = result.task == "boneage"
     return dict(
@@ -116,4 +118,5 @@ def review_record(*, study_label: str, view_labels: Sequence[str], predictions: 
         view_probabilities=[view_value(p) if k in result.counted else None for k, p in enumerate(predictions)],
         study_probability=result.score, boneage_months=result.boneage_months if boneage else None,
         model_decision=result.finding, reviewer_decision=reviewer_decision, note=note, reviewer=reviewer,
+        view_familiarities=None if familiarities is None else list(familiarities),
     )

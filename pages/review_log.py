@@ -12,6 +12,7 @@ import streamlit as st
 
 from boneai.store import REVIEWER_DECISIONS, to_csv_bytes
 from ui.common import intended_use_note, require_role, review_store, route_through_app
+from ui.scope import log_familiarity
 
 route_through_app()
 user = require_role("reviewer")
@@ -52,9 +53,12 @@ m1.metric("Reviews shown", len(df))
 if len(df):
     m2.metric("Agreement", f"{(df['reviewer_decision'] == 'agree').mean():.0%}")
     m3.metric("Studies", df["study_id"].nunique())
+    log_familiarity(df)  # the views shown, taken together: unlike the training images? (boneai.scope)
 
 table = df.assign(views=df["views"].map(", ".join),
                   view_probabilities=df["view_probabilities"].map(
+                      lambda v: ", ".join("-" if x is None else f"{x:.3f}" for x in v)),
+                  view_familiarities=df["view_familiarities"].map(
                       lambda v: ", ".join("-" if x is None else f"{x:.3f}" for x in v)))
 # st.dataframe renders every cell as text: names and notes never become markup.
 first = ["created_at", "study_id", "reviewer", "reviewer_decision", "model_decision", "study_probability", "views",

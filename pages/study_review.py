@@ -365,7 +365,9 @@ if submitted:
             review_id = review_store().add(**review_record(
                 study_label=label, view_labels=[view_label(n, v.digest) for n, v in enumerate(views, 1)],
                 predictions=predictions, result=result, model_name=card["name"], model_version=version_of(card),
-                reviewer_decision=decision, note=note, reviewer=user.name, review_key=review_key))
+                reviewer_decision=decision, note=note, reviewer=user.name, review_key=review_key,
+                familiarities=([s.familiarity if s.in_scope else None for s in scopes] if task == "fracture"
+                               else None)))  # the fracture model's familiarity: the log's drift check
         except BoneAIError as exc:
             st.error(plain(exc))
         else:

@@ -249,6 +249,10 @@ def test_recording_a_review_puts_it_in_the_log(isolated_state, fracture_card, fr
     assert row["model_name"] == fracture_card["name"] and row["operating_point"] == "balanced"
     assert row["note"] == "Lateral view shows a cortical break"
     assert row["reviewer"] == "local"  # single-user mode: nobody signs in
+    from boneai.scope import check_views
+
+    expected = [r.familiarity for r in check_views([_read(f) for f in files])]  # every sample view is in scope
+    assert row["view_familiarities"] == pytest.approx(expected, abs=1e-4)
 
     at.switch_page("pages/review_log.py").run()
     _no_exception(at)
@@ -503,6 +507,32 @@ def test_review_log_filters_and_export(isolated_state) -> None:
     assert _metrics(at, "Reviews shown") == ["1"]
     assert at.dataframe[0].value["note"].tolist() == ["<script>alert(1)</script>"]  # a cell, as text
     assert at.get("download_button")[0].proto.label == "Export CSV"
+    _no_exception(at)
+
+
+def test_review_log_warns_when_the_reviewed_views_together_are_unfamiliar(isolated_state) -> None:
+    """Single-view studies from another source: no one view is unfamiliar, the log's views together are."""
+    store = ReviewStore(isolated_state / "reviews.sqlite")
+    for k, fam in enumerate((0.03, 0.06, 0.5, 0.08)):
+        store.add(study_id=f"S-{k}", views=["view 1"], model_name="fracture", model_version="v", task="fracture",
+                  view_probabilities=[0.2], reviewer_decision="agree", view_familiarities=[fam])
+    at = _app("pages/review_log.py")
+    warned = [w.value for w in at.warning if "reviewed views are unlike" in w.value]
+    assert len(warned) == 1 and "3 of 4 reviewed views have familiarity under 0.10" in warned[0]
+    # Narrowed to the one familiar study: no warning, the counts as a caption.
+    at.text_input(key="log_study").input("S-2").run()
+    assert not [w for w in at.warning if "reviewed views are unlike" in w.value]
+    assert any("0 of 1 reviewed views" in c.value for c in at.caption)
+    _no_exception(at)
+
+
+def test_review_log_counts_only_fracture_reviews_in_the_familiarity_check(isolated_state) -> None:
+    store = ReviewStore(isolated_state / "reviews.sqlite")  # children's hands: unlike FracAtlas, as expected
+    for k in range(3):
+        store.add(study_id=f"B-{k}", views=["view 1"], model_name="boneage", model_version="v", task="boneage",
+                  view_probabilities=[120.0], reviewer_decision="agree", view_familiarities=[0.02])
+    at = _app("pages/review_log.py")
+    assert not [w for w in at.warning if "reviewed views are unlike" in w.value]
     _no_exception(at)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from boneai.errors import BoneAIError
+from boneai import store as store_module
 from boneai.store import (
     AUDIT_COLUMNS,
     COLUMNS,
@@ -140,6 +141,31 @@ def test_an_old_database_gets_the_new_columns_and_loses_its_file_names(tmp_path:
     assert store.query(reviewer="dr.who@example.org")["study_id"].tolist() == ["S-1"]
     ReviewStore(path)  # opening again migrates nothing twice
     assert store.count() == 2
+
+
+def test_view_familiarities_round_trip_and_export(tmp_path: Path) -> None:
+    store = ReviewStore(tmp_path / "log.sqlite")
+    _add(store, study_id="S-fam", view_familiarities=[0.123456, None])
+    _add(store, study_id="S-none")  # a review saved without a scope check
+    df = store.query()
+    by_study = dict(zip(df["study_id"], df["view_familiarities"]))
+    assert by_study == {"S-fam": [0.1235, None], "S-none": []}
+    text = to_csv_bytes(df).decode()
+    assert ",0.1235;," in text or ",0.1235;\r" in text
+
+
+def test_a_version_1_database_gets_the_familiarity_column(tmp_path: Path) -> None:
+    path = tmp_path / "v1.sqlite"
+    with sqlite3.connect(path) as con:  # the previous release's schema, already migrated to version 1
+        con.executescript(store_module._SCHEMA.replace(",\n    view_familiarities TEXT", ""))
+        con.execute("INSERT INTO reviews (created_at, study_id, views, task, model_name, model_version, "
+                    "view_probabilities, reviewer_decision) VALUES ('2026-01-01T00:00:00+00:00', 'S-v1', "
+                    "'[\"view 1\"]', 'fracture', 'fracture', 'v', '[0.5]', 'agree')")
+        con.execute("PRAGMA user_version = 1")
+    con.close()
+    store = ReviewStore(path)
+    _add(store, view_familiarities=[0.05, 0.06])
+    assert dict(zip(store.query()["study_id"], store.query()["view_familiarities"])) == {"S-v1": [], "S-1": [0.05, 0.06]}
 
 
 def test_reviews_record_who_reviewed_and_filter_by_reviewer(tmp_path: Path) -> None:

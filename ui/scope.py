@@ -18,7 +18,7 @@ from boneai.store import view_label
 from ui.common import View, audit, plain
 
 __all__ = ["scope_for", "greyed", "out_of_scope_notice", "unfamiliar_note", "counted_views", "image_details",
-           "report_notes", "study_familiarity", "study_familiarity_note"]
+           "report_notes", "study_familiarity", "study_familiarity_note", "log_familiarity"]
 
 
 @st.cache_data(show_spinner="Checking the views...", max_entries=128)
@@ -101,3 +101,17 @@ def study_familiarity_note(together: SetFamiliarity | None) -> str | None:
     """The study-level note, shown next to the study finding and written in the report; None when the
     views are not, together, unlike the training images."""
     return together.message("views") if together is not None and together.unfamiliar else None
+
+
+def log_familiarity(reviews: Any) -> None:
+    """Review log: the familiarity of the fracture reviews' views shown, taken together. A site whose
+    images drift away from the training images shows here, even one single-view study at a time."""
+    values = [f for task, fams in zip(reviews["task"], reviews["view_familiarities"]) if task == "fracture"
+              for f in fams if f is not None]
+    together = set_familiarity(values)
+    if together is None:
+        return
+    if together.unfamiliar:
+        st.warning(together.message("reviewed views"), icon=":material/help:")
+    else:
+        st.caption(together.message("reviewed views"))
