@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     pooled, colour = store.features(items, model.extractor, log=lambda m: print(m, file=sys.stderr))
     scope_pooled = None
     if model.scope_network:  # the classifier reads an ImageNet network's features (train-scope --imagenet-features)
-        store_net, _ = network_feature_cache(args.cache, model.scope_network, model.card["feature_model"]["sha256"])
+        store_net, _ = network_feature_cache(args.cache, model.scope_network,
+                                             model.card["classifier"].get("features_input"))
         scope_pooled, _ = store_net.features(items, model.scope_extractor, log=lambda m: print(m, file=sys.stderr))
     src = np.array([it.source for it in items])
     cls = np.array([it.cls for it in items])

@@ -146,12 +146,21 @@ def predict_files(files: Sequence[str], task: str = "fracture", model: str | Non
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 rg = read_radiograph(f)
-            row.update(check_views([rg])[0].fields())  # boneai.scope: checked before any finding
+            # The prediction first, so the scope check reuses the default model's pooled features (one pass
+            # less); no finding is shown before the check, and an out-of-scope view gets its reason, not an
+            # error from a model that was never meant to read it.
+            try:
+                pred, failure = predictor.predict(rg, operating_point=op, male=male), None
+            except Exception as exc:  # noqa: BLE001 - raised below once the view is known to be in scope
+                pred, failure = None, exc
+            row.update(check_views([rg], predictor=predictor, predictions=None if pred is None else [pred])[0]
+                       .fields())  # boneai.scope
             if not row["in_scope"]:  # read and checked; a view out of scope gets no finding
                 row["ok"] = True
                 results.append(row)
                 continue
-            pred = predictor.predict(rg, operating_point=op, male=male)
+            if failure is not None:
+                raise failure
             row["ok"] = True
             if pred.task == "boneage":
                 row["boneage_months"] = round(pred.boneage_months, 2)

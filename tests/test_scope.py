@@ -154,16 +154,18 @@ def test_fracatlas_and_bone_age_samples_are_in_scope_with_a_familiarity(scope_mo
 
 def test_the_fracture_models_own_predictions_feed_the_scope_check_without_a_second_pass(scope_model,
                                                                                        monkeypatch) -> None:
-    from boneai.inference import load_model
+    from boneai.inference import default_model_name, load_model
 
+    # Familiarity reads the default fracture model's own features (the localiser's classifier branch).
+    assert scope_model.card["feature_model"]["name"] == default_model_name("fracture")
     predictor = load_model(scope_model.card["feature_model"]["name"])
     images = [_read(f) for f in FRACATLAS[:3]] + [_read(_colour_photo(), "photo.png")]
     separate = scope_model.check(images)
     predictions = predictor.predict_many(images)
     assert scope_model.reads_features_of(predictor) and all("pooled" in p.extras for p in predictions)
-    # The logits come from the very pooled features the scope check reads: same as a plain forward pass.
-    plain = predictor.raw_outputs(torch.stack([predictor.input_tensor(im)[0] for im in images]))
-    np.testing.assert_allclose([p.logit for p in predictions], plain, atol=1e-5)
+    # The predictions carry the very pooled features the feature model gives on its own.
+    np.testing.assert_allclose(np.stack([p.extras["pooled"] for p in predictions]),
+                               scope_model.extractor.pooled(images), atol=1e-4)
 
     def no_second_pass(*args, **kwargs):
         raise AssertionError("the scope check ran the encoder again")
@@ -174,16 +176,17 @@ def test_the_fracture_models_own_predictions_feed_the_scope_check_without_a_seco
     assert [r.in_scope for r in shared] == [r.in_scope for r in separate] == [True, True, True, False]
     np.testing.assert_allclose([r.familiarity for r in shared], [r.familiarity for r in separate], atol=1e-6)
     # Another model's predictions (other weights or no pooled features) are not taken for the scope model's.
-    other = load_model("fracture_fast")
-    assert not scope_model.reads_features_of(other)
-    with pytest.raises(AssertionError, match="ran the encoder again"):
-        check_views(images, predictor=other, predictions=other.predict_many(images))
+    for name in ("fracture_fast", "fracture"):
+        other = load_model(name)
+        assert not scope_model.reads_features_of(other)
+        with pytest.raises(AssertionError, match="ran the encoder again"):
+            check_views(images, predictor=other, predictions=other.predict_many(images))
 
 
 def test_the_classifier_reads_imagenet_features_and_familiarity_the_fracture_model_s(scope_model) -> None:
     """``train-scope --imagenet-features``: the scope classifier reads an ImageNet network's pooled features on
-    the feature model's preprocessing; familiarity still reads the fracture model's own."""
-    from boneai.scope import SCOPE_NETWORKS, ImageNetFeatureExtractor, classifier_input
+    the preprocessing its card records; familiarity still reads the fracture model's own."""
+    from boneai.scope import SCOPE_NETWORK_INPUT, SCOPE_NETWORKS, ImageNetFeatureExtractor, classifier_input
 
     if not scope_model.scope_network:
         pytest.skip("the shipped scope model reads the fracture model's features")
@@ -192,6 +195,8 @@ def test_the_classifier_reads_imagenet_features_and_familiarity_the_fracture_mod
     images = [_read(f) for f in FRACATLAS[:2]] + [_read(_colour_photo(), "photo.png")]
     extractor = scope_model.scope_extractor
     assert isinstance(extractor, ImageNetFeatureExtractor)
+    assert clf["features_input"] == SCOPE_NETWORK_INPUT and extractor.pipeline == SCOPE_NETWORK_INPUT["pipeline"]
+    assert extractor.input_image(images[0]).shape[:2] == (320, 320)  # not the feature model's input size
     imagenet, own = extractor.pooled(images), scope_model.extractor.pooled(images)
     assert imagenet.shape == own.shape and not np.allclose(imagenet, own)
     colour = np.stack([colour_stats(im.pixels) for im in images])

@@ -25,7 +25,7 @@ __all__ = ["scope_for", "greyed", "out_of_scope_notice", "unfamiliar_note", "cou
 def scope_for(digests: tuple[str, ...], _views: list[View], _predictor: Any = None,
               _predictions: list[Any] | None = None) -> list[ScopeResult]:
     """Scope and familiarity of the views; keyed by their contents. With the page's predictions of the
-    scope model's own feature model (the default fracture classifier) its features are reused."""
+    scope model's own feature model (the default fracture model) its features are reused."""
     return check_views([v.radiograph for v in _views], predictor=_predictor, predictions=_predictions)
 
 
