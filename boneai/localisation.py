@@ -155,9 +155,8 @@ class FractureLocaliser(nn.Module):
         if not self.classifier_head:
             mask, label = self.net(x)
             return mask, label[:, 0]
-        features, shared = self._encode(x)
-        mask = self.net.segmentation_head(self.net.decoder(features))
-        return mask, self._classify(shared, x.shape[-1])
+        mask, logit, _ = self.forward_with_pooled(x)
+        return mask, logit
 
     def forward_with_pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``forward``'s map and logit, and the classifier branch's pooled features (the linear head's
