@@ -457,6 +457,9 @@ class ProcessResult:
     error: str | None = None
     skipped: bool = False  # our report for this model version was there already
     boneage_months: float | None = None
+    #: The study's views in scope, taken together, are unlike the model's training images
+    #: (:func:`boneai.scope.set_familiarity`; fracture studies analysed now, else None).
+    unfamiliar: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -490,7 +493,7 @@ def analyse_study(client: ArchiveClient, predictor: Any, study: ArchiveStudy, *,
     import highdicom as hd
 
     from boneai.dicom_results import ai_result_sr, result_capture
-    from boneai.scope import check_views
+    from boneai.scope import check_views, set_familiarity
     from boneai.study import study_result
 
     views, errors = client.fetch_views(study)
@@ -504,8 +507,11 @@ def analyse_study(client: ArchiveClient, predictor: Any, study: ArchiveStudy, *,
             return ProcessResult(study.study_uid, ok=False,
                                  error="Bone age needs the patient's sex (M or F) in the DICOM header.")
     predictions = predictor.predict_many([v.radiograph for v in views], operating_point=operating_point, male=male)
-    # The default classifier's predictions carry the scope model's features: no second encoder pass.
+    # The scope model's feature model (the default localiser) gives its features with its predictions: no
+    # second pass; another model's views cost one pass of that model's branch.
     scopes = check_views([v.radiograph for v in views], predictor=predictor, predictions=predictions)
+    together = (set_familiarity([s.familiarity for s in scopes if s.in_scope])
+                if predictor.task == "fracture" else None)
     shown = [k for k, v in enumerate(views) if _matches_digest(v.data, show_anyway)]
     counted = [k for k, s in enumerate(scopes) if s.in_scope or k in shown]
     result = study_result(predictions, counted, aggregation)
@@ -524,7 +530,8 @@ def analyse_study(client: ArchiveClient, predictor: Any, study: ArchiveStudy, *,
     client.store(objects)
     return ProcessResult(study.study_uid, ok=True, probability=result.score, decision=result.finding,
                          sr_sop_uid=str(sr.SOPInstanceUID), boneage_months=result.boneage_months,
-                         error="; ".join(errors) or None)
+                         error="; ".join(errors) or None,
+                         unfamiliar=None if together is None else together.unfamiliar)
 
 
 def _matches_digest(data: bytes, digests: Collection[str]) -> bool:
@@ -648,5 +655,6 @@ def pacs_command(args: Any) -> int:
                     f"probability {result.probability:.3f} -> {result.decision}" if result.probability is not None
                     else "no view in scope, no finding")
             done = "already analysed" if result.skipped else "stored"
-            print(f"{result.study_uid}: {what} ({done}: SR {result.sr_sop_uid})", flush=True)
+            unlike = "; its views together are unlike the training images" if result.unfamiliar else ""
+            print(f"{result.study_uid}: {what} ({done}: SR {result.sr_sop_uid}{unlike})", flush=True)
     return 1 if failed else 0

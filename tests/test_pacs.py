@@ -186,6 +186,7 @@ def test_pacs_process_stores_an_sr_with_predicts_probability_and_the_right_refer
     [line] = lines
     assert set(line) >= {"study_uid", "ok", "probability", "decision", "sr_sop_uid", "error"}
     assert line["ok"] and line["study_uid"] == study_uid and not line["skipped"]
+    assert line["unfamiliar"] is False  # FracAtlas sample views: not, together, unlike the training images
     for ds in datasets:  # nothing of the patient in what we print
         assert str(ds.PatientName) not in json.dumps(line) and str(ds.PatientID) not in json.dumps(line)
 
