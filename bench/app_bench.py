@@ -35,7 +35,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from _app_server import CHROMIUM, AppServer, launch_chromium  # noqa: E402
+from _app_server import CHROMIUM, EVIDENCE_CAPTION, AppServer, launch_chromium  # noqa: E402
 
 VIEWS = ["fracatlas/IMG0000351.jpg", "fracatlas/IMG0000479.jpg", "fracatlas/IMG0002180.jpg", "fracatlas/IMG0000597.jpg"]
 TARGET_STUDY_S = 3.0
@@ -54,10 +54,6 @@ def unseen_copies(folder: Path, repeat: int) -> list[Path]:
     return out
 
 
-#: The caption under a view's evidence: a classifier's heatmap, or a localiser's boxes (or none passing).
-EVIDENCE_CAPTION = r"^(Heatmap \(|\d+ box\(es\): |No box passes)"
-
-
 def wait_first_page(page, url: str, timeout_ms: int = 180_000) -> None:
     page.goto(url)
     page.get_by_text(re.compile(EVIDENCE_CAPTION)).first.wait_for(timeout=timeout_ms)
@@ -66,12 +62,12 @@ def wait_first_page(page, url: str, timeout_ms: int = 180_000) -> None:
 
 #: True once the page shows the four views of the upload whose names start with ``prefix`` and, for
 #: each, a loaded image and its evidence caption, none of them left over from the previous run.
-STUDY_DRAWN_JS = """(prefix) => {
+STUDY_DRAWN_JS = """([prefix, caption]) => {
     const fresh = (el) => !el.closest('[data-stale="true"]');
     const names = [...document.querySelectorAll('[data-testid="stText"]')]
         .filter(t => fresh(t) && t.innerText.startsWith('View ') && t.innerText.includes(prefix));
     const captions = [...document.querySelectorAll('[data-testid="stCaptionContainer"]')]
-        .filter(c => fresh(c) && /^(Heatmap \(|\d+ box\(es\): |No box passes)/.test(c.innerText));
+        .filter(c => fresh(c) && new RegExp(caption).test(c.innerText));
     const images = [...document.querySelectorAll('[data-testid="stMain"] [data-testid="stImage"] img')]
         .filter(i => fresh(i) && i.complete && i.naturalWidth > 0);
     return names.length === 4 && captions.length === 4 && images.length === 4;
@@ -133,7 +129,8 @@ def main() -> int:
                             uploader.set_input_files([str(f) for f in files])
                             page.wait_for_function(PROBABILITIES_DRAWN_JS, arg=f"r{r}_", timeout=180_000, polling=20)
                             to_probability = time.perf_counter() - t0
-                            page.wait_for_function(STUDY_DRAWN_JS, arg=f"r{r}_", timeout=180_000, polling=20)
+                            page.wait_for_function(STUDY_DRAWN_JS, arg=[f"r{r}_", EVIDENCE_CAPTION],
+                                                   timeout=180_000, polling=20)
                             elapsed = time.perf_counter() - t0
                             if r > 0:
                                 study_s.append(elapsed)

@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
-from _app_server import CHROMIUM, AppServer, launch_chromium  # noqa: E402
+from _app_server import CHROMIUM, EVIDENCE_CAPTION, AppServer, launch_chromium  # noqa: E402
 
 WIDTH = 1400
 
@@ -71,7 +71,7 @@ def main() -> int:
             page = browser.new_page(viewport={"width": WIDTH, "height": 1000})
             page.goto(url)
             # the default model's evidence: a localiser's boxes, or a classifier's heatmap
-            page.get_by_text(re.compile(r"^(Heatmap \(|\d+ box\(es\): |No box passes)")).first.wait_for(timeout=300_000)
+            page.get_by_text(re.compile(EVIDENCE_CAPTION)).first.wait_for(timeout=300_000)
             form = page.locator('[data-testid="stForm"]')
             form.get_by_text("Agree", exact=True).click()
             form.locator("textarea").fill("Cortical break at the distal radius on both views.")

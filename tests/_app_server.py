@@ -21,6 +21,9 @@ if str(REPO) not in sys.path:
 from boneai.pacs_server import free_port  # noqa: E402  (one helper for every local server we start)
 
 CHROMIUM = Path(os.environ.get("BONEAI_CHROMIUM", "/usr/bin/chromium"))
+#: The caption Study review writes under a view's evidence: a classifier's heatmap, or a localiser's boxes
+#: (or none passing); a regular expression that Python and JavaScript read alike.
+EVIDENCE_CAPTION = r"^(Heatmap \(|\d+ box\(es\): |No box passes)"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
