@@ -200,12 +200,10 @@ def _cmd_train_localiser(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_scope(args: argparse.Namespace) -> int:
-    from boneai.inference import default_model_name
     from boneai.scope_train import train_scope
     from boneai.train import command_line
 
-    card = train_scope(args.data, args.split, args.out, boneage=args.boneage,
-                       feature_model=args.feature_model or default_model_name("fracture"),
+    card = train_scope(args.data, args.split, args.out, boneage=args.boneage, feature_model=args.feature_model,
                        cache=args.cache, command=command_line(), n_other_chain=args.other_chain,
                        scope_network="efficientnet_lite0_imagenet" if args.imagenet_features else None,
                        log=lambda m: print(m, file=sys.stderr))
@@ -325,7 +323,7 @@ def _set_warning(results: list[dict]) -> str | None:
     from boneai.scope import set_familiarity
 
     together = set_familiarity([r.get("familiarity") for r in results if r.get("ok") and r.get("in_scope")])
-    return together.message("files") if together is not None and together.unfamiliar else None
+    return together.warning("files") if together is not None else None
 
 
 def _result_line(r: dict) -> str:

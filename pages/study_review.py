@@ -18,6 +18,7 @@ from boneai.inference import Prediction, Predictor
 from boneai.io import check_study_upload
 from boneai.preprocess import standardise
 from boneai.report import StudyReport, ViewReport, to_html, to_pdf
+from boneai.scope import study_familiarity
 from boneai.store import REVIEWER_DECISIONS, new_study_id, view_label
 from boneai.study import AGGREGATIONS, finding_text, review_record, study_result
 from ui.common import (
@@ -318,7 +319,8 @@ for start in range(0, len(views), per_row):
 # -- study level -------------------------------------------------------------------------------------
 st.subheader("Study")
 result = study_result(predictions, counted, aggregation)  # boneai.study: the same rule as the CLI and PACS batch
-study_note = view_scope.study_familiarity_note(view_scope.study_familiarity(scopes, task))
+together = study_familiarity(scopes, task)  # the views together unlike the training images? (boneai.scope)
+study_note = together.warning("views") if together is not None else None
 study_probability, study_decision, threshold = result.score, result.decision, result.threshold
 if not counted:
     st.info("No view of this study is in scope, so there is no study finding. Choose \"Show anyway\" on a view "

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from boneai.scope import UNFAMILIAR_NOTE, ScopeResult, SetFamiliarity, check_views, set_familiarity
+from boneai.scope import UNFAMILIAR_NOTE, ScopeResult, check_views, set_familiarity
 from boneai.store import view_label
 from ui.common import View, audit, plain
 
 __all__ = ["scope_for", "greyed", "out_of_scope_notice", "unfamiliar_note", "counted_views", "image_details",
-           "report_notes", "study_familiarity", "study_familiarity_note", "log_familiarity"]
+           "report_notes", "log_familiarity"]
 
 
 @st.cache_data(show_spinner="Checking the views...", max_entries=128)
@@ -88,19 +88,6 @@ def report_notes(scope: ScopeResult, excluded: bool, task: str) -> list[str]:
     if scope.unfamiliar and task == "fracture":
         return [f"Unfamiliar image: {UNFAMILIAR_NOTE}."]
     return []
-
-
-def study_familiarity(scopes: list[ScopeResult], task: str) -> SetFamiliarity | None:
-    """The study's views in scope taken together (fracture task: familiarity is the fracture model's)."""
-    if task != "fracture":
-        return None
-    return set_familiarity([s.familiarity for s in scopes if s.in_scope])
-
-
-def study_familiarity_note(together: SetFamiliarity | None) -> str | None:
-    """The study-level note, shown next to the study finding and written in the report; None when the
-    views are not, together, unlike the training images."""
-    return together.message("views") if together is not None and together.unfamiliar else None
 
 
 def log_familiarity(reviews: Any) -> None:
