@@ -39,6 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -224,8 +225,6 @@ def main(argv: list[str] | None = None) -> int:
                        "auc_val_vs_rsna_full_resolution_not_used_for_choice": roc_auc(y, np.r_[dd[val], dd[fullres]])})
     familiarity["components_used"] = int(model.a["fam_components"].shape[0])
     familiarity["component_choice"] = choice
-
-    import pandas as pd
 
     groups = pd.read_csv(args.split).set_index("image_id")["group"].to_dict()
     group = np.array([groups.get(it.id.rsplit(":", 1)[-1], "") if it.source.startswith("fracatlas:") else ""
