@@ -23,8 +23,8 @@ re-imaged radiographs only measure it.
 Usage:
   OMP_NUM_THREADS=1 .venv/bin/python bench/scope_familiarity.py --data ../shared/data/fracatlas \\
       --boneage ../shared/data/boneage
-Writes bench/results/scope_familiarity.json. Features are cached (runs/scope/features.npz, shared with
-``python -m boneai train-scope``), so a rerun takes seconds.
+Writes bench/results/scope_familiarity.json. Features are cached (runs/scope/features_MODEL.npz, MODEL the
+scope card's feature model, shared with ``python -m boneai train-scope``), so a rerun takes seconds.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from boneai.io import read_radiograph  # noqa: E402
 from boneai.scope import LOW_FAMILIARITY, ScopeModel, set_familiarity  # noqa: E402
 from boneai.scope_train import (  # noqa: E402
     CLASSES,
+    DEFAULT_FEATURE_CACHE,
     FeatureCache,
     Item,
     fit_familiarity,
@@ -134,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--boneage", default="../shared/data/boneage")
     ap.add_argument("--full-resolution", default=None, help="default: BONEAGE/full_resolution")
     ap.add_argument("--scope", default=str(REPO / "weights" / "scope"))
-    ap.add_argument("--cache", default=str(REPO / "runs" / "scope" / "features.npz"))
+    ap.add_argument("--cache", default=None, help="default: runs/scope/features_MODEL.npz (the scope card's feature model)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scope_familiarity.json"))
     args = ap.parse_args(argv)
 
     model = ScopeModel.load(args.scope)
+    args.cache = args.cache or str(REPO / DEFAULT_FEATURE_CACHE.format(model=Path(model.card["feature_model"]["dir"]).name))
     d = model.card["data"]
     rad = radiograph_items(args.data, args.split, args.boneage, d["n_boneage"], d["seed"])
     panels = [it.path for it in rad if it.source == "fracatlas:train"][::50]

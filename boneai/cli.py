@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--feature-model", default=None,
                     help="model whose pooled features familiarity reads (default: the default fracture model; a "
                          "localiser's are its classifier branch's)")
-    sc.add_argument("--cache", default="runs/scope/features.npz", help="feature cache (reruns skip done images)")
+    sc.add_argument("--cache", default=None, help="feature cache (reruns skip done images; default: "
+                    "runs/scope/features_MODEL.npz, MODEL the feature model)")
     sc.add_argument("--other-chain", type=int, default=0,
                     help="also fit N training radiographs re-imaged with other sites' chains (lower resolution, "
                          "contrast curve, shutters, noise, JPEG) as in scope")
@@ -200,11 +201,11 @@ def _cmd_train_localiser(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_scope(args: argparse.Namespace) -> int:
-    from boneai.scope_train import train_scope
+    from boneai.scope_train import DEFAULT_FEATURE_CACHE, train_scope
     from boneai.train import command_line
 
     card = train_scope(args.data, args.split, args.out, boneage=args.boneage, feature_model=args.feature_model,
-                       cache=args.cache, command=command_line(), n_other_chain=args.other_chain,
+                       cache=args.cache or DEFAULT_FEATURE_CACHE, command=command_line(), n_other_chain=args.other_chain,
                        scope_network="efficientnet_lite0_imagenet" if args.imagenet_features else None,
                        log=lambda m: print(m, file=sys.stderr))
     print(json.dumps({"out": args.out, "radiograph_threshold": card["classifier"]["radiograph_threshold"],

@@ -610,7 +610,8 @@ def add_pacs_arguments(sub: Any) -> None:
                    "(default: BONEAI_PACS_URL)")
     p.add_argument("--study", action="append", default=[], metavar="UID", help="a Study Instance UID (repeatable)")
     p.add_argument("--since", default=None, metavar="YYYYMMDD", help="only studies on or after this date")
-    p.add_argument("--model", default=None, help="model name in weights/ or a model folder (default: fracture)")
+    p.add_argument("--model", default=None, help="model name in weights/ or a model folder (default: the fracture "
+                   "task's default in weights/defaults.json, as in the app and predict)")
     p.add_argument("--operating-point", default=None, help="sensitive, balanced or a number (default: the card's)")
     p.add_argument("--aggregation", choices=["mean", "max"], default="mean", help="study probability from the views")
     p.add_argument("--no-captures", action="store_true", help="store the SR only, no secondary captures")
@@ -623,7 +624,7 @@ def pacs_command(args: Any) -> int:
     """Run ``pacs process``: one line per study; 1 if any study failed, else 0."""
     import json
 
-    from boneai.inference import load_model
+    from boneai.inference import default_model_name, load_model
     from boneai.store import model_version
 
     environ = dict(os.environ)
@@ -632,7 +633,7 @@ def pacs_command(args: Any) -> int:
     settings = settings_from({}, environ)
     if settings is None:
         raise ArchiveError("No archive given: pass --url or set BONEAI_PACS_URL.")
-    predictor = load_model(args.model or "fracture")
+    predictor = load_model(args.model or default_model_name("fracture"))  # not the model named "fracture"
     op: str | float | None = args.operating_point
     if op is not None:
         try:

@@ -60,7 +60,7 @@ from boneai.scope import (
 )
 
 __all__ = ["CLASSES", "REASONS", "HELD_OUT", "Item", "negative_items", "radiograph_items", "other_chain_items",
-           "FeatureCache", "network_feature_cache", "fit_scope", "train_scope"]
+           "FeatureCache", "network_feature_cache", "fit_scope", "train_scope", "DEFAULT_FEATURE_CACHE"]
 
 CLASSES = ("radiograph", "photograph", "screenshot_document", "slice")
 #: "looks like <reason>, not a musculoskeletal radiograph"
@@ -663,15 +663,21 @@ def fit_scope(pooled: np.ndarray, colour: np.ndarray, labels: np.ndarray, fit_ma
     return arrays, info
 
 
+#: The feature cache of ``train-scope`` and ``bench/scope_familiarity.py``, one file per feature model
+#: (``{model}``: its folder's name), so that switching models does not overwrite another model's features.
+DEFAULT_FEATURE_CACHE = "runs/scope/features_{model}.npz"
+
+
 def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, boneage: str | Path | None = None,
-                feature_model: str | Path | None = None, cache: str | Path | None = "runs/scope/features.npz",
+                feature_model: str | Path | None = None, cache: str | Path | None = DEFAULT_FEATURE_CACHE,
                 n_boneage: int = 300, n_variants: int = 24, n_synthetic: int = 160, c: float | None = None,
                 components: int | None = None, seed: int = 0, command: str = "", n_other_chain: int = 0,
                 scope_network: str | None = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fit and write the scope model (``scope_card.json`` + ``scope.safetensors``) to ``out``.
 
-    ``feature_model``: whose pooled features familiarity reads (default: the default fracture model)."""
+    ``feature_model``: whose pooled features familiarity reads (default: the default fracture model).
+    ``cache``: the feature cache (``{model}`` is replaced by the feature model's folder name; None: none)."""
     import torch
     from safetensors.numpy import save_file
 
@@ -679,6 +685,7 @@ def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, bonea
 
     torch.manual_seed(seed)
     fm_dir = model_dir(feature_model or default_model_name("fracture"))
+    cache = str(cache).format(model=fm_dir.name) if cache else None
     fm_card = json.loads((fm_dir / "card.json").read_text())
     fm_weights = fm_dir / fm_card.get("weights_file", "model.safetensors")
     sha = file_sha256(fm_weights)

@@ -31,6 +31,7 @@ from boneai.dicom_results import (  # noqa: E402
     read_review,
 )
 from boneai.io import read_radiograph  # noqa: E402
+from boneai.inference import default_model_name  # noqa: E402
 from boneai.pacs import (  # noqa: E402
     ArchiveClient,
     ArchiveError,
@@ -116,9 +117,10 @@ def archive(orthanc, samples) -> ArchiveClient:
 
 @pytest.fixture(scope="module")
 def predictor():
+    """The model `pacs process` uses without --model: the fracture task's default."""
     from boneai.inference import load_model
 
-    return load_model("fracture")
+    return load_model(default_model_name("fracture"))
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +265,9 @@ def test_pacs_process_is_idempotent_and_processes_only_new_studies(archive, orth
     assert second[0]["probability"] == pytest.approx(first[0]["probability"], abs=1e-9)
     study = archive.study(study_uid)
     assert len(study.ai_series) == 1 and len(archive.retrieve_series(study_uid, study.ai_series[0])) == 1
+    # without --model it used the task's default (weights/defaults.json), as the app and predict do
+    [(report, _)] = archive.ai_results(study)
+    assert report.model_name == default_model_name("fracture")
 
 
 def test_two_processes_at_once_analyse_a_study_once(archive, samples, predictor, version, tmp_path) -> None:
