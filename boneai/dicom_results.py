@@ -13,9 +13,10 @@ Comprehensive SR holds.
 Content of the AI report (:func:`ai_result_sr`), one measurement group each:
 
 * ``study``: study probability, threshold, finding (present/absent) or the mean bone age; references
-  every counted view.
-* ``view N``: that view's probability, threshold and finding (or bone age), or "within scope: absent"
-  when the view was out of scope; references its image.
+  every counted view. For a fracture study, "unlike the model's training images: present/absent" for its
+  views in scope taken together (:func:`boneai.scope.set_familiarity`), as the Study review page says it.
+* ``view N``: that view's probability, threshold and finding (or bone age) and its familiarity (0-1), or
+  "within scope: absent" when the view was out of scope; references its image.
 * ``view N box K``: a planar ROI (closed polyline on the referenced image, in its own pixels) with the
   box's score and the box operating point it passes, when the model gives boxes.
 
@@ -71,6 +72,8 @@ def _codes() -> dict[str, Any]:
         "boneage_finding": private("BONEAGEFINDING", "Skeletal maturity"),
         "boneage": private("BONEAGE", "Bone age"),
         "within_scope": private("INSCOPE", "Within the model's scope"),
+        "familiarity": private("FAMILIARITY", "Familiarity with the model's training images"),
+        "unfamiliar": private("UNFAMILIAR", "Unlike the model's training images"),
         "box_operating_point": private("BOXOP", "Box operating point"),
         "balanced": private("BALANCED", "Balanced operating point"),
         "sensitive": private("SENSITIVE", "Sensitive operating point"),
@@ -135,7 +138,8 @@ def _score_items(task: str, value: float | None, threshold: float | None, decisi
 
 def ai_result_sr(*, sources: Sequence[Any], predictions: Sequence[Any], in_scope: Sequence[bool], result: Any,
                  model_name: str, model_version: str, series_uid: str, sop_uid: str,
-                 series_number: int = 9901) -> Any:
+                 series_number: int = 9901, familiarities: Sequence[float | None] | None = None,
+                 unfamiliar: bool | None = None) -> Any:
     """The AI report of one study (a highdicom ``ComprehensiveSR``; see the module docstring).
 
     Args:
@@ -144,6 +148,9 @@ def ai_result_sr(*, sources: Sequence[Any], predictions: Sequence[Any], in_scope
         in_scope: per view, whether it counted (out-of-scope views get no finding).
         result: the :class:`boneai.study.StudyResult`.
         model_name, model_version: the model card's name and version (weights hash).
+        familiarities: per view, its familiarity (:class:`boneai.scope.ScopeResult`), recorded for counted
+            views; None where there is none.
+        unfamiliar: whether the counted views, taken together, are unlike the training images; None: not said.
     """
     import highdicom as hd
     from highdicom.sr import (
@@ -175,15 +182,20 @@ def ai_result_sr(*, sources: Sequence[Any], predictions: Sequence[Any], in_scope
 
     measurements, evaluations = _score_items(task, result.score, result.threshold, result.decision,
                                              result.boneage_months)
+    if unfamiliar is not None:
+        evaluations.insert(-1, QualitativeEvaluation(CODES["unfamiliar"], CODES["present" if unfamiliar else "absent"]))
+    familiarities = list(familiarities) if familiarities is not None else [None] * len(sources)
     groups.append(MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier="study"),
         finding_type=_finding_type(task), algorithm_id=algorithm, measurements=measurements or None,
         qualitative_evaluations=evaluations,
         source_images=[image_ref(sources[k], SourceImageForMeasurementGroup) for k in result.counted] or None))
-    for n, (ds, pred, counted) in enumerate(zip(sources, predictions, in_scope, strict=True), 1):
+    for n, (ds, pred, counted, fam) in enumerate(zip(sources, predictions, in_scope, familiarities, strict=True), 1):
         if counted:
             value = pred.probability if pred.probability is not None else pred.anomaly_score
             measurements, evaluations = _score_items(task, value, pred.threshold, pred.decision, pred.boneage_months)
+            if fam is not None:
+                measurements.append(Measurement(CODES["familiarity"], float(fam), CODES["no_units"]))
         else:
             measurements = []
             evaluations = [QualitativeEvaluation(CODES["within_scope"], CODES["absent"]),
@@ -318,6 +330,7 @@ class ViewResult:
     present: bool | None = None
     boneage_months: float | None = None
     in_scope: bool = True
+    familiarity: float | None = None
     boxes: list[dict[str, Any]] = field(default_factory=list)  # x0, y0, x1, y1, score, operating_point
 
 
@@ -335,6 +348,7 @@ class AIResult:
     boneage_months: float | None
     study_sources: list[str]
     views: list[ViewResult]
+    unfamiliar: bool | None = None  # the counted views together unlike the training images; None: not said
 
     @property
     def task(self) -> str:
@@ -375,7 +389,7 @@ def _group_fields(group: Any) -> dict[str, Any]:
         key = _code_of(item) if "ConceptNameCodeSequence" in item else None
         if kind == "NUM":
             value = float(item.MeasuredValueSequence[0].NumericValue)
-            for name in ("probability", "threshold", "boneage"):
+            for name in ("probability", "threshold", "boneage", "familiarity"):
                 if key == _key(CODES[name]):
                     fields.setdefault(name, value)
         elif kind == "CODE":
@@ -438,7 +452,7 @@ def read_ai_result(ds: Any) -> AIResult:
         view_results[ident] = ViewResult(
             sop_instance_uid=f["refs"][0] if f["refs"] else "", probability=f.get("probability"),
             threshold=f.get("threshold"), present=_present(f, finding) if finding is not None else None,
-            boneage_months=f.get("boneage"), in_scope=scope != _key(CODES["absent"]))
+            boneage_months=f.get("boneage"), in_scope=scope != _key(CODES["absent"]), familiarity=f.get("familiarity"))
     for ident, f in boxes:
         xy = f["region"]
         point = f.get("codes", {}).get(_key(CODES["box_operating_point"]))
@@ -454,7 +468,7 @@ def read_ai_result(ds: Any) -> AIResult:
                     probability=study.get("probability"), threshold=study.get("threshold"),
                     present=_present(study, finding) if finding is not None else None,
                     boneage_months=study.get("boneage"), study_sources=list(study["refs"]),
-                    views=[view_results[k] for k in order])
+                    views=[view_results[k] for k in order], unfamiliar=_present(study, CODES["unfamiliar"]))
 
 
 @dataclass

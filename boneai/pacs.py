@@ -517,7 +517,8 @@ def analyse_study(client: ArchiveClient, predictor: Any, study: ArchiveStudy, *,
     sr = ai_result_sr(sources=[v.header for v in views], predictions=predictions,
                       in_scope=[k in counted for k in range(len(views))], result=result,
                       model_name=predictor.name, model_version=model_version,
-                      series_uid=hd.UID(), sop_uid=hd.UID())
+                      series_uid=hd.UID(), sop_uid=hd.UID(), familiarities=[s.familiarity for s in scopes],
+                      unfamiliar=None if together is None else together.unfamiliar)
     objects = [sr]
     if captures:
         series_uid = hd.UID()

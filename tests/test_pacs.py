@@ -143,6 +143,16 @@ def _by_study(samples: list[pydicom.Dataset]) -> dict[str, list[pydicom.Dataset]
     return out
 
 
+def _familiarity(datasets: list[pydicom.Dataset]) -> list[float]:
+    """The scope check's familiarity of the same DICOM files."""
+    from boneai.scope import check_views
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        images = [read_radiograph(_file_bytes(ds), name="x") for ds in datasets]
+    return [s.familiarity for s in check_views(images)]
+
+
 def _expected(predictor, datasets: list[pydicom.Dataset]) -> list[float]:
     """What `predict` gives for the same DICOM files (the same read, the same model call)."""
     with warnings.catch_warnings():
@@ -209,6 +219,9 @@ def test_pacs_process_stores_an_sr_with_predicts_probability_and_the_right_refer
     assert [v.probability for v in result.views] == pytest.approx(per_view, abs=1e-6)
     assert result.study_sources == [str(d.SOPInstanceUID) for d in datasets]
     assert result.finding == line["decision"]
+    # familiarity as the scope check gives it for the same files, and the study's verdict as printed
+    assert result.unfamiliar is line["unfamiliar"] is False
+    assert [v.familiarity for v in result.views] == pytest.approx(_familiarity(datasets), abs=1e-6)
 
     # highdicom reads it as a TID 1500 report: one group for the study, one per view, each naming the image.
     import highdicom as hd
@@ -447,8 +460,11 @@ def test_bone_age_and_boxes_are_in_the_report_and_read_back() -> None:
              Prediction("fracture", "loc", probability=0.1, threshold=0.4, operating_point="balanced", decision=False,
                         extras={"boxes": []})]
     sr = ai_result_sr(sources=headers, predictions=preds, in_scope=[True, True], result=study_result(preds, [0, 1]),
-                      model_name="loc", model_version="abc123", series_uid=hd.UID(), sop_uid=hd.UID())
+                      model_name="loc", model_version="abc123", series_uid=hd.UID(), sop_uid=hd.UID(),
+                      familiarities=[0.031, 0.42], unfamiliar=True)
     back = read_ai_result(sr)
+    assert back.unfamiliar is True  # the study's views together are unlike the training images
+    assert [v.familiarity for v in back.views] == pytest.approx([0.031, 0.42])
     assert [b["operating_point"] for b in back.views[0].boxes] == ["balanced", "sensitive"]
     for got, want in zip(back.views[0].boxes, boxes, strict=True):
         assert [got[k] for k in ("x0", "y0", "x1", "y1")] == pytest.approx([want[k] for k in ("x0", "y0", "x1", "y1")])
@@ -459,6 +475,7 @@ def test_bone_age_and_boxes_are_in_the_report_and_read_back() -> None:
     sr = ai_result_sr(sources=headers, predictions=ages, in_scope=[True, False], result=study_result(ages, [0]),
                       model_name="boneage", model_version="v1", series_uid=hd.UID(), sop_uid=hd.UID())
     back = read_ai_result(sr)
+    assert back.unfamiliar is None and back.views[0].familiarity is None  # not said: nothing recorded
     assert back.task == "boneage" and back.boneage_months == pytest.approx(120.0) and back.probability is None
     assert back.views[0].boneage_months == pytest.approx(120.0)
     assert back.views[1].in_scope is False and back.views[1].boneage_months is None
