@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "batch-norm statistics re-estimated on the site's images, by cross-validation inside the folder")
     ad.add_argument("--task", choices=["fracture"], default="fracture")
     ad.add_argument("--data", required=True, help="labelled folder: fractured/ + not_fractured/, or FracAtlas layout")
-    ad.add_argument("--from", dest="parent", default="fracture", help="parent model (name, task or folder)")
+    ad.add_argument("--from", dest="parent", default="fracture", help="parent model: a classifier or an ensemble, by name or folder (default: "
+                    "fracture; a localiser cannot be a parent)")
     ad.add_argument("--out", required=True, help="model folder to write (load it with --model MODEL_DIR)")
     ad.add_argument("--feature-models", default=None,
                     help="comma-separated models whose networks add probes (default: the other single-network "

@@ -590,7 +590,8 @@ def adapt(data: str | Path, out: str | Path, parent: str = "fracture", feature_m
     Args:
         data: class folders (``fractured/``, ``not_fractured/``) or the FracAtlas layout.
         out: the model folder to write (``card.json``, ``model.safetensors``, ``val_predictions.csv``).
-        parent: model name, task or folder (default: the default fracture model).
+        parent: model name, task or folder (default: `fracture`, the single-network classifier whose
+            pooled features the probes read; a localiser or a site model cannot be a parent).
         feature_models: other models whose networks add probes (default: the other single-network
             fracture classifiers in ``weights/``; ``[]`` for the parent's only).
         methods: candidates to compare (see :data:`METHODS`).
