@@ -172,6 +172,8 @@ class StudyStatus:
     decision: str | None = None
     ai_sr_uid: str | None = None
     model: str | None = None
+    #: The AI report says the study's views in scope, together, are unlike the model's training images.
+    unfamiliar: bool | None = None
 
 
 def _value(ds_json: Mapping[str, Any], tag: str) -> list[Any]:
@@ -417,7 +419,7 @@ class ArchiveClient:
         ai = results[-1]
         reviews = [r for r in self.reviews(study) if r.ai_result_uid == ai.sop_instance_uid]
         common = dict(finding=ai.finding, probability=ai.probability, boneage_months=ai.boneage_months,
-                      ai_sr_uid=ai.sop_instance_uid, model=ai.model_name)
+                      ai_sr_uid=ai.sop_instance_uid, model=ai.model_name, unfamiliar=ai.unfamiliar)
         if reviews:
             return StudyStatus("reviewed", decision=reviews[-1].decision, **common)
         return StudyStatus("analysed", **common)

@@ -40,6 +40,8 @@ def worklist(url: str, model_name: str, model_version: str, since: str | None) -
             result = f"bone age {status.boneage_months:.0f} months"
         else:
             result = f"{status.finding} ({status.probability:.3f})" if status.probability is not None else "no finding"
+            if status.unfamiliar:  # as Study review says it beside the finding
+                result += "; views unlike the training images"
         rows.append({"study_uid": study.study_uid, "date": _date(study.date), "modality": ", ".join(
             m for m in study.modalities if m in client.settings.modalities), "body part": ", ".join(study.body_parts)
             or "-", "views": study.n_views, "status": STATE_LABELS[status.state], "AI finding": result,

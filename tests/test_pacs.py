@@ -26,6 +26,7 @@ from boneai.dicom_results import (  # noqa: E402
     AI_SR_SERIES_DESCRIPTION,
     CAPTION,
     CAPTURE_SERIES_DESCRIPTION,
+    ai_result_sr,
     caption_image,
     read_ai_result,
     read_review,
@@ -569,3 +570,39 @@ def test_an_unreadable_instance_is_named_and_the_other_views_still_come(archive)
     assert [v.sop_instance_uid for v in views] == [good.SOPInstanceUID]
     [message] = errors
     assert "too small" in message and "instance" in message and "SMALL" not in message
+
+
+def test_the_worklist_says_when_the_ai_report_found_the_views_unlike_the_training_images(archive, orthanc,
+                                                                                        monkeypatch) -> None:
+    """A study whose AI report (of the selected model and version) says its views, together, are unlike the
+    training images: the status carries it and the Worklist's finding says so; the other studies' do not."""
+    import highdicom as hd
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from boneai.inference import load_model
+    from boneai.store import model_version
+
+    model = load_model(default_model_name("fracture"))
+    study, series = hd.UID(), hd.UID()
+    views = [radiograph_dataset(np.tile(np.arange(200, dtype=np.uint8), (150, 1)), study_uid=study,
+                                series_uid=series, sop_uid=hd.UID(), instance=k, patient_id="P-2",
+                                patient_name="OTHER^SOURCE", study_date="20991231", body_part="WRIST")
+             for k in (1, 2)]
+    preds = [Prediction("fracture", model.name, probability=p, threshold=0.4, operating_point="balanced",
+                        decision=p >= 0.4) for p in (0.7, 0.2)]
+    sr = ai_result_sr(sources=views, predictions=preds, in_scope=[True, True], result=study_result(preds, [0, 1]),
+                      model_name=model.name, model_version=model_version(model.card), series_uid=hd.UID(),
+                      sop_uid=hd.UID(), familiarities=[0.01, 0.03], unfamiliar=True)
+    archive.store([*views, sr])
+    status = archive.status(archive.study(str(study)), model.name, model_version(model.card))
+    assert status.state == "analysed" and status.unfamiliar is True
+
+    monkeypatch.setenv("BONEAI_PACS_URL", orthanc.dicomweb_url)
+    st.cache_data.clear()  # the Worklist keeps the archive's rows 30 s; an earlier test may have read them
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=300).run()
+    at.switch_page("pages/worklist.py").run()
+    assert not at.exception
+    findings = [t.value for t in at.text if t.value.startswith(("fracture (", "no fracture (", "no finding"))]
+    flagged = [f for f in findings if f.endswith("; views unlike the training images")]
+    assert flagged == ["fracture (0.450); views unlike the training images"]  # the newest study: ours (2099)
