@@ -245,10 +245,14 @@ class JobRunner:
         model folder is the job's ``run/``; the Site validation page registers it like a training run).
 
         Raises:
-            BoneAIError: no such data folder. JobBusyError: another job runs.
+            BoneAIError: no such data folder, or a parent that adaptation cannot take. JobBusyError:
+                another job runs.
         """
+        from boneai.site import check_parent
+
         if not Path(data).is_dir():
             raise BoneAIError(f"Data folder not found: {data}.")
+        check_parent(parent)  # a localiser, a site model: said now, not when the job fails
         argv = ["-m", "boneai", "adapt", "--task", "fracture", "--data", str(data), "--from", str(parent),
                 "--out", "{run_dir}", "--cache", "{job_dir}/features"]
         return self.start_command(argv, task="fracture", request={"kind": "adapt", "data": str(data), "from": parent})

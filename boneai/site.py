@@ -200,22 +200,42 @@ class FeatureNet:
         return f"{Path(self.source).name}{'[' + self.prefix.rstrip('.') + ']' if self.prefix else ''}"
 
 
+#: Model kinds whose networks ``adapt`` can read: pooled features before one linear head.
+ADAPTABLE_KINDS = ("classifier", "ensemble")
+
+
+def check_parent(model: str | Path, weights_dir: str | Path | None = None) -> Path:
+    """The model folder of ``model`` if ``adapt`` can use it (as the parent or a feature network).
+
+    Read from the card alone, so that the Site validation page and the job runner refuse before a
+    job starts.
+
+    Raises:
+        ModelNotFoundError: no such model. BoneAIError: a model of another task, a site model, or a
+            kind without pooled features (the localiser), with the model to choose instead.
+    """
+    folder = model_dir(model, weights_dir)
+    card = ModelCard.from_dir(folder)
+    if card.task != "fracture":
+        raise BoneAIError(f"Model {card.name!r} is a {card.task} model; site adaptation needs a fracture model.")
+    if "site" in card:  # before the kind: a site model holds members like an ensemble
+        raise BoneAIError(f"{card.name!r} is already a site model; adapt its parent ({card['site']['parent']}).")
+    if card.model_kind not in ADAPTABLE_KINDS:
+        raise BoneAIError(f"Model {card.name!r} is a {card.model_kind}, which site adaptation cannot take as a "
+                          "parent; choose a classifier or an ensemble, e.g. fracture (the classifier whose "
+                          "blocks and head give the localiser's image probability).")
+    return folder
+
+
 def feature_nets(model: str | Path, is_parent: bool, weights_dir: str | Path | None = None) -> list[FeatureNet]:
     """The networks of a model folder (an ensemble's members, or the one network)."""
 
-    folder = model_dir(model, weights_dir)
+    folder = check_parent(model, weights_dir)
     pred = load_model(folder)
-    if pred.task != "fracture":
-        raise BoneAIError(f"Model {pred.name!r} is a {pred.task} model; site adaptation needs a fracture model.")
     sha = file_sha256(folder / pred.card.weights_file)
-    if isinstance(pred, SiteProbePredictor):  # before the ensemble test: a site model holds members too
-        raise BoneAIError(f"{pred.name!r} is already a site model; adapt its parent ({pred.card['site']['parent']}).")
     if isinstance(pred, EnsemblePredictor):
         prefixes = [m.prefix for m in pred.card.members]
         return [FeatureNet(m, str(folder), p, sha, is_parent) for m, p in zip(pred.members, prefixes, strict=True)]
-    if not isinstance(pred, Predictor):
-        raise BoneAIError(f"Model {pred.name!r} ({pred.card.model_kind}) has no pooled features to adapt; "
-                          "use a classifier or an ensemble as the parent.")
     return [FeatureNet(pred, str(folder), "", sha, is_parent)]
 
 

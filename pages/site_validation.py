@@ -20,7 +20,16 @@ import streamlit as st
 from boneai.errors import BoneAIError
 from boneai.jobs import JobRunner, JobStatus
 from boneai.site_validate import extract_site_zip, find_site_root
-from ui.common import audit, intended_use_note, model_cards, plain, register_job_form, require_role, route_through_app
+from ui.common import (
+    audit,
+    intended_use_note,
+    model_cards,
+    plain,
+    register_job_form,
+    require_role,
+    route_through_app,
+    selected_card,
+)
 
 route_through_app()
 require_role("admin")
@@ -80,8 +89,10 @@ def start_form() -> None:
         st.info("No fracture model in weights/.")
         return
     names = [c["name"] for c in cards]
-    model = st.selectbox("Model", names, key="site_model",
-                         help="The model to validate, and the parent of an adapted model.")
+    in_use = (selected_card("fracture") or {}).get("name")  # the one Study review uses, not the first by name
+    model = st.selectbox("Model", names, key="site_model", index=names.index(in_use) if in_use in names else 0,
+                         help="The model to validate (the one chosen in the sidebar first), and the parent of an "
+                              "adapted model (a classifier or an ensemble).")
     model_dir = next(c["dir"] for c in cards if c["name"] == model)
     c1, c2 = st.columns(2)
     validate = c1.button("Validate on these images", key="site_validate", type="primary")

@@ -342,6 +342,44 @@ def test_site_validation_page_refuses_a_missing_folder_and_shows_a_finished_vali
     assert at.get("download_button")[0].proto.label == "Download the HTML report"
 
 
+def test_adaptation_refuses_a_parent_it_cannot_take_before_any_job_starts(
+        tmp_path: Path, samples_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The localiser (the default) and a bone-age model: refused from their cards, with the model to
+    choose instead; the page preselects the model in use and starts no job for a parent it cannot take."""
+    from boneai.errors import BoneAIError
+    from boneai.jobs import JobRunner
+    from boneai.site import check_parent
+
+    assert check_parent(PARENT) == inference.WEIGHTS_DIR / PARENT
+    with pytest.raises(BoneAIError, match="is a localiser.*choose a classifier or an ensemble, e.g. fracture"):
+        check_parent("fracture_localiser")
+    with pytest.raises(BoneAIError, match="is a boneage model"):
+        check_parent("boneage")
+    jobs = tmp_path / "jobs"
+    with pytest.raises(BoneAIError, match="is a localiser"):
+        JobRunner(jobs).start_adapt(samples_dir, parent="fracture_localiser")
+    assert not jobs.exists() or not any(jobs.iterdir())
+
+    monkeypatch.setenv("BONEAI_JOBS_DIR", str(jobs))
+    monkeypatch.setenv("BONEAI_REVIEW_DB", str(tmp_path / "reviews.sqlite"))
+    at = _page()
+    default = inference.default_model_name("fracture")
+    assert at.selectbox(key="site_model").value == default  # the model Study review uses, not the first by name
+    at.selectbox(key="site_model").set_value("fracture_localiser").run()
+    at.text_input(key="site_folder").input(str(samples_dir)).run()
+    next(b for b in at.button if b.label == "Adapt to these images").click().run()
+    assert "choose a classifier or an ensemble" in at.error[0].value
+    assert not jobs.exists() or not any(p for p in jobs.iterdir() if p.is_dir())
+
+
+def test_a_site_model_is_not_a_parent(adapted) -> None:
+    from boneai.errors import BoneAIError
+    from boneai.site import check_parent
+
+    with pytest.raises(BoneAIError, match=f"already a site model; adapt its parent \\({PARENT}\\)"):
+        check_parent(adapted)
+
+
 def test_site_validation_is_for_admins_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from streamlit.testing.v1 import AppTest
 
