@@ -135,12 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--boneage", default="../shared/data/boneage")
     ap.add_argument("--full-resolution", default=None, help="default: BONEAGE/full_resolution")
     ap.add_argument("--scope", default=str(REPO / "weights" / "scope"))
-    ap.add_argument("--cache", default=None, help="default: runs/scope/features_MODEL.npz (the scope card's feature model)")
+    ap.add_argument("--cache", default=None,
+                    help="default: runs/scope/features_MODEL.npz (the scope card's feature model)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scope_familiarity.json"))
     args = ap.parse_args(argv)
 
     model = ScopeModel.load(args.scope)
-    args.cache = args.cache or str(REPO / DEFAULT_FEATURE_CACHE.format(model=Path(model.card["feature_model"]["dir"]).name))
+    feature_model = Path(model.card["feature_model"]["dir"]).name
+    args.cache = args.cache or str(REPO / DEFAULT_FEATURE_CACHE.format(model=feature_model))
     d = model.card["data"]
     rad = radiograph_items(args.data, args.split, args.boneage, d["n_boneage"], d["seed"])
     panels = [it.path for it in rad if it.source == "fracatlas:train"][::50]

@@ -105,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "batch-norm statistics re-estimated on the site's images, by cross-validation inside the folder")
     ad.add_argument("--task", choices=["fracture"], default="fracture")
     ad.add_argument("--data", required=True, help="labelled folder: fractured/ + not_fractured/, or FracAtlas layout")
-    ad.add_argument("--from", dest="parent", default="fracture", help="parent model: a classifier or an ensemble, by name or folder (default: "
-                    "fracture; a localiser cannot be a parent)")
+    ad.add_argument("--from", dest="parent", default="fracture",
+                    help="parent model: a classifier or an ensemble, by name or folder (default: fracture; a "
+                         "localiser cannot be a parent)")
     ad.add_argument("--out", required=True, help="model folder to write (load it with --model MODEL_DIR)")
     ad.add_argument("--feature-models", default=None,
                     help="comma-separated models whose networks add probes (default: the other single-network "
@@ -206,7 +207,8 @@ def _cmd_train_scope(args: argparse.Namespace) -> int:
     from boneai.train import command_line
 
     card = train_scope(args.data, args.split, args.out, boneage=args.boneage, feature_model=args.feature_model,
-                       cache=args.cache or DEFAULT_FEATURE_CACHE, command=command_line(), n_other_chain=args.other_chain,
+                       cache=args.cache or DEFAULT_FEATURE_CACHE, command=command_line(),
+                       n_other_chain=args.other_chain,
                        scope_network="efficientnet_lite0_imagenet" if args.imagenet_features else None,
                        log=lambda m: print(m, file=sys.stderr))
     print(json.dumps({"out": args.out, "radiograph_threshold": card["classifier"]["radiograph_threshold"],

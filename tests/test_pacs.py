@@ -31,8 +31,8 @@ from boneai.dicom_results import (  # noqa: E402
     read_ai_result,
     read_review,
 )
-from boneai.io import read_radiograph  # noqa: E402
 from boneai.inference import default_model_name  # noqa: E402
+from boneai.io import read_radiograph  # noqa: E402
 from boneai.pacs import (  # noqa: E402
     ArchiveClient,
     ArchiveError,
