@@ -17,9 +17,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn import metrics as skm
 
 from boneai.card import DEFAULT_OPERATING_POINT
+
 
 __all__ = [
     "box_iou",
@@ -49,6 +49,14 @@ __all__ = [
     "regression_metrics",
     "classifier_validation",
 ]
+
+
+def _metrics() -> Any:
+    """scikit-learn's metrics, imported on first use: about 1 s of the app's cold start that its first
+    page (Study review) does not need."""
+    from sklearn import metrics
+
+    return metrics
 
 
 def confusion_at(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, int]:
@@ -84,7 +92,7 @@ def threshold_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[st
 def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
     """ROC-AUC, or NaN when only one class is present (a tiny or one-sided split)."""
     y = np.asarray(y).astype(int)
-    return float(skm.roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+    return float(_metrics().roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
 
 
 def bootstrap_auc_ci(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
@@ -97,7 +105,7 @@ def bootstrap_auc_ci(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int
         idx = rng.integers(0, n, n)
         if y[idx].min() == y[idx].max():
             continue
-        aucs.append(skm.roc_auc_score(y[idx], p[idx]))
+        aucs.append(_metrics().roc_auc_score(y[idx], p[idx]))
     if not aucs:
         return float("nan"), float("nan")
     return float(np.quantile(aucs, alpha / 2)), float(np.quantile(aucs, 1 - alpha / 2))
@@ -105,7 +113,7 @@ def bootstrap_auc_ci(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int
 
 def sensitive_threshold(y: np.ndarray, p: np.ndarray, min_sensitivity: float = 0.90) -> float:
     """The highest threshold whose sensitivity is at least ``min_sensitivity`` (best specificity there)."""
-    fpr, tpr, thr = skm.roc_curve(y, p)
+    fpr, tpr, thr = _metrics().roc_curve(y, p)
     ok = np.where(tpr >= min_sensitivity)[0]
     t = float(thr[ok[0]]) if len(ok) else float(thr[-1])
     return float(min(t, 1.0))
@@ -113,7 +121,7 @@ def sensitive_threshold(y: np.ndarray, p: np.ndarray, min_sensitivity: float = 0
 
 def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
     """Threshold maximising Youden's J = sensitivity + specificity - 1."""
-    fpr, tpr, thr = skm.roc_curve(y, p)
+    fpr, tpr, thr = _metrics().roc_curve(y, p)
     j = tpr - fpr
     return float(min(thr[int(np.argmax(j))], 1.0))
 
@@ -126,7 +134,7 @@ def operating_points(y: np.ndarray, p: np.ndarray, min_sensitivity: float = 0.90
 
 def sensitivity_at_specificity(y: np.ndarray, p: np.ndarray, specificity: float = 0.90) -> float:
     """The best sensitivity among thresholds whose specificity is at least ``specificity``."""
-    fpr, tpr, _ = skm.roc_curve(np.asarray(y).astype(int), np.asarray(p, dtype=float))
+    fpr, tpr, _ = _metrics().roc_curve(np.asarray(y).astype(int), np.asarray(p, dtype=float))
     ok = fpr <= 1 - specificity + 1e-12
     return float(tpr[ok].max()) if ok.any() else 0.0
 
@@ -136,9 +144,9 @@ def binary_metrics(y: Sequence[int], p: Sequence[float], threshold: float = 0.5,
     y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
     out: dict[str, Any] = {"n": int(len(y)), "n_positive": int(y.sum()), "n_negative": int((1 - y).sum())}
     both = 0 < y.sum() < len(y)
-    out["auc"] = float(skm.roc_auc_score(y, p)) if both else float("nan")
+    out["auc"] = float(_metrics().roc_auc_score(y, p)) if both else float("nan")
     out["auc_ci95"] = list(bootstrap_auc_ci(y, p, n_boot=n_boot)) if both else [float("nan"), float("nan")]
-    out["ap"] = float(skm.average_precision_score(y, p)) if both else float("nan")
+    out["ap"] = float(_metrics().average_precision_score(y, p)) if both else float("nan")
     out["ece"] = expected_calibration_error(y, p)
     out.update(threshold_metrics(y, p, threshold))
     return out
@@ -236,7 +244,7 @@ def per_group_metrics(df: pd.DataFrame, group: str, threshold: float, label: str
         both = 0 < y.sum() < len(y)
         m = threshold_metrics(y, p, threshold)
         rows.append({group: value, "n": len(part), "n_positive": int(y.sum()),
-                     "auc": float(skm.roc_auc_score(y, p)) if both else float("nan"),
+                     "auc": float(_metrics().roc_auc_score(y, p)) if both else float("nan"),
                      "sensitivity": m["sensitivity"], "specificity": m["specificity"], "accuracy": m["accuracy"]})
     return pd.DataFrame(rows)
 

@@ -24,7 +24,6 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM
 from torch import nn
 
 from boneai.errors import BoneAIError
@@ -36,13 +35,15 @@ from boneai.preprocess import Stage, map_to_original, run_pipeline, standardise
 __all__ = ["CAM_METHODS", "DEFAULT_CAM_METHOD", "COLORMAPS", "Heatmap", "LogitTarget", "explain", "cam_on_input",
            "to_original", "overlay", "heatmap_png"]
 
-#: Grad-CAM family by name (ScoreCAM needs one forward pass per channel: slow on a CPU).
-CAM_METHODS: dict[str, type] = {
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "eigencam": EigenCAM,
-    "layercam": LayerCAM,
-    "scorecam": ScoreCAM,
+#: Grad-CAM family by name: the pytorch-grad-cam class of each (ScoreCAM needs one forward pass per
+#: channel: slow on a CPU). The package is imported on the first heatmap (:func:`_cam_class`): it imports
+#: scikit-learn, about 1.5 s of the app's cold start that a first page showing boxes does not need.
+CAM_METHODS: dict[str, str] = {
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "eigencam": "EigenCAM",
+    "layercam": "LayerCAM",
+    "scorecam": "ScoreCAM",
 }
 
 #: Chosen by the pointing game on the 121 fractured FracAtlas validation images with boxes, shipped
@@ -109,6 +110,12 @@ def _target_sign(target: str) -> float:
     raise BoneAIError(f"Unknown explanation target {target!r}; use 'positive' or 'negative'.")
 
 
+def _cam_class(method: str) -> type:
+    import pytorch_grad_cam
+
+    return getattr(pytorch_grad_cam, CAM_METHODS[method])
+
+
 def cam_on_input(predictor: ModelPredictor, image: Radiograph | np.ndarray, method: str | None = None, male: bool | None = None,
                  target: str = "positive") -> np.ndarray:
     """The CAM on the model-input square (S x S, float32 in [0, 1]).
@@ -135,7 +142,7 @@ def cam_on_input(predictor: ModelPredictor, image: Radiograph | np.ndarray, meth
         with torch.enable_grad():
             for p in model.parameters():
                 p.requires_grad_(True)
-            with CAM_METHODS[method](model=wrapped, target_layers=[layer]) as cam:
+            with _cam_class(method)(model=wrapped, target_layers=[layer]) as cam:
                 if method == "scorecam":
                     cam.batch_size = 32
                 grey = cam(input_tensor=x, targets=[LogitTarget(_target_sign(target))])[0]

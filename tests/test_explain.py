@@ -202,3 +202,18 @@ def test_predict_fracture_heatmap_dir_writes_pngs(fracture, tmp_path, capsys):
     for f in files:
         with Image.open(heat_dir / f"{f.stem}_heatmap.png") as im, Image.open(f) as src:
             assert im.size == src.size and im.mode == "RGB"
+
+
+def test_the_first_page_s_modules_import_neither_grad_cam_nor_scikit_learn() -> None:
+    """Both load on first use (a heatmap, a metric): together about 1.5 s of the app's cold start, which
+    its first page (Study review with the localiser's boxes) does not need."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; import boneai.inference, boneai.explain, boneai.evaluate, boneai.scope, boneai.report, "
+            "boneai.study, boneai.localisation; print(sorted(m for m in ('sklearn', 'pytorch_grad_cam') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
