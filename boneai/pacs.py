@@ -495,7 +495,7 @@ def analyse_study(client: ArchiveClient, predictor: Any, study: ArchiveStudy, *,
     import highdicom as hd
 
     from boneai.dicom_results import ai_result_sr, result_capture
-    from boneai.scope import check_views, study_familiarity
+    from boneai.scope import check_views, study_familiarity, view_familiarities
     from boneai.study import study_result
 
     views, errors = client.fetch_views(study)
@@ -519,7 +519,8 @@ def analyse_study(client: ArchiveClient, predictor: Any, study: ArchiveStudy, *,
     sr = ai_result_sr(sources=[v.header for v in views], predictions=predictions,
                       in_scope=[k in counted for k in range(len(views))], result=result,
                       model_name=predictor.name, model_version=model_version,
-                      series_uid=hd.UID(), sop_uid=hd.UID(), familiarities=[s.familiarity for s in scopes],
+                      series_uid=hd.UID(), sop_uid=hd.UID(),
+                      familiarities=view_familiarities(scopes, predictor.task),  # the fracture model's only
                       unfamiliar=None if together is None else together.unfamiliar)
     objects = [sr]
     if captures:

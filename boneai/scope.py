@@ -66,6 +66,7 @@ __all__ = [
     "SetFamiliarity",
     "set_familiarity",
     "study_familiarity",
+    "view_familiarities",
 ]
 
 #: The scope model's card inside its folder. Not ``card.json``: the scope model is not a predictor
@@ -209,12 +210,20 @@ def set_familiarity(values: Sequence[float | None]) -> SetFamiliarity | None:
     return SetFamiliarity(n=n, n_low=k, share_lower_bound=lower, unfamiliar=lower > SET_SHARE_BOUND)
 
 
-def study_familiarity(scopes: Sequence[ScopeResult], task: str) -> SetFamiliarity | None:
-    """A study's views in scope taken together; None for other tasks than fracture (familiarity is the
-    fracture model's) or without scores. Study review and ``pacs process`` both use it."""
+def view_familiarities(scopes: Sequence[ScopeResult], task: str) -> list[float | None] | None:
+    """Each view's familiarity where it speaks for the finding: a view in scope of a fracture study
+    (familiarity reads the fracture model's features), else None; None for other tasks. What Study
+    review logs, what the AI report records and what :func:`study_familiarity` counts."""
     if task != "fracture":
         return None
-    return set_familiarity([s.familiarity for s in scopes if s.in_scope])
+    return [s.familiarity if s.in_scope else None for s in scopes]
+
+
+def study_familiarity(scopes: Sequence[ScopeResult], task: str) -> SetFamiliarity | None:
+    """A study's views in scope taken together (:func:`view_familiarities`); None for other tasks than
+    fracture or without scores. Study review and ``pacs process`` both use it."""
+    values = view_familiarities(scopes, task)
+    return None if values is None else set_familiarity(values)
 
 
 def _norm(value: Any) -> str:

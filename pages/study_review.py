@@ -18,7 +18,7 @@ from boneai.inference import Prediction, Predictor
 from boneai.io import check_study_upload
 from boneai.preprocess import standardise
 from boneai.report import StudyReport, ViewReport, to_html, to_pdf
-from boneai.scope import study_familiarity
+from boneai.scope import study_familiarity, view_familiarities
 from boneai.store import REVIEWER_DECISIONS, new_study_id, view_label
 from boneai.study import AGGREGATIONS, finding_text, review_record, study_result
 from ui.common import (
@@ -368,8 +368,7 @@ if submitted:
                 study_label=label, view_labels=[view_label(n, v.digest) for n, v in enumerate(views, 1)],
                 predictions=predictions, result=result, model_name=card["name"], model_version=version_of(card),
                 reviewer_decision=decision, note=note, reviewer=user.name, review_key=review_key,
-                familiarities=([s.familiarity if s.in_scope else None for s in scopes] if task == "fracture"
-                               else None)))  # the fracture model's familiarity: the log's drift check
+                familiarities=view_familiarities(scopes, task)))  # the log's drift check
         except BoneAIError as exc:
             st.error(plain(exc))
         else:

@@ -252,6 +252,19 @@ def test_a_set_of_views_is_unfamiliar_when_its_share_under_0_1_is_surely_above_t
     assert "not shown to be unlike" in set_familiarity([0.5, 0.6]).message("views")
 
 
+def test_only_a_fracture_study_s_views_in_scope_carry_familiarity_into_the_log_the_sr_and_the_study_rule() -> None:
+    """Familiarity reads the fracture model's features: a bone-age study records none (its SR and log would
+    otherwise show another model's familiarity), and a view out of scope does not count."""
+    from boneai.scope import ScopeResult, study_familiarity, view_familiarities
+
+    scopes = [ScopeResult(in_scope=True, familiarity=0.02), ScopeResult(in_scope=False, familiarity=0.03),
+              ScopeResult(in_scope=True, familiarity=0.05)]
+    assert view_familiarities(scopes, "fracture") == [0.02, None, 0.05]
+    assert view_familiarities(scopes, "boneage") is None and study_familiarity(scopes, "boneage") is None
+    together = study_familiarity(scopes, "fracture")
+    assert together.n == 2 and together.n_low == 2 and together.unfamiliar
+
+
 def test_predict_warns_when_the_files_together_are_unfamiliar(monkeypatch, capsys) -> None:
     from boneai.cli import main as cli_main
 
