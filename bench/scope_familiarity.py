@@ -47,7 +47,13 @@ if str(REPO) not in sys.path:
 
 from boneai.evaluate import bootstrap_auc_ci, roc_auc  # noqa: E402
 from boneai.io import read_radiograph  # noqa: E402
-from boneai.scope import LOW_FAMILIARITY, ScopeModel, set_familiarity  # noqa: E402
+from boneai.scope import (  # noqa: E402
+    LOW_FAMILIARITY,
+    SET_CONFIDENCE,
+    SET_SHARE_BOUND,
+    ScopeModel,
+    set_familiarity,
+)
 from boneai.scope_train import (  # noqa: E402
     CLASSES,
     DEFAULT_FEATURE_CACHE,
@@ -238,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                 "fracatlas:test_other_chain": "measured", "fracatlas:val_harsh_site": "measured"}
     keep = np.isin(src, list(measured))
     familiarity["sets"] = {
-        "rule": f"a set is unfamiliar when the one-sided 95 % lower bound of its share of views under "
-                f"{LOW_FAMILIARITY} exceeds 0.20 (boneai.scope.set_familiarity)",
+        "rule": f"a set is unfamiliar when the one-sided {SET_CONFIDENCE:.0%} lower bound of its share of views "
+                f"under {LOW_FAMILIARITY} exceeds {SET_SHARE_BOUND} (boneai.scope.set_familiarity)",
         "draws": SET_DRAWS, "role": measured,
         "by_source": set_level(fam[keep], src[keep], group[keep]),
     }
