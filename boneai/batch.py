@@ -14,14 +14,22 @@ import numpy as np
 import pandas as pd
 
 from boneai import evaluate as ev
-from boneai.data import fracture_boxes, read_boneage, read_classification_dir, read_fracatlas, read_split_file
+from boneai.data import (
+    fracture_boxes,
+    is_image_file,
+    read_boneage,
+    read_classification_dir,
+    read_fracatlas,
+    read_split_file,
+)
 from boneai.errors import BoneAIError, DatasetError
 from boneai.inference import ModelPredictor, default_model_name, load_model
 from boneai.io import read_radiograph
 from boneai.localisation import LocaliserPredictor, _box_point_figures, localised_views, truth_boxes
 from boneai.scope import check_views
 
-__all__ = ["evaluate_folder", "evaluate_localisation", "predict_files", "predict_dataframe"]
+__all__ = ["evaluate_folder", "evaluate_localisation", "predict_files", "predict_dataframe", "readable_rows",
+           "expand_inputs"]
 
 
 def _read_all(paths: Sequence[str]) -> tuple[list[Any], list[dict[str, str]]]:
@@ -35,6 +43,29 @@ def _read_all(paths: Sequence[str]) -> tuple[list[Any], list[dict[str, str]]]:
             images.append(None)
             errors.append({"file": Path(p).name, "error": str(exc)})
     return images, errors
+
+
+def readable_rows(df: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """The rows whose ``path`` reads as a radiograph, and ``{file, error}`` for each one that does not.
+
+    One damaged file in a folder must not stop an evaluation, a site validation or an adaptation: it
+    is left out, named in the report or the card, and the rest go on. ``file`` is relative to ``root``.
+    """
+    ok, skipped = [], []
+    for path in df["path"]:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. a truncated JPEG that still decodes
+                read_radiograph(path)
+            ok.append(True)
+        except BoneAIError as exc:
+            ok.append(False)
+            rel = Path(path).relative_to(root) if Path(path).is_relative_to(root) else Path(path).name
+            skipped.append({"file": str(rel), "error": str(exc)})
+    if skipped and not any(ok):
+        raise DatasetError(f"None of the {len(df)} image files in {root} could be read; the first: "
+                           f"{skipped[0]['error']}")
+    return df[np.array(ok, dtype=bool)].reset_index(drop=True), skipped
 
 
 def predict_dataframe(predictor: ModelPredictor, df: pd.DataFrame, batch_size: int = 32,
@@ -123,10 +154,34 @@ def evaluate_folder(task: str, data: str | Path, model: str | None = None, regio
     return report
 
 
+def expand_inputs(inputs: Sequence[str]) -> list[tuple[str, str]]:
+    """``(path, name)`` for each file argument, and for each image or DICOM file under a folder argument.
+
+    A file keeps its own name; a file found in a folder is named by its path inside that folder
+    (``PAT1/IM00001``), since exports repeat file names across subfolders. A folder with nothing to read
+    stays as one entry, so that it gets its own error row.
+    """
+    out: list[tuple[str, str]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if is_image_file(f)
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            out.extend((str(f), f.relative_to(p).as_posix()) for f in found)
+            if not found:
+                out.append((str(p), p.name or str(p)))
+        else:
+            out.append((str(p), p.name))
+    return out
+
+
 def predict_files(files: Sequence[str], task: str = "fracture", model: str | None = None,
                   operating_point: str | None = None, sex: str | None = None, heatmap_dir: str | None = None,
                   cam_method: str | None = None) -> list[dict[str, Any]]:
-    """One result dict per file: ``{file, ok, probability, decision, error, ...}``; errors never raise."""
+    """One result dict per file: ``{file, ok, probability, decision, error, ...}``; errors never raise.
+
+    A folder among ``files`` stands for its image and DICOM files (:func:`expand_inputs`).
+    """
     predictor = load_model(model or default_model_name(task))  # the task's default, not a model named like it
     op: str | float | None = operating_point
     if operating_point is not None:
@@ -138,8 +193,12 @@ def predict_files(files: Sequence[str], task: str = "fracture", model: str | Non
         raise BoneAIError("Bone-age prediction needs --sex M or --sex F.")
     male = None if sex is None else sex == "M"
     results = []
-    for f in files:
-        name = Path(f).name
+    for f, name in expand_inputs(files):
+        if Path(f).is_dir():
+            results.append({"file": name, "ok": False, "probability": None, "decision": None, "in_scope": None,
+                            "error": "no image or DICOM files in this folder", "scope_reason": None,
+                            "familiarity": None, "unfamiliar": None})
+            continue
         row: dict[str, Any] = {"file": name, "ok": False, "probability": None, "decision": None, "error": None,
                                "in_scope": None, "scope_reason": None, "familiarity": None, "unfamiliar": None}
         try:
@@ -180,7 +239,7 @@ def predict_files(files: Sequence[str], task: str = "fracture", model: str | Non
 
                 out_dir = Path(heatmap_dir)
                 out_dir.mkdir(parents=True, exist_ok=True)
-                out = out_dir / f"{Path(name).stem}_heatmap.png"
+                out = out_dir / f"{Path(name.replace('/', '_')).stem}_heatmap.png"
                 out.write_bytes(heatmap_png(predictor, rg, method=cam_method, male=male))
                 row["heatmap"] = str(out)
         except BoneAIError as exc:
@@ -207,6 +266,7 @@ def evaluate_localisation(data: str | Path, model: str | None = None, method: st
             df = df[df["split"] == subset].reset_index(drop=True)
     if df.empty:
         raise DatasetError(f"No images to evaluate in {data}" + (f" (subset {subset!r})" if subset else "") + ".")
+    df, skipped = readable_rows(df, Path(data))
     boxes = fracture_boxes(data)
     y = df["label"].to_numpy().astype(int)
     truths = [truth_boxes(boxes, r.image_id) if r.label else np.zeros((0, 4)) for r in df.itertuples()]
@@ -257,4 +317,5 @@ def evaluate_localisation(data: str | Path, model: str | None = None, method: st
                                       for name, t in predictor.operating_points.items()}
         report["sensitivity_at_specificity_0.90"] = round(ev.sensitivity_at_specificity(y, prob, 0.90), 4)
         report["threshold"] = thr
+    report["skipped"] = skipped
     return report

@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--cache", default=None, help="feature cache folder (reruns on the same files skip the networks)")
 
     pr = sub.add_parser("predict", help="predict on image files (PNG, JPEG, DICOM)")
-    pr.add_argument("files", nargs="+")
+    pr.add_argument("files", nargs="+", help="image or DICOM files, or folders (their image and DICOM files, "
+                    "DICOM under any name, read recursively)")
     pr.add_argument("--task", choices=["fracture", "boneage", "anomaly"], default="fracture")
     pr.add_argument("--model", default=None)
     pr.add_argument("--operating-point", default=None, help="sensitive, balanced or a number (fracture)")

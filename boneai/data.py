@@ -24,6 +24,9 @@ from boneai.errors import DatasetError
 __all__ = [
     "IMAGE_SUFFIXES",
     "REGIONS",
+    "is_image_file",
+    "is_image_name",
+    "has_dicom_marker",
     "read_fracatlas",
     "read_image_folder",
     "read_boneage",
@@ -40,6 +43,8 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff"}
+#: A DICOM Part 10 file has this marker after its 128-byte preamble.
+DICOM_MARKER, DICOM_MARKER_OFFSET = b"DICM", 128
 REGIONS = ("hand", "leg", "hip", "shoulder", "mixed")
 
 #: Class-folder names understood by :func:`read_image_folder`, lower-cased, with their label.
@@ -48,6 +53,42 @@ _FOLDER_LABELS = {
     "not_fractured": 0, "non_fractured": 0, "nonfractured": 0, "not fractured": 0, "no_fracture": 0,
     "negative": 0, "normal": 0, "0": 0, "no": 0,
 }
+
+
+def has_dicom_marker(head: bytes) -> bool:
+    """Whether a file's first bytes are those of a DICOM Part 10 file."""
+    return head[DICOM_MARKER_OFFSET:DICOM_MARKER_OFFSET + len(DICOM_MARKER)] == DICOM_MARKER
+
+
+def is_image_name(name: str) -> bool | None:
+    """True for an image or DICOM suffix, False for a name to skip, None when only the bytes can tell.
+
+    Skipped: hidden files (``.DS_Store``, and the ``._IMG1.jpg`` resource forks a Mac leaves on USB
+    sticks and in zips, which have an image suffix but no image) and ``DICOMDIR``, the index of a DICOM
+    medium. A name with another suffix or none may still be a DICOM file: PACS exports and DICOM media
+    name them ``IM00001`` or after their UID (``1.2.840.113619.2.55.3.320``).
+    """
+    base = _base_name(name)
+    if not base or base.startswith(".") or base.upper() == "DICOMDIR":
+        return False
+    if Path(base).suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    return None
+
+
+def is_image_file(path: str | Path) -> bool:
+    """Whether a folder reader takes this file: an image suffix, or DICOM bytes under any name."""
+    p = Path(path)
+    known = is_image_name(p.name)
+    if known is not None:
+        return known and p.is_file()
+    if not p.is_file():
+        return False
+    try:
+        with open(p, "rb") as fh:
+            return has_dicom_marker(fh.read(DICOM_MARKER_OFFSET + len(DICOM_MARKER)))
+    except OSError:
+        return False
 
 
 def _require_dir(path: str | Path) -> Path:
@@ -72,7 +113,7 @@ def read_fracatlas(root: str | Path) -> pd.DataFrame:
     rows = []
     for folder, label in folders.items():
         for p in sorted((root / "images" / folder).glob("*")):
-            if p.suffix.lower() in IMAGE_SUFFIXES:
+            if is_image_file(p):
                 rows.append({"path": str(p), "image_id": p.name, "label": label})
     if not rows:
         raise DatasetError(f"FracAtlas folder has no images under images/Fractured or images/Non_fractured: {root}.")
@@ -120,8 +161,13 @@ def fracture_boxes(root: str | Path) -> dict[str, list[list[float]]]:
             scales[img["id"]] = _coco_scale(root, img)
         sx, sy = scales[img["id"]]
         x, y, w, h = (float(v) for v in ann["bbox"])
-        boxes.setdefault(img["file_name"], []).append([x * sx, y * sy, w * sx, h * sy])
+        boxes.setdefault(_base_name(img["file_name"]), []).append([x * sx, y * sy, w * sx, h * sy])
     return boxes
+
+
+def _base_name(file_name: str) -> str:
+    """A COCO ``file_name`` as the image file's own name ("images/Fractured/a.jpg", "a.jpg": "a.jpg")."""
+    return str(file_name).replace("\\", "/").rsplit("/", 1)[-1]
 
 
 def _coco_scale(root: Path, img: dict[str, Any]) -> tuple[float, float]:
@@ -131,7 +177,7 @@ def _coco_scale(root: Path, img: dict[str, Any]) -> tuple[float, float]:
     width, height = img.get("width"), img.get("height")
     if not width or not height:
         return 1.0, 1.0
-    for candidate in sorted((root / "images").glob(f"*/{img['file_name']}")):
+    for candidate in sorted((root / "images").glob(f"*/{_base_name(img['file_name'])}")):
         try:
             with Image.open(candidate) as im:  # reads the header only
                 return im.width / float(width), im.height / float(height)
@@ -152,7 +198,7 @@ def read_image_folder(root: str | Path) -> pd.DataFrame:
         if key not in _FOLDER_LABELS:
             continue
         for p in sorted(sub.rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(sub).parts):
                 rows.append({"path": str(p), "image_id": p.name, "label": _FOLDER_LABELS[key],
                              "region": "unknown", "group": str(p.relative_to(root))})
     if not rows:
@@ -199,7 +245,7 @@ def read_mura(root: str | Path) -> pd.DataFrame:
     root = _require_dir(root)
     rows = []
     for study_dir in sorted(p for p in root.rglob("*") if p.is_dir() and _MURA_STUDY.match(p.name)):
-        views = sorted(str(p) for p in study_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        views = sorted(str(p) for p in study_dir.iterdir() if is_image_file(p))
         if not views:
             continue
         patient = study_dir.parent.name

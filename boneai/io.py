@@ -413,8 +413,35 @@ def _read_dicom(data: bytes, name: str) -> Radiograph:
             metadata["pixel_spacing_mm"] = [float(spacing[0]), float(spacing[1])]
         except (TypeError, ValueError, IndexError):
             pass
+    terms = _described_terms(ds)
+    if terms:
+        metadata["described_terms"] = terms
     metadata.setdefault("modality", None)
     return Radiograph(pixels=pixels, source_format="DICOM", metadata=metadata, warnings=notes, name=name)
+
+
+#: Free-text attributes that name the examination ("XR CHEST PA AND LAT", "HAND 3 VIEWS RT").
+DESCRIPTION_FIELDS = ("StudyDescription", "SeriesDescription", "ProtocolName", "PerformedProcedureStepDescription")
+
+
+def _described_terms(ds: Any) -> list[str]:
+    """The body-part words of the examination's descriptions, and nothing else of that free text.
+
+    Many archives leave BodyPartExamined empty and name the examination in its descriptions only.
+    Free text may hold anything (a name, a comment), so only words of the scope check's anatomy
+    vocabulary (:data:`boneai.scope.DESCRIPTION_TERMS`) are kept.
+    """
+    import re
+
+    from boneai.scope import DESCRIPTION_TERMS
+
+    words: set[str] = set()
+    for keyword in DESCRIPTION_FIELDS:
+        try:
+            words.update(re.findall(r"[A-Z]+", str(ds.get(keyword, "") or "").upper()))
+        except Exception:  # noqa: BLE001 - a malformed description says nothing
+            continue
+    return sorted(words & DESCRIPTION_TERMS)
 
 
 def _inflate_deflated_dicom(data: bytes, name: str) -> tuple[bytes, Any] | None:

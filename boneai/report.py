@@ -129,8 +129,9 @@ def _view_rows(view: ViewReport) -> list[tuple[str, str]]:
     if view.heatmap is not None and view.heatmap_method:
         rows.append(("Heatmap", view.heatmap_method))
     for key, value in view.metadata.items():
-        if value not in (None, ""):
-            rows.append((key.replace("_", " "), str(value)))
+        if value not in (None, "", []):
+            text = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            rows.append((key.replace("_", " "), text))
     for note in view.warnings:
         rows.append(("Warning", note))
     return rows

@@ -114,6 +114,18 @@ SUPPORTED_BODY_PARTS = {
 }
 CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "RIBS", "RIB", "STERNUM", "CHESTABDOMEN",
                               "CHESTTOPELVIS", "HEART", "MEDIASTINUM"})
+#: Words of an examination's descriptions (StudyDescription, SeriesDescription, ProtocolName) that name
+#: a region, read where BodyPartExamined is empty. A description naming a trained region leaves the
+#: decision to the image model, whatever else it names ("SHOULDER AND CHEST").
+DESCRIBED_TRAINED = frozenset(SUPPORTED_BODY_PARTS) | {
+    "FINGERS", "TOES", "FEET", "KNEES", "HIPS", "ANKLES", "WRISTS", "HANDS", "LEGS", "ARMS", "SHOULDERS",
+    "EXTREMITIES", "FEMORAL", "HUMERAL", "RADIAL", "ULNAR", "TIBIAL", "CARPAL", "METACARPAL", "SCAPHOID"}
+DESCRIBED_CHEST = frozenset({"CHEST", "THORAX", "TORAX", "CXR", "LUNG", "LUNGS", "RIB", "RIBS", "STERNUM"})
+#: Not "HEAD" or "NECK": radial head, femoral neck.
+DESCRIBED_OTHER = frozenset({"SKULL", "SPINE", "CSPINE", "TSPINE", "LSPINE", "ABDOMEN", "ABDO", "KUB", "SINUS",
+                             "SINUSES", "MANDIBLE", "DENTAL", "TEETH", "TOOTH", "OPG", "BREAST", "MAMMO", "MAMMOGRAM",
+                             "MAMMOGRAPHY", "FACIAL", "ORBIT", "ORBITS"})
+DESCRIPTION_TERMS = DESCRIBED_TRAINED | DESCRIBED_CHEST | DESCRIBED_OTHER
 #: A grey radiograph has no hue. An image counts as colour when more than this share of its pixels
 #: have an HSV saturation over 0.2 (bright enough to have a hue); FracAtlas, RSNA bone age: 0.
 COLOUR_PIXEL_SHARE = 0.02
@@ -239,7 +251,7 @@ def header_reason(metadata: dict[str, Any]) -> str | None:
         return f"DICOM modality {what}: not a plain radiograph"
     part = _norm(metadata.get("body_part"))
     if not part:
-        return None
+        return _description_reason(metadata.get("described_terms") or [])
     if part in CHEST_BODY_PARTS or part.startswith("CHEST"):
         return (f"chest radiograph (DICOM body part {metadata.get('body_part')}): "
                 "the model was not trained on chest films")
@@ -247,6 +259,18 @@ def header_reason(metadata: dict[str, Any]) -> str | None:
         return (f"unsupported region (DICOM body part {metadata.get('body_part')}): the model was trained on "
                 f"{', '.join(TRAINED_REGIONS[:-1])} and {TRAINED_REGIONS[-1]} radiographs")
     return None
+
+
+def _description_reason(terms: Sequence[str]) -> str | None:
+    """Why the examination's description puts a view out of scope (BodyPartExamined being empty)."""
+    terms = set(terms)
+    if not terms or terms & DESCRIBED_TRAINED:
+        return None
+    if terms & DESCRIBED_CHEST:
+        return (f"chest radiograph (DICOM description names {', '.join(sorted(terms & DESCRIBED_CHEST))}): "
+                "the model was not trained on chest films")
+    return (f"unsupported region (DICOM description names {', '.join(sorted(terms & DESCRIBED_OTHER))}): the model "
+            f"was trained on {', '.join(TRAINED_REGIONS[:-1])} and {TRAINED_REGIONS[-1]} radiographs")
 
 
 def colour_stats(pixels: np.ndarray) -> np.ndarray:

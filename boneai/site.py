@@ -59,6 +59,7 @@ from boneai._json import json_default
 from boneai.card import DEFAULT_OPERATING_POINT, WEIGHTS_FILE, ModelCard
 from boneai.config import ADAPT_METHODS
 from boneai.data import image_fingerprints, near_duplicate_groups, read_classification_dir
+from boneai.batch import readable_rows
 from boneai.ensemble import EnsemblePredictor
 from boneai.errors import BoneAIError, DatasetError
 from boneai.inference import available_cards, load_model, model_dir
@@ -100,6 +101,8 @@ SINGLE_NETWORK_METHODS = ("finetune_head", "finetune_blocks")
 TIE_BOOT = 300
 #: Below this many fractured or not-fractured images a folder cannot be cross-validated usefully.
 MIN_PER_CLASS = 8
+#: Unreadable files a card or report names one by one (all are counted).
+MAX_SKIPPED_LISTED = 50
 #: Inverse L2 strengths tried for the probes (on standardised sqrt features). Measured on the
 #: simulated site, inner CV picks 3e-4..3e-3 at ~95 images; the grid brackets that widely.
 PROBE_CS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
@@ -117,6 +120,7 @@ class SiteData:
     frame: pd.DataFrame
     layout: str
     sha256: str
+    skipped: list[dict[str, str]] = field(default_factory=list)  # unreadable files: {file, error}
 
     @property
     def n(self) -> int:
@@ -129,7 +133,8 @@ class SiteData:
     def provenance(self) -> dict[str, Any]:
         return {"path": str(self.root), "layout": self.layout, "sha256": self.sha256, "n": self.n,
                 "n_positive": self.n_positive, "n_negative": self.n - self.n_positive,
-                "n_groups": int(self.frame["group"].nunique())}
+                "n_groups": int(self.frame["group"].nunique()),
+                "n_skipped": len(self.skipped), "skipped": self.skipped[:MAX_SKIPPED_LISTED]}
 
 
 def read_site(data: str | Path, near_duplicates: bool = True) -> SiteData:
@@ -143,6 +148,7 @@ def read_site(data: str | Path, near_duplicates: bool = True) -> SiteData:
 
     root = Path(data)
     df = read_classification_dir(root).reset_index(drop=True)
+    df, skipped = readable_rows(df, root)
     layout = "fracatlas" if "view" in df.columns else "class_folders"
     rel = [Path(p).relative_to(root) for p in df["path"]]
     if layout == "class_folders":  # class/patient/file: the patient subfolder is the group
@@ -158,7 +164,7 @@ def read_site(data: str | Path, near_duplicates: bool = True) -> SiteData:
     digest = hashlib.sha256()
     for r, label, h in sorted(zip(map(str, rel), df["label"], df["sha256"], strict=True)):
         digest.update(f"{r}\t{int(label)}\t{h}\n".encode())
-    return SiteData(root=root, frame=df, layout=layout, sha256=digest.hexdigest())
+    return SiteData(root=root, frame=df, layout=layout, sha256=digest.hexdigest(), skipped=skipped)
 
 
 def _join_groups(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -630,6 +636,8 @@ def adapt(data: str | Path, out: str | Path, parent: str = "fracture", feature_m
         raise DatasetError(f"{data} has {n_pos} fractured and {n_neg} not-fractured images; site adaptation needs "
                            f"at least {MIN_PER_CLASS} of each to choose anything by cross-validation.")
     log(f"site: {site.n} images ({n_pos} fractured), {site.frame['group'].nunique()} groups")
+    if site.skipped:
+        log(f"left out {len(site.skipped)} unreadable file(s), e.g. {site.skipped[0]['error']}")
     nets = feature_nets(parent, True, weights_dir)
     extra = default_feature_models(parent, weights_dir) if feature_models is None else list(feature_models)
     for m in extra:

@@ -100,7 +100,7 @@ def validate_site(data: str | Path, model: str | None = None, task: str = "fract
     familiarity = np.full(len(df), np.nan)
     in_scope = np.ones(len(df), bool)
     reasons: dict[str, int] = {}
-    skipped = []
+    skipped = list(site.skipped)  # unreadable files, left out when the folder was read
     paths = df["path"].tolist()
     for start in range(0, len(paths), batch_size):
         images, idx = [], []
@@ -245,6 +245,8 @@ def verdict(report: dict[str, Any]) -> dict[str, Any]:
                         "or adapt the model before reading them as risks")
     if report["scope"]["out_of_scope"]:
         cautions.append(f"{report['scope']['out_of_scope']} views were out of scope")
+    if report.get("skipped"):
+        cautions.append(f"{len(report['skipped'])} file(s) could not be read and were left out (listed in the report)")
     if reasons:
         text = ("Do not use this model at this site: " + "; ".join(reasons)
                 + ". Adapt it to this site (python -m boneai adapt) and validate the result on other cases.")
@@ -300,6 +302,10 @@ def report_html(report: dict[str, Any]) -> str:
     else:
         fam_html = "<p>No familiarity scores (no scope model installed).</p>"
     items = "".join(f"<li>{e(r)}</li>" for r in report["reasons"] + report["cautions"])
+    skipped = report.get("skipped") or []
+    skipped_html = ("<h2>Files left out</h2><table><tr><th>file</th><th>why</th></tr>"
+                    + "".join(f"<tr><td>{e(str(r['file']))}</td><td>{e(str(r['error']))}</td></tr>" for r in skipped)
+                    + "</table>") if skipped else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Site validation: {e(str(report['model']))}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
@@ -316,6 +322,7 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}
 <h2>Calibration</h2>
 <table><tr><th>bin</th><th>mean predicted</th><th>observed rate</th><th>count</th></tr>{cal_rows}</table>
 <h2>Familiarity</h2>{fam_html}
+{skipped_html}
 <h2>Rule</h2>
 <p>Do not use when the lower 95 % bound of the AUC is under {MIN_AUC_LOWER:.2f} or the sensitivity at the most
 sensitive operating point is under {MIN_SENSITIVITY:.2f}; not enough cases under {MIN_CASES_PER_CLASS} images of a
@@ -336,10 +343,15 @@ def write_report(report: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
 
 
 # -- a site zip from the app ------------------------------------------------------------------------
-def _is_image_name(name: str) -> bool:
-    from boneai.data import IMAGE_SUFFIXES
+def _is_image_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bool:
+    """An image suffix, or DICOM bytes under another name or none (as PACS exports name them)."""
+    from boneai.data import DICOM_MARKER, DICOM_MARKER_OFFSET, has_dicom_marker, is_image_name
 
-    return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
+    known = is_image_name(info.filename)
+    if known is not None:
+        return known
+    with zf.open(info) as src:
+        return has_dicom_marker(src.read(DICOM_MARKER_OFFSET + len(DICOM_MARKER)))
 
 
 def extract_site_zip(source: str | Path | IO[bytes], dest: str | Path, max_files: int = ZIP_MAX_FILES,
@@ -372,7 +384,7 @@ def extract_site_zip(source: str | Path | IO[bytes], dest: str | Path, max_files
                 parts = PurePosixPath(name).parts
                 if info.is_dir() or not parts:
                     continue
-                if any(p.startswith(".") or p == "__MACOSX" for p in parts) or not _is_image_name(name):
+                if any(p.startswith(".") or p == "__MACOSX" for p in parts) or not _is_image_member(zf, info):
                     skipped += 1
                     continue
                 files += 1

@@ -143,6 +143,16 @@ def _ci(v: dict[str, Any]) -> str:
     return f"{v['value']:.3f} ({lo:.3f}-{hi:.3f})"
 
 
+def left_out(skipped: list[dict[str, str]], n: int | None = None) -> None:
+    """Name the files of the folder that could not be read (they were left out, the rest went on)."""
+    n = len(skipped) if n is None else n
+    if not n:
+        return
+    st.warning(plain(f"{n} file(s) of the folder could not be read and were left out of these figures."))
+    with st.expander("Files left out"):
+        st.dataframe(pd.DataFrame(skipped, columns=["file", "error"]), hide_index=True)
+
+
 def show_validation(job: JobStatus) -> None:
     path = job.run_dir / "site_validation.json"
     if not path.is_file():
@@ -164,6 +174,7 @@ def show_validation(job: JobStatus) -> None:
                                 "specificity (95 % CI)": _ci(p["specificity"]),
                                 "card sensitivity": p["card_sensitivity"], "card specificity": p["card_specificity"]}
                                for k, p in report["operating_points"].items()]), hide_index=True)
+    left_out(report.get("skipped") or [])
     html_path = path.with_suffix(".html")
     if html_path.is_file():
         st.download_button("Download the HTML report", html_path.read_bytes(), file_name="site_validation.html",
@@ -183,6 +194,7 @@ def show_adaptation(job: JobStatus) -> None:
                      f"the parent {site['parent']} scores {site['parent_cv_auc']:.3f} on them."))
     st.dataframe(pd.DataFrame([{"candidate": k.replace("_", " "), "cross-validated AUC": round(c["cv_auc"], 4)}
                                for k, c in site["candidates"].items()]), hide_index=True)
+    left_out(site["data"].get("skipped") or [], site["data"].get("n_skipped"))
     st.caption("Every figure here is cross-validated inside this folder (nested: each choice made on training "
                "folds only). Validate the registered model on other labelled cases before use.")
     register_job_form(job, "fracture", prefix="site_", registered_in="site_registered", name_stem="site",

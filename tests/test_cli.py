@@ -61,6 +61,30 @@ def test_predict_json_on_good_and_bad_files(tmp_path):
     assert "DOE" not in proc.stdout  # nothing from inside a file leaks into the output
 
 
+def test_predict_reads_a_folder_with_dicom_files_under_any_name(tmp_path, dicom_bytes):
+    """An export folder: DICOM named IM00001 in patient subfolders, a JPEG, a hidden file; and an empty folder."""
+    import numpy as np
+    from PIL import Image
+
+    jpg = sorted(SAMPLES.glob("*.jpg"))[0]
+    with Image.open(jpg) as img:
+        dicom = dicom_bytes(np.asarray(img.convert("L")))
+    export = tmp_path / "export"
+    for patient in ("PAT1", "PAT2"):
+        (export / patient).mkdir(parents=True)
+        (export / patient / "IM00001").write_bytes(dicom)  # the same name in both subfolders
+    (export / jpg.name).write_bytes(jpg.read_bytes())
+    (export / "PAT1" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tmp_path / "nothing").mkdir()
+    proc = _cli("predict", str(export), str(tmp_path / "nothing"), "--json")
+    rows = json.loads(proc.stdout)
+    assert [r["file"] for r in rows] == [jpg.name, "PAT1/IM00001", "PAT2/IM00001", "nothing"]
+    assert all(r["ok"] and r["decision"] in ("fracture", "no fracture") for r in rows[:3]), rows
+    assert rows[1]["probability"] == rows[2]["probability"]
+    assert not rows[3]["ok"] and rows[3]["error"] == "no image or DICOM files in this folder"
+    assert proc.returncode == 1
+
+
 def test_predict_lines_and_operating_points():
     good = str(sorted(SAMPLES.glob("*.jpg"))[0])
     sens = _cli("predict", good, "--operating-point", "sensitive")

@@ -105,6 +105,11 @@ def test_fracture_boxes_scale_to_a_reduced_file_and_tolerate_absence(tmp_path: P
     boxes = fracture_boxes(tmp_path)
     assert boxes["a.jpg"] == [pytest.approx([10, 40, 5, 20])]  # x by 100/400, y by 200/400
     assert boxes["gone.jpg"] == [[1.0, 2.0, 3.0, 4.0]]  # no file to measure: COCO pixels as given
+    # A COCO file name with its folder (either slash) names the same file.
+    for name in ("images/Fractured/a.jpg", "Fractured\\a.jpg"):
+        coco["images"][0]["file_name"] = name
+        (tmp_path / "fracture_masks_coco.json").write_text(json.dumps(coco))
+        assert fracture_boxes(tmp_path)["a.jpg"] == [pytest.approx([10, 40, 5, 20])]
 
 
 def test_read_fracatlas_on_a_small_copy(tmp_path: Path, samples_dir: Path):
@@ -148,6 +153,32 @@ def test_read_image_folder_labels_by_class_folder(tmp_path: Path, samples_dir: P
     assert df["group"].is_unique
     assert f"{negative}/ward2/{NOT_FRACTURED[0]}" in set(df["group"])
     assert read_classification_dir(tmp_path)["path"].tolist() == df["path"].tolist()
+
+
+def test_read_image_folder_finds_dicom_files_by_their_bytes_and_skips_what_is_not_an_image(
+        tmp_path: Path, samples_dir: Path, dicom_bytes) -> None:
+    """A PACS export names DICOM files IM00001 or after their UID; a Mac leaves ._x.jpg and .DS_Store."""
+    with Image.open(samples_dir / "fracatlas" / FRACTURED[0]) as img:
+        pixels = np.asarray(img.convert("L"))
+    dicom = dicom_bytes(pixels)
+    study = tmp_path / "fractured" / "PAT0001" / "STU01"
+    study.mkdir(parents=True)
+    (study / "IM00001").write_bytes(dicom)  # no suffix
+    (study / "1.2.840.113619.2.55.3.320").write_bytes(dicom)  # named after its UID
+    (study / "DICOMDIR").write_bytes(dicom_bytes(None))  # a medium's index, not an image
+    (study / "._IM00002.jpg").write_bytes(b"\x00\x05\x16\x07 Mac resource fork")
+    (study / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (study / "LOG").write_bytes(b"export finished\n")  # no suffix, not DICOM
+    (tmp_path / "fractured" / ".thumbnails").mkdir()
+    shutil.copy(samples_dir / "fracatlas" / FRACTURED[1], tmp_path / "fractured" / ".thumbnails" / FRACTURED[1])
+    (tmp_path / "not_fractured").mkdir()
+    shutil.copy(samples_dir / "fracatlas" / NOT_FRACTURED[0], tmp_path / "not_fractured" / "A.JPG")
+    df = read_image_folder(tmp_path)
+    assert sorted(df["image_id"]) == ["1.2.840.113619.2.55.3.320", "A.JPG", "IM00001"]
+    assert df.set_index("image_id")["label"].to_dict() == {"1.2.840.113619.2.55.3.320": 1, "A.JPG": 0, "IM00001": 1}
+    from boneai.io import read_radiograph
+
+    assert read_radiograph(df.loc[df["image_id"] == "IM00001", "path"].item()).pixels.shape == pixels.shape
 
 
 def test_read_image_folder_without_class_folders_says_what_it_expected(tmp_path: Path, samples_dir: Path):

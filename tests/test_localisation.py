@@ -235,6 +235,29 @@ def test_evaluate_localisation_json_for_mixed_and_fractured_only_folders(tmp_pat
         assert 0 <= report["auc"] <= 1
 
 
+def test_evaluate_localisation_leaves_out_a_damaged_file_and_reads_coco_names_with_folders(
+        tmp_path, samples_dir, tiny_localiser):
+    """A held-back folder may hold a file that cannot be read, and COCO file names with their folder."""
+    plain = _mini_fracatlas(tmp_path / "plain", samples_dir)
+    other = _mini_fracatlas(tmp_path / "other", samples_dir)
+    coco_path = other / "fracture_masks_coco.json"
+    coco = json.loads(coco_path.read_text())
+    for k, img in enumerate(coco["images"]):
+        img["file_name"] = ("images/Fractured/" if k % 2 else "Fractured\\") + img["file_name"]
+    coco_path.write_text(json.dumps(coco))
+    (other / "images" / "Fractured" / "IMG9999999.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
+    reports = []
+    for data in (plain, other):
+        out = tmp_path / f"{data.name}.json"
+        assert cli_main(["evaluate", "--task", "localisation", "--data", str(data), "--model", str(tiny_localiser),
+                         "--out", str(out)]) == 0
+        reports.append(json.loads(out.read_text()))
+    a, b = reports
+    assert a["skipped"] == [] and [s["file"] for s in b["skipped"]] == ["images/Fractured/IMG9999999.jpg"]
+    for key in ("n_images", "n_fractured_images", "n_boxes", "hit_rate", "froc", "map50", "auc"):
+        assert a[key] == b[key], key
+
+
 def test_gradcam_baseline_gives_a_hit_rate_and_no_box_figures(tmp_path, samples_dir):
     data = _mini_fracatlas(tmp_path / "fa", samples_dir, fractured_only=True)
     out = tmp_path / "cam.json"

@@ -95,6 +95,31 @@ def test_the_header_is_silent_or_agrees_for_radiographs_of_trained_regions(meta)
     assert header_reason(meta) is None
 
 
+@pytest.mark.parametrize("description, expected", [
+    ("XR CHEST PA AND LAT", "chest radiograph (DICOM description names CHEST)"),
+    ("CXR portable", "chest radiograph (DICOM description names CXR)"),
+    ("Ribs left", "chest radiograph"),
+    ("C-Spine 3 views", "unsupported region (DICOM description names SPINE)"),
+    ("OPG", "unsupported region"),
+    ("HAND 3 VIEWS RT", None),
+    ("Radial head view", None),  # "head" alone names no region
+    ("Femoral neck", None),
+    ("SHOULDER AND CHEST", None),  # a trained region named: the image model decides
+    ("Trauma series", None),
+])
+def test_the_description_speaks_where_body_part_is_empty_and_keeps_no_other_words(description, expected) -> None:
+    """Many archives leave BodyPartExamined empty and name the examination in free text only."""
+    pixels = load_sample_gray("fracatlas/IMG0000351.jpg")
+    rg = _read(make_dicom(pixels, extra={"BodyPartExamined": "", "StudyDescription": f"{description} Dr Smith",
+                                         "SeriesDescription": "Series 1"}), "x.dcm")
+    assert "Smith" not in json.dumps(rg.metadata) and "SMITH" not in json.dumps(rg.metadata)
+    reason = header_reason(rg.metadata)
+    assert (reason is None) if expected is None else (reason is not None and expected in reason), reason
+    # BodyPartExamined, where it is given, decides.
+    labelled = _read(make_dicom(pixels, extra={"BodyPartExamined": "HAND", "StudyDescription": description}), "y.dcm")
+    assert header_reason(labelled.metadata) is None
+
+
 def test_colour_rule_flags_a_colour_photo_and_not_grey_or_grey_stored_as_rgb() -> None:
     skdata = pytest.importorskip("skimage.data")
     assert colour_reason(colour_stats(skdata.astronaut())).startswith("colour image")

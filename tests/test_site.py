@@ -274,6 +274,42 @@ def test_site_zip_keeps_images_only_and_finds_the_class_folders(tmp_path: Path) 
     assert sorted(p.name for p in (tmp_path / "u").rglob("*") if p.is_file()) == ["a.png", "b.PNG"]
 
 
+def test_site_zip_keeps_dicom_files_without_an_image_suffix(tmp_path: Path, dicom_bytes) -> None:
+    from boneai.site_validate import extract_site_zip
+
+    dicom = dicom_bytes(np.zeros((64, 64), np.uint8))
+    info = extract_site_zip(_zip({"export/fractured/PAT1/IM00001": dicom, "export/fractured/PAT1/1.2.3.4.5": dicom,
+                                  "export/fractured/PAT1/DICOMDIR": dicom, "export/not_fractured/IM2.dcm": dicom,
+                                  "export/not_fractured/LOG": b"not dicom", "export/not_fractured/._IM2.dcm": b"x"}),
+                            tmp_path / "u")
+    assert info["files"] == 3 and info["skipped"] == 3
+    kept = sorted(str(p.relative_to(tmp_path / "u")) for p in (tmp_path / "u").rglob("*") if p.is_file())
+    assert kept == ["export/fractured/PAT1/1.2.3.4.5", "export/fractured/PAT1/IM00001", "export/not_fractured/IM2.dcm"]
+
+
+def test_an_unreadable_file_is_left_out_and_named_not_fatal(site, tmp_path: Path) -> None:
+    """One damaged file in a hospital's folder must not stop validation or adaptation."""
+    from boneai.site import read_site
+    from boneai.site_validate import verdict
+
+    copy = tmp_path / "copy"
+    shutil.copytree(site["held"], copy)
+    (copy / "fractured" / "damaged.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    read = read_site(copy, near_duplicates=True)  # the near-duplicate hash reads every file too
+    assert read.n == 2 * N_HELD
+    assert [s["file"] for s in read.skipped] == ["fractured/damaged.png"]
+    assert read.provenance()["n_skipped"] == 1 and read.provenance()["skipped"] == read.skipped
+    assert read.sha256 == read_site(site["held"], near_duplicates=False).sha256  # the hash is of what was used
+    report = _report((0.80, 0.95), 0.92)
+    report.update(skipped=read.skipped, verdict="usable", verdict_text="", reasons=[], cautions=[])
+    assert "1 file(s) could not be read" in verdict(report)["cautions"][0]
+    only_broken = tmp_path / "broken"
+    (only_broken / "fractured").mkdir(parents=True)
+    (only_broken / "fractured" / "a.png").write_bytes(b"nothing")
+    with pytest.raises(DatasetError, match="could be read"):
+        read_site(only_broken)
+
+
 @pytest.mark.parametrize("name", ["../evil.png", "site/../../evil.png", "/etc/evil.png", "C:/evil.png"])
 def test_site_zip_refuses_paths_outside_its_folder(tmp_path: Path, name: str) -> None:
     from boneai.site_validate import extract_site_zip
@@ -329,13 +365,20 @@ def test_site_validation_page_refuses_a_missing_folder_and_shows_a_finished_vali
     next(b for b in at.button if b.label == "Validate on these images").click().run()
     assert at.error[0].value.startswith("Data folder not found")
 
-    report = validate_site(site["held"], PARENT, n_boot=100)
+    held = tmp_path / "held"  # the site's folder with one damaged file: left out, named, the rest validated
+    shutil.copytree(site["held"], held)
+    (held / "not_fractured" / "damaged.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    report = validate_site(held, PARENT, n_boot=100)
+    assert report["n"] == 2 * N_HELD and [s["file"] for s in report["skipped"]] == ["not_fractured/damaged.jpg"]
     run = tmp_path / "run"
     write_report(report, run / "site_validation.json")
+    assert "not_fractured/damaged.jpg" in (run / "site_validation.html").read_text()
     _finished_job(tmp_path / "jobs", "validate-site", run)
     at = _page()
     shown = {"usable": at.success, "do_not_use": at.error, "not_enough_cases": at.warning}[report["verdict"]]
     assert plain(report["verdict_text"]) in [e.value for e in shown]
+    assert plain("1 file(s) of the folder could not be read and were left out of these figures.") in [
+        w.value for w in at.warning]
     assert [m.value for m in at.metric if m.label == "ROC-AUC"] == [f"{report['auc']['value']:.3f}"]
     table = at.dataframe[0].value
     assert table["operating point"].tolist() == list(report["operating_points"])
