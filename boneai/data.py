@@ -25,6 +25,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "REGIONS",
     "is_image_file",
+    "folder_label",
     "is_image_name",
     "has_dicom_marker",
     "read_fracatlas",
@@ -49,10 +50,15 @@ REGIONS = ("hand", "leg", "hip", "shoulder", "mixed")
 
 #: Class-folder names understood by :func:`read_image_folder`, lower-cased, with their label.
 _FOLDER_LABELS = {
-    "fractured": 1, "fracture": 1, "positive": 1, "abnormal": 1, "1": 1, "yes": 1,
-    "not_fractured": 0, "non_fractured": 0, "nonfractured": 0, "not fractured": 0, "no_fracture": 0,
+    "fractured": 1, "fracture": 1, "fractures": 1, "positive": 1, "abnormal": 1, "1": 1, "yes": 1,
+    "not_fractured": 0, "non_fractured": 0, "nonfractured": 0, "no_fracture": 0, "no_fractures": 0,
     "negative": 0, "normal": 0, "0": 0, "no": 0,
 }
+
+
+def folder_label(name: str) -> int | None:
+    """The label a class folder's name gives ("Not fractured", "non-fractured", "positive"), or None."""
+    return _FOLDER_LABELS.get("_".join(name.lower().replace("-", " ").replace("_", " ").split()))
 
 
 def has_dicom_marker(head: bytes) -> bool:
@@ -194,12 +200,12 @@ def read_image_folder(root: str | Path) -> pd.DataFrame:
     root = _require_dir(root)
     rows = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        key = sub.name.lower().replace("-", "_")
-        if key not in _FOLDER_LABELS:
+        label = folder_label(sub.name)
+        if label is None:
             continue
         for p in sorted(sub.rglob("*")):
             if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(sub).parts):
-                rows.append({"path": str(p), "image_id": p.name, "label": _FOLDER_LABELS[key],
+                rows.append({"path": str(p), "image_id": p.name, "label": label,
                              "region": "unknown", "group": str(p.relative_to(root))})
     if not rows:
         known = "fractured/not_fractured, Fractured/Non_fractured, positive/negative, abnormal/normal"

@@ -417,12 +417,12 @@ def extract_site_zip(source: str | Path | IO[bytes], dest: str | Path, max_files
 
 def find_site_root(folder: str | Path) -> Path:
     """The labelled folder inside an unpacked zip: ``folder`` itself or the one folder it wraps."""
-    from boneai.data import _FOLDER_LABELS
+    from boneai.data import folder_label
 
     folder = Path(folder)
     for _ in range(3):
         subs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
-        if (folder / "dataset.csv").is_file() or any(p.name.lower().replace("-", "_") in _FOLDER_LABELS for p in subs):
+        if (folder / "dataset.csv").is_file() or any(folder_label(p.name) is not None for p in subs):
             return folder
         if len(subs) != 1:
             break

@@ -133,7 +133,8 @@ def test_read_fracatlas_on_a_small_copy(tmp_path: Path, samples_dir: Path):
 
 
 @pytest.mark.parametrize("positive, negative", [("fractured", "not_fractured"), ("positive", "negative"),
-                                                ("Fractured", "Non_fractured"), ("abnormal", "normal")])
+                                                ("Fractured", "Non_fractured"), ("abnormal", "normal"),
+                                                ("Fractures", "No fracture"), ("fractured", "Non-Fractured")])
 def test_read_image_folder_labels_by_class_folder(tmp_path: Path, samples_dir: Path, positive, negative):
     for name in FRACTURED[:3]:
         (tmp_path / positive).mkdir(exist_ok=True)
