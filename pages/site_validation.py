@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from boneai.data import read_classification_dir
 from boneai.errors import BoneAIError
 from boneai.jobs import JobRunner, JobStatus
 from boneai.site_validate import extract_site_zip, find_site_root
@@ -68,7 +69,7 @@ def data_folder() -> str | None:
         folder = st.text_input("Folder", key="site_folder", placeholder="/data/site/fractures",
                                help="Class folders fractured/ and not_fractured/ (a subfolder per patient is "
                                     "kept together in cross-validation), or the FracAtlas layout.")
-        return folder.strip() or None
+        return str(Path(folder.strip()).expanduser()) if folder.strip() else None
     upload = st.file_uploader("Zip of fractured/ and not_fractured/ folders", type=["zip"], key="site_zip",
                               help=f"At most {ZIP_UPLOAD_MB} MB unpacked; only image and DICOM files are kept.")
     if upload is None:
@@ -106,6 +107,11 @@ def start_form() -> None:
     user = require_role("admin")
     if not folder or not Path(folder).is_dir():
         st.error(plain(f"Data folder not found: {folder or '(empty)'}."))
+        return
+    try:  # the layout, before a job starts: a folder without class folders is said here, not in a job log
+        read_classification_dir(folder)
+    except BoneAIError as exc:
+        st.error(plain(exc))
         return
     try:
         if validate:

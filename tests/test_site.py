@@ -364,6 +364,12 @@ def test_site_validation_page_refuses_a_missing_folder_and_shows_a_finished_vali
     at.text_input(key="site_folder").input("/no/such/folder")
     next(b for b in at.button if b.label == "Validate on these images").click().run()
     assert at.error[0].value.startswith("Data folder not found")
+    (tmp_path / "unsorted").mkdir()  # a folder, but no class folders: said before any job starts
+    shutil.copy(next((site["held"] / "fractured").iterdir()), tmp_path / "unsorted")
+    at.text_input(key="site_folder").input(str(tmp_path / "unsorted"))
+    next(b for b in at.button if b.label == "Validate on these images").click().run()
+    assert at.error[0].value.startswith("No class subfolders with images found")
+    assert not (tmp_path / "jobs").exists() or not any((tmp_path / "jobs").iterdir())
 
     held = tmp_path / "held"  # the site's folder with one damaged file: left out, named, the rest validated
     shutil.copytree(site["held"], held)
