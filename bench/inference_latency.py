@@ -1,10 +1,12 @@
 """CPU inference latency of a shipped model: one view (read + preprocessing + forward) and batch throughput.
 
-Usage:  .venv/bin/python bench/inference_latency.py [--model fracture] [--repeats 30] [--runs 5 --pause 10]
+Usage:  .venv/bin/python bench/inference_latency.py [--model fracture] [--repeats 30] [--runs 5 --pause 10] [--scope]
 Prints a table and writes bench/results/inference_latency.json (or ``--out``). Run it on an idle
 machine: other processes on the same cores inflate every figure. ``BONEAI_INFERENCE_DTYPE=bfloat16``
 measures the bfloat16 forward pass (see boneai.inference.inference_dtype); ``BONEAI_FOLD_BN=0`` the
-forward pass without batch norms folded into the convolutions.
+forward pass without batch norms folded into the convolutions. ``--scope`` times each view as ``predict``
+and the app run it: read, prediction, then the scope and familiarity check (``boneai.scope.check_views``,
+which reuses the prediction's pooled features and adds the ImageNet network's pass).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 from boneai.inference import load_model  # noqa: E402
 from boneai.io import read_radiograph  # noqa: E402
+from boneai.scope import check_views  # noqa: E402
 
 
 def main() -> None:
@@ -35,6 +38,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1,
                         help="repeat the per-view measurement N times, --pause seconds apart (shared machines drift)")
     parser.add_argument("--pause", type=float, default=10.0)
+    parser.add_argument("--scope", action="store_true", help="include the scope and familiarity check per view")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "inference_latency.json"))
     args = parser.parse_args()
     files = sorted((REPO / "samples" / "fracatlas").glob("*.jpg"))
@@ -51,6 +55,9 @@ def main() -> None:
 
     for raw in data[:3]:  # warm-up: first calls allocate and pick kernels
         one_view(raw)
+        if args.scope:
+            rg = read_radiograph(raw, name="bench")
+            check_views([rg], predictor=predictor, predictions=[predictor.predict(rg)])
     per_view, pre_only, forward_only, run_medians = [], [], [], []
     for i in range(args.repeats * args.runs):
         if i and i % args.repeats == 0:
@@ -59,6 +66,10 @@ def main() -> None:
         raw = data[i % len(data)]
         t = time.perf_counter()
         rg = read_radiograph(raw, name="bench")
+        if args.scope:  # as predict and the app: the prediction, then the scope check on its features
+            check_views([rg], predictor=predictor, predictions=[predictor.predict(rg)])
+            per_view.append((time.perf_counter() - t) * 1000)
+            continue
         if hasattr(predictor, "views"):
             # A localiser: file bytes to probability and boxes in the file's pixels, as the app shows them.
             predictor.predict(rg)
@@ -93,8 +104,9 @@ def main() -> None:
         "per_view_ms_median": round(statistics.median(per_view), 1),
         "per_view_ms_p90": round(sorted(per_view)[int(0.9 * (len(per_view) - 1))], 1),
         "per_view_ms_median_of_each_run": run_medians,
-        "preprocess_ms_median": round(statistics.median(pre_only), 1),
-        "forward_ms_median": round(statistics.median(forward_only), 1),
+        "scope_check": bool(args.scope),
+        "preprocess_ms_median": round(statistics.median(pre_only), 1) if pre_only else None,
+        "forward_ms_median": round(statistics.median(forward_only), 1) if forward_only else None,
         "batch_size": args.batch, "batch_images_per_s": round(throughput, 1),
         "model_load_s": round(load_s, 2), "repeats": args.repeats, "runs": args.runs,
         "inference_dtype": str(getattr(predictor, "dtype", torch.float32)).replace("torch.", ""),
