@@ -25,11 +25,10 @@ from boneai.data import (
 from boneai.errors import BoneAIError, DatasetError
 from boneai.inference import ModelPredictor, default_model_name, load_model
 from boneai.io import read_radiograph
-from boneai.localisation import LocaliserPredictor, _box_point_figures, localised_views, truth_boxes
+from boneai.localisation import LocaliserPredictor, _box_point_figures, truth_boxes
 from boneai.scope import check_views
 
-__all__ = ["evaluate_folder", "evaluate_localisation", "predict_files", "predict_dataframe", "readable_rows",
-           "expand_inputs"]
+__all__ = ["evaluate_folder", "evaluate_localisation", "predict_files", "predict_dataframe", "expand_inputs"]
 
 
 def _read_all(paths: Sequence[str]) -> tuple[list[Any], list[dict[str, str]]]:
@@ -43,29 +42,6 @@ def _read_all(paths: Sequence[str]) -> tuple[list[Any], list[dict[str, str]]]:
             images.append(None)
             errors.append({"file": Path(p).name, "error": str(exc)})
     return images, errors
-
-
-def readable_rows(df: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, list[dict[str, str]]]:
-    """The rows whose ``path`` reads as a radiograph, and ``{file, error}`` for each one that does not.
-
-    One damaged file in a folder must not stop an evaluation, a site validation or an adaptation: it
-    is left out, named in the report or the card, and the rest go on. ``file`` is relative to ``root``.
-    """
-    ok, skipped = [], []
-    for path in df["path"]:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # e.g. a truncated JPEG that still decodes
-                read_radiograph(path)
-            ok.append(True)
-        except BoneAIError as exc:
-            ok.append(False)
-            rel = Path(path).relative_to(root) if Path(path).is_relative_to(root) else Path(path).name
-            skipped.append({"file": str(rel), "error": str(exc)})
-    if skipped and not any(ok):
-        raise DatasetError(f"None of the {len(df)} image files in {root} could be read; the first: "
-                           f"{skipped[0]['error']}")
-    return df[np.array(ok, dtype=bool)].reset_index(drop=True), skipped
 
 
 def predict_dataframe(predictor: ModelPredictor, df: pd.DataFrame, batch_size: int = 32,
@@ -266,25 +242,33 @@ def evaluate_localisation(data: str | Path, model: str | None = None, method: st
             df = df[df["split"] == subset].reset_index(drop=True)
     if df.empty:
         raise DatasetError(f"No images to evaluate in {data}" + (f" (subset {subset!r})" if subset else "") + ".")
-    df, skipped = readable_rows(df, Path(data))
     boxes = fracture_boxes(data)
-    y = df["label"].to_numpy().astype(int)
-    truths = [truth_boxes(boxes, r.image_id) if r.label else np.zeros((0, 4)) for r in df.itertuples()]
     report: dict[str, Any] = {"task": "localisation", "method": method, "data": str(data)}
     if subset:
         report["subset"] = subset
     predictor: ModelPredictor
+    # Each file is read once, a batch at a time; one that cannot be read is left out and named in "skipped".
+    read_ok = np.ones(len(df), dtype=bool)
+    skipped: list[dict[str, str]] = []
+
+    def readable(start: int, stop: int) -> tuple[list[int], list[Any]]:
+        images, errors = _read_all(df["path"].iloc[start:stop].tolist())
+        skipped.extend(errors)
+        rows = [start + i for i, im in enumerate(images) if im is not None]
+        read_ok[[start + i for i, im in enumerate(images) if im is None]] = False
+        return rows, [im for im in images if im is not None]
+
     if method == "gradcam":
         from boneai.explain import explain  # pytorch-grad-cam: loaded only for heatmaps
 
         predictor = load_model(model or "fracture")
         points, probs = [], []
-        for r in df.itertuples():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                rg = read_radiograph(r.path)
-            probs.append(predictor.predict(rg).probability)
-            points.append(explain(predictor, rg).peak if r.label else None)
+        for start in range(len(df)):
+            for i, rg in zip(*readable(start, start + 1), strict=True):
+                probs.append(predictor.predict(rg).probability)
+                points.append(explain(predictor, rg).peak if df["label"].iloc[i] else None)
+        df = _kept(df, read_ok)
+        y, truths = _localisation_truths(df, boxes)
         rate = ev.point_hit_rate(points, truths)
         report.update({"model": predictor.name, "n_images": len(df), "n_fractured_images": int(y.sum()),
                        "n_boxes": int(sum(len(t) for t in truths)),
@@ -297,7 +281,12 @@ def evaluate_localisation(data: str | Path, model: str | None = None, method: st
             predictor = load_model("fracture_localiser")
         if not isinstance(predictor, LocaliserPredictor):
             raise DatasetError(f"Model {predictor.name!r} gives no boxes; use a localiser or --method gradcam.")
-        views = localised_views(predictor, df["path"].tolist(), batch_size)
+        views = []
+        for start in range(0, len(df), batch_size):
+            images = readable(start, start + batch_size)[1]
+            views.extend(predictor.views(images) if images else [])
+        df = _kept(df, read_ok)
+        y, truths = _localisation_truths(df, boxes)
         preds = [predictor.candidate_boxes(v) for v in views]
         report.update({"model": predictor.name, **ev.localisation_figures(preds, truths, y)})
         curve = ev.froc_curve(preds, truths)
@@ -319,3 +308,16 @@ def evaluate_localisation(data: str | Path, model: str | None = None, method: st
         report["threshold"] = thr
     report["skipped"] = skipped
     return report
+
+
+def _kept(df: pd.DataFrame, keep: np.ndarray) -> pd.DataFrame:
+    """The rows that were read; a folder of which nothing could be read is an error, not empty figures."""
+    if not keep.any():
+        raise DatasetError(f"None of the {len(df)} image files could be read.")
+    return df[keep].reset_index(drop=True)
+
+
+def _localisation_truths(df: pd.DataFrame, boxes: dict[str, list[list[float]]]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Image labels, and the annotated boxes of each fractured image (none for a normal one)."""
+    y = df["label"].to_numpy().astype(int)
+    return y, [truth_boxes(boxes, r.image_id) if r.label else np.zeros((0, 4)) for r in df.itertuples()]

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from boneai.errors import DatasetError
+from boneai.errors import BoneAIError, DatasetError
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -312,12 +312,14 @@ def split_train_val(
 DUPLICATE_MAX_BITS = 20
 
 
-def image_fingerprints(paths: list[str], hash_size: int = 16) -> np.ndarray:
+def image_fingerprints(paths: list[str], hash_size: int = 16, errors: dict[int, str] | None = None) -> np.ndarray:
     """Difference hash (dHash) of each image: ``hash_size``**2 bits as a bool array (n, bits).
 
     The image is standardised to grey, Otsu-cropped to the radiograph and shrunk to
     (hash_size + 1) x hash_size; each bit says whether a pixel is brighter than its right neighbour.
     Robust to scale, compression and small contrast changes, which is what near-duplicate views need.
+    With ``errors``, a file that cannot be read leaves its row all zero and its message under its
+    index there, instead of raising.
     """
     import warnings
 
@@ -330,7 +332,13 @@ def image_fingerprints(paths: list[str], hash_size: int = 16) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # truncated FracAtlas JPEGs
         for i, path in enumerate(paths):
-            img = otsu_crop(standardise(read_radiograph(path).pixels).image).image
+            try:
+                img = otsu_crop(standardise(read_radiograph(path).pixels).image).image
+            except BoneAIError as exc:
+                if errors is None:
+                    raise
+                errors[i] = str(exc)
+                continue
             small = cv2.resize(img, (hash_size + 1, hash_size), interpolation=cv2.INTER_AREA).astype(np.int16)
             out[i] = (small[:, 1:] > small[:, :-1]).ravel()
     return out

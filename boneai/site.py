@@ -59,7 +59,6 @@ from boneai._json import json_default
 from boneai.card import DEFAULT_OPERATING_POINT, WEIGHTS_FILE, ModelCard
 from boneai.config import ADAPT_METHODS
 from boneai.data import image_fingerprints, near_duplicate_groups, read_classification_dir
-from boneai.batch import readable_rows
 from boneai.ensemble import EnsemblePredictor
 from boneai.errors import BoneAIError, DatasetError
 from boneai.inference import available_cards, load_model, model_dir
@@ -144,26 +143,37 @@ def read_site(data: str | Path, near_duplicates: bool = True) -> SiteData:
     under the class folder (``fractured/patient07/a.png``) is a patient (in the FracAtlas layout,
     which has no patient ids, each image starts as its own group), and near-duplicate views
     (difference hash, as the FracAtlas split uses) are joined across the whole folder.
+
+    With ``near_duplicates`` (as ``adapt`` reads), a file that cannot be read is left out of the frame and
+    listed in ``skipped``, so that one damaged file does not stop an adaptation. Without, the frame keeps
+    every file and the caller, which reads each one anyway (``validate-site``), reports it. The data hash
+    is of the folder as given: every image file found, read or not.
     """
 
     root = Path(data)
     df = read_classification_dir(root).reset_index(drop=True)
-    df, skipped = readable_rows(df, root)
     layout = "fracatlas" if "view" in df.columns else "class_folders"
     rel = [Path(p).relative_to(root) for p in df["path"]]
+    df["sha256"] = [file_sha256(p) for p in df["path"]]  # each file hashed once: the caches key by it too
+    digest = hashlib.sha256()
+    for r, label, h in sorted(zip(map(str, rel), df["label"], df["sha256"], strict=True)):
+        digest.update(f"{r}\t{int(label)}\t{h}\n".encode())
+    failed: dict[int, str] = {}
+    fingerprints = image_fingerprints(df["path"].tolist(), errors=failed) if near_duplicates else None
+    skipped = [{"file": str(rel[i]), "error": failed[i]} for i in sorted(failed)]
+    if failed and len(failed) == len(df):
+        raise DatasetError(f"None of the {len(df)} image files in {root} could be read; the first: "
+                           f"{skipped[0]['error']}")
+    keep = np.array([i not in failed for i in range(len(df))], dtype=bool)
+    df, rel = df[keep].reset_index(drop=True), [r for r, k in zip(rel, keep, strict=True) if k]
     if layout == "class_folders":  # class/patient/file: the patient subfolder is the group
         folder_group = [str(r.parts[0] + "/" + r.parts[1]) if len(r.parts) > 2 else str(r) for r in rel]
         groups = pd.factorize(pd.Series(folder_group))[0]
     else:  # FracAtlas (images/<class>/file): no patient ids, the reader's own group per image
         groups = pd.factorize(df["group"].astype(str))[0]
-    if near_duplicates and len(df) > 1:
-        dup = near_duplicate_groups(image_fingerprints(df["path"].tolist()))
-        groups = _join_groups(groups, dup)
+    if fingerprints is not None and len(df) > 1:
+        groups = _join_groups(groups, near_duplicate_groups(fingerprints[keep]))
     df["group"] = groups
-    df["sha256"] = [file_sha256(p) for p in df["path"]]  # each file hashed once: the caches key by it too
-    digest = hashlib.sha256()
-    for r, label, h in sorted(zip(map(str, rel), df["label"], df["sha256"], strict=True)):
-        digest.update(f"{r}\t{int(label)}\t{h}\n".encode())
     return SiteData(root=root, frame=df, layout=layout, sha256=digest.hexdigest(), skipped=skipped)
 
 

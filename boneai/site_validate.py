@@ -100,7 +100,7 @@ def validate_site(data: str | Path, model: str | None = None, task: str = "fract
     familiarity = np.full(len(df), np.nan)
     in_scope = np.ones(len(df), bool)
     reasons: dict[str, int] = {}
-    skipped = list(site.skipped)  # unreadable files, left out when the folder was read
+    skipped = []
     paths = df["path"].tolist()
     for start in range(0, len(paths), batch_size):
         images, idx = [], []

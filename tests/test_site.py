@@ -295,11 +295,12 @@ def test_an_unreadable_file_is_left_out_and_named_not_fatal(site, tmp_path: Path
     copy = tmp_path / "copy"
     shutil.copytree(site["held"], copy)
     (copy / "fractured" / "damaged.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
-    read = read_site(copy, near_duplicates=True)  # the near-duplicate hash reads every file too
+    read = read_site(copy, near_duplicates=True)  # as adapt reads: the near-duplicate hash reads every file
     assert read.n == 2 * N_HELD
     assert [s["file"] for s in read.skipped] == ["fractured/damaged.png"]
     assert read.provenance()["n_skipped"] == 1 and read.provenance()["skipped"] == read.skipped
-    assert read.sha256 == read_site(site["held"], near_duplicates=False).sha256  # the hash is of what was used
+    assert read.sha256 == read_site(copy, near_duplicates=False).sha256  # of the folder as given
+    assert read.frame["group"].max() < read.n  # groups renumbered over the files kept
     report = _report((0.80, 0.95), 0.92)
     report.update(skipped=read.skipped, verdict="usable", verdict_text="", reasons=[], cautions=[])
     assert "1 file(s) could not be read" in verdict(report)["cautions"][0]
@@ -415,7 +416,11 @@ def test_adaptation_refuses_a_parent_it_cannot_take_before_any_job_starts(
     default = inference.default_model_name("fracture")
     assert at.selectbox(key="site_model").value == default  # the model Study review uses, not the first by name
     at.selectbox(key="site_model").set_value("fracture_localiser").run()
-    at.text_input(key="site_folder").input(str(samples_dir)).run()
+    labelled = tmp_path / "labelled"  # a folder the readers take, so that only the parent is wrong
+    for sub, name in (("fractured", "IMG0000019.jpg"), ("not_fractured", "IMG0000597.jpg")):
+        (labelled / sub).mkdir(parents=True)
+        shutil.copy(samples_dir / "fracatlas" / name, labelled / sub / name)
+    at.text_input(key="site_folder").input(str(labelled)).run()
     next(b for b in at.button if b.label == "Adapt to these images").click().run()
     assert "choose a classifier or an ensemble" in at.error[0].value
     assert not jobs.exists() or not any(p for p in jobs.iterdir() if p.is_dir())
