@@ -114,7 +114,7 @@ SUPPORTED_BODY_PARTS = {
 }
 CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "RIBS", "RIB", "STERNUM", "CHESTABDOMEN",
                               "CHESTTOPELVIS", "HEART", "MEDIASTINUM"})
-#: Words of an examination's descriptions (StudyDescription, SeriesDescription, ProtocolName) that name
+#: Words of an examination's descriptions (:data:`boneai.io.DESCRIPTION_FIELDS`) that name
 #: a region, read where BodyPartExamined is empty. A description naming a trained region leaves the
 #: decision to the image model, whatever else it names ("SHOULDER AND CHEST").
 DESCRIBED_TRAINED = frozenset(SUPPORTED_BODY_PARTS) | {
