@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -81,6 +82,9 @@ def main() -> int:
     ap.add_argument("--look", choices=["harsh", "drawn"], default="harsh",
                     help="harsh: the fixed chain above; drawn: SiteLook.draw(--seed)")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--only", default=None,
+                    help="comma-separated repeat numbers to run (the others' halvings are drawn and skipped, so "
+                         "these get the same halves as in a full run)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/boneai_site_bench")
     ap.add_argument("--out", default=str(REPO / "bench/results/site_adapt.json"))
@@ -110,7 +114,9 @@ def main() -> int:
             v = table[col].to_numpy(dtype=float)
             return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max())}
 
-        out = {"command": "OMP_NUM_THREADS=1 .venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv),
+        threads = os.environ.get("OMP_NUM_THREADS")
+        out = {"command": (f"OMP_NUM_THREADS={threads} " if threads else "") + ".venv/bin/python "
+                          + " ".join(shlex.quote(a) for a in sys.argv),
                "date": datetime.now(UTC).isoformat(timespec="seconds"),
                "site": {"source": "FracAtlas validation rows (not train, not test)", "n": int(len(y)),
                         "n_positive": int(y.sum()), "look": {k: (list(v) if isinstance(v, tuple) else v)
@@ -126,8 +132,11 @@ def main() -> int:
         Path(args.out).write_text(json.dumps(out, indent=2, default=float))
         return out
 
+    only = None if args.only is None else {int(v) for v in args.only.split(",")}
     for rep in range(args.repeats):
         a_idx = np.concatenate([rng.permutation(np.where(y == c)[0])[: (y == c).sum() // 2] for c in (0, 1)])
+        if only is not None and rep not in only:
+            continue
         b_idx = np.setdiff1d(np.arange(len(y)), a_idx)
         half_folder(site.iloc[a_idx], work / "half_a")
         b_paths = site["site_path"].iloc[b_idx].tolist()
