@@ -16,7 +16,7 @@ import pandas as pd
 from boneai import evaluate as ev
 from boneai.data import (
     fracture_boxes,
-    is_image_file,
+    image_files,
     read_boneage,
     read_classification_dir,
     read_fracatlas,
@@ -141,8 +141,7 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple[str, str]]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if is_image_file(f)
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            found = image_files(p)
             out.extend((str(f), f.relative_to(p).as_posix()) for f in found)
             if not found:
                 out.append((str(p), p.name or str(p)))

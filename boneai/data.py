@@ -25,6 +25,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "REGIONS",
     "is_image_file",
+    "image_files",
     "folder_label",
     "is_image_name",
     "has_dicom_marker",
@@ -95,6 +96,13 @@ def is_image_file(path: str | Path) -> bool:
             return has_dicom_marker(fh.read(DICOM_MARKER_OFFSET + len(DICOM_MARKER)))
     except OSError:
         return False
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image and DICOM files under ``folder``, recursively and sorted; hidden folders are skipped."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*")
+                  if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def _require_dir(path: str | Path) -> Path:
@@ -203,10 +211,9 @@ def read_image_folder(root: str | Path) -> pd.DataFrame:
         label = folder_label(sub.name)
         if label is None:
             continue
-        for p in sorted(sub.rglob("*")):
-            if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(sub).parts):
-                rows.append({"path": str(p), "image_id": p.name, "label": label,
-                             "region": "unknown", "group": str(p.relative_to(root))})
+        for p in image_files(sub):
+            rows.append({"path": str(p), "image_id": p.name, "label": label,
+                         "region": "unknown", "group": str(p.relative_to(root))})
     if not rows:
         known = "fractured/not_fractured, Fractured/Non_fractured, positive/negative, abnormal/normal"
         raise DatasetError(f"No class subfolders with images found in {root} (expected e.g. {known}).")

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import io as _io
+import re
 import struct
 import warnings
 import zlib
@@ -431,8 +432,6 @@ def _described_terms(ds: Any) -> list[str]:
     Free text may hold anything (a name, a comment), so only words of the scope check's anatomy
     vocabulary (:data:`boneai.scope.DESCRIPTION_TERMS`) are kept.
     """
-    import re
-
     from boneai.scope import DESCRIPTION_TERMS
 
     words: set[str] = set()
