@@ -61,6 +61,7 @@ from boneai.scope_train import (  # noqa: E402
     Item,
     fit_familiarity,
     negative_items,
+    chest_items,
     network_feature_cache,
     other_chain_items,
     radiograph_items,
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scope", default=str(REPO / "weights" / "scope"))
     ap.add_argument("--cache", default=None,
                     help="default: runs/scope/features_MODEL.npz (the scope card's feature model)")
+    ap.add_argument("--chest-held-out", default=str(REPO / "runs" / "chest" / "held_out"),
+                    help="chest radiographs never fitted on (bench/chest_films.py); measured when the folder exists")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scope_familiarity.json"))
     args = ap.parse_args(argv)
 
@@ -153,6 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     rad = radiograph_items(args.data, args.split, args.boneage, d["n_boneage"], d["seed"])
     panels = [it.path for it in rad if it.source == "fracatlas:train"][::50]
     neg = negative_items(d["n_variants"], d["n_synthetic"], d["seed"], panels)
+    if d.get("chest"):  # the fitted chest films, as train-scope built them
+        neg += chest_items(d["chest"], d["n_variants"], d["seed"], held_out=False,
+                           chain_share=d.get("chest_chain_share", 0.0))
+    chest_held: list[Item] = []
+    if args.chest_held_out and Path(args.chest_held_out).is_dir():  # exports as they are, then through other chains
+        chest_held = chest_items(args.chest_held_out, d["n_variants"], d["seed"], held_out=True, chain_share=0.0)
+        chest_held += [it for it in chest_items(args.chest_held_out, d["n_variants"], d["seed"], held_out=True,
+                                                chain_share=1.0) if not it.id.endswith("#0")]
+    neg += chest_held
     full_dir = Path(args.full_resolution or Path(args.boneage) / "full_resolution") / "images"
     full = [Item(f"rsnafull:{p.name}", "radiograph", "rsna:full_resolution", (lambda p=p: _read(str(p))), True, str(p))
             for p in sorted(full_dir.glob("*.png"))]
@@ -181,13 +193,31 @@ def main(argv: list[str] | None = None) -> int:
     is_neg = cls != "radiograph"
 
     scope: dict = {"note": "pixels only (no DICOM header): the image model and the colour rule"}
+    original = np.array([it.id.endswith("#0") and not it.source.startswith("synthetic") for it in items])
     scope["held_out_negatives"] = _share(flagged[is_neg & held])
     scope["held_out_negatives_by_class"] = {c: _share(flagged[(cls == c) & held]) for c in CLASSES[1:]}
+    reasons = np.array([r.reason or "" for r in results])
+    chest_src = np.char.startswith(src.astype(str), "chest_held_out:")
+    scope["chest_held_out"] = {
+        "note": "real chest films from other packages than the fitted ones (bench/chest_films.py), pixels only; "
+                "each original with its exports",
+        "flagged": _share(flagged[chest_src]),
+        "called_chest": _share(np.char.find(reasons[chest_src], "chest") >= 0),
+        "originals_flagged": _share(flagged[chest_src & original]),
+        "exports_flagged": _share(flagged[chest_src & ~original & np.array([":chain0#" in it.id for it in items])]),
+        "exports_through_other_chains_flagged": _share(
+            flagged[chest_src & np.array([":chain1#" in it.id for it in items])]),
+        "originals": [{"file": it.path and Path(it.path).name, "in_scope": r.in_scope, "reason": r.reason,
+                       "class_probabilities": r.extras.get("class_probabilities")}
+                      for it, r in zip(items, results) if it.source.startswith("chest_held_out:")
+                      and it.id.endswith("#0")],
+    }
+    # FracAtlas test views whose region holds part of the chest (shoulder): wrongly called chest?
+    scope["fracatlas_test_called_chest"] = _share(np.char.find(reasons[src == "fracatlas:test"], "chest") >= 0)
     scope["held_out_negatives_by_source"] = {
         s: {**_share(flagged[src == s]), "class": str(cls[src == s][0]),
             "flagged_by_colour_rule": int(((decider == "colour") & flagged & (src == s)).sum())}
         for s in sorted(set(src[is_neg & held]))}
-    original = np.array([it.id.endswith("#0") and not it.source.startswith("synthetic") for it in items])
     scope["held_out_package_originals"] = _share(flagged[is_neg & held & original])  # unaugmented files
     scope["fitted_negatives_in_sample"] = _share(flagged[is_neg & ~held])
     for part in ("train", "val", "test"):
@@ -260,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2, default=float))
     summary = {"held_out_negatives_flagged": scope["held_out_negatives"]["share"],
+               "held_out_negatives_by_class": {k: v["share"] for k, v in scope["held_out_negatives_by_class"].items()},
+               "chest_held_out": {k: scope["chest_held_out"][k]["share"] for k in
+                                  ("originals_flagged", "exports_flagged", "exports_through_other_chains_flagged")},
                "fracatlas_test_wrongly_flagged": scope["fracatlas_test_wrongly_flagged"]["share"],
                "rsna_full_resolution_flagged": scope["rsna_full_resolution_flagged"]["share"],
                "test_other_chains_flagged": scope["fracatlas_test_other_chains_wrongly_flagged"]["share"],

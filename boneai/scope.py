@@ -261,6 +261,16 @@ def header_reason(metadata: dict[str, Any]) -> str | None:
     return None
 
 
+def header_names_trained_region(metadata: dict[str, Any]) -> bool:
+    """Whether the DICOM header names a limb region the model was trained on (BodyPartExamined, or where
+    that is empty the examination's description). The image model's chest class then yields to it: a
+    clavicle or shoulder film shows part of the chest."""
+    part = _norm(metadata.get("body_part"))
+    if part:
+        return part in SUPPORTED_BODY_PARTS
+    return bool(set(metadata.get("described_terms") or []) & DESCRIBED_TRAINED)
+
+
 def _description_reason(terms: Sequence[str]) -> str | None:
     """Why the examination's description puts a view out of scope (BodyPartExamined being empty)."""
     terms = set(terms)
@@ -558,11 +568,18 @@ class ScopeModel:
         probs = self.class_probabilities(pooled if scope_pooled is None else scope_pooled, colour)
         fam = self.familiarity(self.distances(pooled))
         rad = self.classes.index("radiograph")
+        chest = self.classes.index("chest") if "chest" in self.classes else None
         results = []
         for header_meta, p, c, f in zip(headers, probs, colour, fam):
             res = ScopeResult(in_scope=True, source="image model", familiarity=float(f),
                               unfamiliar=bool(f < self.familiarity_threshold), radiograph_probability=float(p[rad]))
             res.extras["class_probabilities"] = {k: round(float(v), 4) for k, v in zip(self.classes, p)}
+            if chest is not None and header_meta and header_names_trained_region(header_meta):
+                # The header says which region this is: a radiograph of it, whatever chest it shows.
+                p = p.copy()
+                p[rad] += p[chest]
+                p[chest] = 0.0
+                res.radiograph_probability = float(p[rad])
             header = header_reason(header_meta) if header_meta else None
             colour_why = colour_reason(c)
             if header:
@@ -572,9 +589,10 @@ class ScopeModel:
             elif p[rad] < self.radiograph_threshold:
                 other = max((k for k in range(len(self.classes)) if k != rad), key=lambda k: p[k])
                 res.in_scope, res.source = False, "image model"
-                res.reason = (f"looks like {self.card['classifier']['reasons'][self.classes[other]]}, "
-                              f"not a musculoskeletal radiograph (image check: radiograph "
-                              f"probability {p[rad]:.2f})")
+                what = self.card["classifier"]["reasons"][self.classes[other]]
+                res.reason = (f"looks like {what}, not a region the model was trained on" if self.classes[other] == "chest"
+                              else f"looks like {what}, not a musculoskeletal radiograph")
+                res.reason += f" (image check: radiograph probability {p[rad]:.2f})"
             results.append(res)
         return results
 

@@ -35,6 +35,7 @@ import hashlib
 import json
 import time
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,10 +63,15 @@ from boneai.scope import (
 __all__ = ["CLASSES", "REASONS", "HELD_OUT", "Item", "negative_items", "radiograph_items", "other_chain_items",
            "FeatureCache", "network_feature_cache", "fit_scope", "train_scope", "DEFAULT_FEATURE_CACHE"]
 
-CLASSES = ("radiograph", "photograph", "screenshot_document", "slice")
-#: "looks like <reason>, not a musculoskeletal radiograph"
+CLASSES = ("radiograph", "photograph", "screenshot_document", "slice", "chest")
+#: "looks like <reason>, not a musculoskeletal radiograph" (chest: "..., not a region the model was trained on")
 REASONS = {"photograph": "a photograph", "screenshot_document": "a screenshot, a document or a graphic",
-           "slice": "a CT, MR, ultrasound or nuclear-medicine image"}
+           "slice": "a CT, MR, ultrasound or nuclear-medicine image", "chest": "a chest radiograph"}
+#: Classes that ``train-scope`` needs data for from its caller (the others come with the packages).
+OPTIONAL_CLASSES = frozenset({"chest"})
+#: Fitted chest films are dealt round-robin into this many sources, so that cross-validation over
+#: negative sources (``choose_c``) leaves chest films out a group at a time, as it does other sources.
+CHEST_GROUPS = 4
 #: Source of the training radiographs re-imaged with other sites' chains, and the first seed of their looks
 #: (the benchmark's measured looks start elsewhere: ``bench/scope_familiarity.py``).
 OTHER_CHAIN_SOURCE = "fracatlas:train_other_chain"
@@ -500,6 +506,66 @@ def other_chain_items(fracatlas: str | Path, split: str | Path, part: str, n: in
     return items
 
 
+#: Share of the chest films' exports that also go through another site's imaging chain.
+CHEST_CHAIN_SHARE = 0.0
+
+
+def radiograph_variant(pixels: np.ndarray, rng: np.random.Generator, chain_share: float = 0.5) -> np.ndarray:
+    """A random export of a radiograph that stays one: a mild crop (70-100 % of the area), rescale,
+    mirror, gamma, and with probability ``chain_share`` another site's imaging chain (``boneai.site_sim``)."""
+    import cv2
+
+    from boneai.site_sim import SiteLook, degrade
+
+    img = _to_uint8(pixels)
+    if img.ndim == 3:
+        img = cv2.cvtColor(np.ascontiguousarray(img[:, :, :3]), cv2.COLOR_RGB2GRAY)
+    h, w = img.shape
+    area = rng.uniform(0.7, 1.0)
+    ch, cw = int(h * np.sqrt(area)), int(w * np.sqrt(area))
+    y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    img = img[y0:y0 + ch, x0:x0 + cw]
+    scale = rng.uniform(0.5, 1.5)
+    img = cv2.resize(img, (max(64, int(cw * scale)), max(64, int(ch * scale))), interpolation=cv2.INTER_AREA)
+    if rng.random() < 0.5:
+        img = img[:, ::-1]
+    img = (255.0 * (img / 255.0) ** np.exp(rng.uniform(-0.3, 0.3))).round().astype(np.uint8)
+    if rng.random() < chain_share:
+        img = degrade(img, SiteLook.draw(int(rng.integers(0, 2**31))), rng)
+    return np.ascontiguousarray(img)
+
+
+def chest_items(folder: str | Path, n_variants: int, seed: int, held_out: bool, groups: int = CHEST_GROUPS,
+                chain_share: float = CHEST_CHAIN_SHARE) -> list[Item]:
+    """Chest radiographs of ``folder`` (image files, read as uploads are), each with ``n_variants``
+    exports (:func:`radiograph_variant`). Fitted films are dealt into ``groups`` sources
+    (``chest:<folder>-<k>``); held-out films are a source each (``chest_held_out:<file>``). Ids carry
+    the file's content hash, so feature caches never mix two files of one name."""
+    from boneai.data import image_files
+
+    files = image_files(folder)
+    if not files:
+        raise BoneAIError(f"No chest radiographs in {folder}.")
+    items: list[Item] = []
+    for n, path in enumerate(files):
+        digest = file_sha256(path)[:12]
+        source = f"chest_held_out:{Path(path).name}" if held_out else f"chest:{Path(folder).name}-{n % groups}"
+        cache: dict[str, Radiograph] = {}
+
+        def base(p: str = str(path), cache: dict = cache) -> Radiograph:
+            if "rg" not in cache:
+                cache["rg"] = _read_quiet(p)
+            return cache["rg"]
+
+        items.append(Item(f"chest:{digest}#0", "chest", source, base, held_out, str(path)))
+        for k in range(1, n_variants + 1):
+            def make(k: int = k, base: Callable = base, digest: str = digest) -> Radiograph:
+                rng = np.random.default_rng([seed, k, int(digest[:8], 16)])
+                return _pix(radiograph_variant(base().pixels, rng, chain_share))
+            items.append(Item(f"chest:{digest}:chain{chain_share:g}#{k}", "chest", source, make, held_out))
+    return items
+
+
 # -- features ---------------------------------------------------------------------------------------------
 class FeatureCache:
     """Pooled and colour features by item id, kept in an ``.npz`` (valid for one feature model's weights)."""
@@ -571,15 +637,17 @@ def fit_familiarity(train: np.ndarray, val: np.ndarray, components: int = 32) ->
     return stats
 
 
-def fit_classifier(x: np.ndarray, y: np.ndarray, c: float = 0.05, seed: int = 0) -> dict[str, np.ndarray]:
-    """Multinomial logistic regression on standardised inputs, classes weighted to equal shares."""
+def fit_classifier(x: np.ndarray, y: np.ndarray, c: float = 0.05, seed: int = 0,
+                   n_classes: int | None = None) -> dict[str, np.ndarray]:
+    """Multinomial logistic regression on standardised inputs, classes weighted to equal shares.
+    ``y`` indexes the model's classes (default: every class of ``y``, which must be ``0 .. n-1``)."""
     from sklearn.linear_model import LogisticRegression
 
     mu, sd = x.mean(axis=0), x.std(axis=0)
     sd[sd < 1e-6] = 1.0
     clf = LogisticRegression(C=c, class_weight="balanced", max_iter=3000, random_state=seed)
     clf.fit((x - mu) / sd, y)
-    if list(clf.classes_) != list(range(len(CLASSES))):
+    if list(clf.classes_) != list(range(n_classes or int(y.max()) + 1)):
         raise BoneAIError("Scope training data lack a class: every class needs examples.")
     return {"x_mean": mu, "x_scale": sd, "coef": clf.coef_, "intercept": clf.intercept_}
 
@@ -605,9 +673,10 @@ def choose_c(pooled: np.ndarray, colour: np.ndarray, labels: np.ndarray, sources
     order = np.random.default_rng(seed).permutation(len(neg_sources))
     fold_of = {neg_sources[i]: k % folds for k, i in enumerate(order)}
     colour_flag = np.array([colour_reason(c) is not None for c in colour])
+    class_of = {s_: int(labels[sources == s_][0]) for s_ in neg_sources}
     table = []
     for c in grid:
-        recall, val_flag = [], []
+        recall, val_flag, by_class = [], [], defaultdict(list)
         for f in range(folds):
             out_f = np.array([fold_of.get(s_, -1) == f for s_ in sources])
             arrays = fit_classifier(classifier_input(pooled[fit_mask & ~out_f], colour[fit_mask & ~out_f]),
@@ -617,10 +686,13 @@ def choose_c(pooled: np.ndarray, colour: np.ndarray, labels: np.ndarray, sources
             test = (fit_mask & out_f) | val_mask
             flag = colour_flag[test] | (probe.class_probabilities(pooled[test], colour[test])[:, 0] < 0.5)
             src_t = sources[test]
-            recall += [float(flag[src_t == s_].mean()) for s_ in sorted(set(sources[fit_mask & out_f]))]
+            for s_ in sorted(set(sources[fit_mask & out_f])):
+                recall.append(float(flag[src_t == s_].mean()))
+                by_class[class_of[s_]].append(recall[-1])
             val_flag.append(float(flag[val_mask[test]].mean()))
         row = {"C": c, "cv_left_out_sources_flagged": float(np.mean(recall)),
-               "cv_worst_source_flagged": float(np.min(recall)), "val_flagged": float(np.mean(val_flag))}
+               "cv_worst_source_flagged": float(np.min(recall)), "val_flagged": float(np.mean(val_flag)),
+               "cv_flagged_by_class": {int(k): float(np.mean(v)) for k, v in sorted(by_class.items())}}
         log(f"C={c}: left-out sources flagged {row['cv_left_out_sources_flagged']:.3f} "
             f"(worst {row['cv_worst_source_flagged']:.2f}), validation flagged {row['val_flagged']:.4f}")
         table.append(row)
@@ -646,11 +718,13 @@ def choose_components(train: np.ndarray, val: np.ndarray, dev: np.ndarray,
 
 def fit_scope(pooled: np.ndarray, colour: np.ndarray, labels: np.ndarray, fit_mask: np.ndarray,
               fam_train: np.ndarray, fam_val: np.ndarray, val_mask: np.ndarray, c: float = 0.05,
-              components: int = 32, max_val_flagged: float = 0.005) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+              components: int = 32, max_val_flagged: float = 0.005,
+              n_classes: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Classifier on ``fit_mask`` rows, familiarity on FracAtlas train/val, thresholds on ``val_mask``
     (radiograph threshold: 0.5, lowered if needed so that at most ``max_val_flagged`` of validation
     radiographs are flagged)."""
-    arrays = fit_classifier(classifier_input(pooled[fit_mask], colour[fit_mask]), labels[fit_mask], c)
+    arrays = fit_classifier(classifier_input(pooled[fit_mask], colour[fit_mask]), labels[fit_mask], c,
+                            n_classes=n_classes)
     arrays.update(fit_familiarity(fam_train, fam_val, components))
     probe = ScopeModel.__new__(ScopeModel)
     probe.a = arrays
@@ -672,12 +746,14 @@ def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, bonea
                 feature_model: str | Path | None = None, cache: str | Path | None = DEFAULT_FEATURE_CACHE,
                 n_boneage: int = 300, n_variants: int = 24, n_synthetic: int = 160, c: float | None = None,
                 components: int | None = None, seed: int = 0, command: str = "", n_other_chain: int = 0,
-                scope_network: str | None = None,
+                scope_network: str | None = None, chest: str | Path | None = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fit and write the scope model (``scope_card.json`` + ``scope.safetensors``) to ``out``.
 
     ``feature_model``: whose pooled features familiarity reads (default: the default fracture model).
-    ``cache``: the feature cache (``{model}`` is replaced by the feature model's folder name; None: none)."""
+    ``cache``: the feature cache (``{model}`` is replaced by the feature model's folder name; None: none).
+    ``chest``: a folder of chest radiographs, fitted as the "chest" class (without it the classifier has
+    no chest class, and chest films are recognised by their DICOM header only)."""
     import torch
     from safetensors.numpy import save_file
 
@@ -696,7 +772,10 @@ def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, bonea
                                  OTHER_CHAIN_SOURCE, held_out=False)
     panels = [it.path for it in rad if it.source == "fracatlas:train"][::50]
     neg = negative_items(n_variants, n_synthetic, seed, panels)
+    if chest is not None:
+        neg += chest_items(chest, n_variants, seed, held_out=False)
     items = rad + neg
+    classes = tuple(c for c in CLASSES if c not in OPTIONAL_CLASSES or any(it.cls == c for it in items))
     store = FeatureCache(cache, sha)
     log(f"scope data: {len(rad)} radiographs, {len(neg)} other images; features of the {fm_dir.name} model")
     pooled, colour = store.features(items, extractor, log=log)
@@ -713,7 +792,7 @@ def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, bonea
                         "input": f"sqrt(pooled {scope_network} features, on features_input: the 320 px fracture "
                                  "classifier's preprocessing) + 5 colour statistics, standardised"}
     sources = np.array([it.source for it in items])
-    labels = np.array([CLASSES.index(it.cls) for it in items])
+    labels = np.array([classes.index(it.cls) for it in items])
     held = np.array([it.held_out for it in items])
     fit_mask = ~held & ~np.isin(sources, ["fracatlas:val", "fracatlas:test"])
     val_mask = sources == "fracatlas:val"
@@ -728,8 +807,10 @@ def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, bonea
         components, k_table = choose_components(pooled[sources == "fracatlas:train"], pooled[val_mask],
                                                 pooled[dev_mask])
     log(f"classifier C={c}, familiarity components {components}")
+    for row in c_table:  # class names for the card
+        row["cv_flagged_by_class"] = {classes[k]: v for k, v in row["cv_flagged_by_class"].items()}
     arrays, info = fit_scope(clf_pooled, colour, labels, fit_mask, pooled[sources == "fracatlas:train"],
-                             pooled[val_mask], val_mask, c=c, components=components)
+                             pooled[val_mask], val_mask, c=c, components=components, n_classes=len(classes))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: np.ascontiguousarray(np.asarray(v, dtype=np.float32).reshape(np.shape(v) or (1,)))
@@ -753,7 +834,7 @@ def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, bonea
                                        if fm_card.get("classifier_head") else
                                        "pooled encoder features (1280), the classifier head's input"),
                           "pipeline": fm_card.get("pipeline")},
-        "classifier": {"classes": list(CLASSES), "reasons": REASONS, "kind": "multinomial logistic regression",
+        "classifier": {"classes": list(classes), "reasons": {k: REASONS[k] for k in classes[1:]}, "kind": "multinomial logistic regression",
                        "input": "sqrt(pooled features) + 5 colour statistics, standardised", "C": c,
                        "C_choice": c_table or "given", "C_rule": "cross-validation over whole negative sources of "
                        "the fitting set: most left-out images flagged among the C flagging <= 0.5 % of validation",
@@ -781,11 +862,18 @@ def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, bonea
                  "other_chain": "FracAtlas train images re-imaged with another site's chain each "
                                 "(boneai.site_sim.SiteLook.draw), fitted as radiographs" if n_other_chain else None,
                  "held_out_sources": sorted(HELD_OUT), "sources": counts,
-                 "chest": "no chest radiograph is available offline: chest films are recognised by the DICOM "
-                          "header only (BodyPartExamined CHEST)",
+                 "chest": (None if chest is None else str(chest)), "chest_chain_share": CHEST_CHAIN_SHARE,
+                 "chest_rule": ("chest films are recognised by the DICOM header only (BodyPartExamined or the "
+                                "examination's description)" if chest is None else
+                                f"{sum(it.cls == 'chest' and it.id.endswith('#0') for it in items)} chest "
+                                f"radiographs of {chest}, each with {n_variants} exports "
+                                "(boneai.scope_train.radiograph_variant), fitted as the chest class; the DICOM "
+                                "header rule still applies first"),
                  "attribution": "negatives are package sample data (scikit-image skimage.data, matplotlib "
                                 "sample_data, pydicom test files; see their licences) and synthetic images; "
-                                "radiographs: FracAtlas (CC BY 4.0), RSNA Pediatric Bone Age"},
+                                "radiographs: FracAtlas (CC BY 4.0), RSNA Pediatric Bone Age"
+                                + ("" if chest is None else "; chest films: see SOURCES.json beside them "
+                                   "(bench/chest_films.py)")},
         "training": {"command": command, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         "weights_file": SCOPE_WEIGHTS,
     }

@@ -168,6 +168,59 @@ def test_chest_and_ct_headers_win_over_radiograph_pixels(scope_model) -> None:
     assert res[2].in_scope and res[2].reason is None
 
 
+CHEST_FILM = REPO / "tests" / "data" / "chest_pydicom_rg1.png"  # pydicom-data's RG1_UNCR.dcm pixels; never fitted on
+
+
+def test_a_chest_film_without_a_header_is_out_of_scope_as_a_chest_radiograph(scope_model) -> None:
+    # A PA chest film from another source than the fitted chest films (tests/data/README.md), as a PNG.
+    res = scope_model.check([_read(CHEST_FILM)])[0]
+    assert not res.in_scope and res.source == "image model", res
+    assert res.reason.startswith("looks like a chest radiograph, not a region the model was trained on"), res.reason
+    assert max(res.extras["class_probabilities"], key=res.extras["class_probabilities"].get) == "chest"
+
+
+def test_a_header_naming_a_trained_region_outweighs_the_chest_class(scope_model) -> None:
+    # A clavicle or shoulder film shows part of the chest: where the header names the region, it decides.
+    pixels = _read(CHEST_FILM).pixels.astype(np.uint8)
+    views = [_read(make_dicom(pixels, extra={"BodyPartExamined": "SHOULDER"}), "shoulder.dcm"),
+             _read(make_dicom(pixels, extra={"BodyPartExamined": "", "SeriesDescription": "Clavicle left"}),
+                   "clavicle.dcm"),
+             _read(make_dicom(pixels, extra={"BodyPartExamined": ""}), "silent.dcm")]
+    res = scope_model.check(views)
+    assert [r.in_scope for r in res] == [True, True, False], [r.reason for r in res]
+    assert "chest radiograph" in res[2].reason
+    assert res[0].radiograph_probability > 0.5 > res[2].radiograph_probability
+
+
+def test_the_header_names_a_trained_region_by_body_part_or_description() -> None:
+    from boneai.scope import header_names_trained_region
+
+    assert header_names_trained_region({"body_part": "Shoulder"})
+    assert header_names_trained_region({"body_part": "EXTREMITY"})
+    assert header_names_trained_region({"body_part": "", "described_terms": ["CLAVICLE"]})
+    assert not header_names_trained_region({"body_part": "CHEST"})
+    assert not header_names_trained_region({"body_part": "", "described_terms": ["CHEST"]})
+    assert not header_names_trained_region({})
+
+
+def test_chest_items_carry_their_content_and_recipe_and_fitted_films_form_groups(tmp_path) -> None:
+    from boneai.scope_train import chest_items
+
+    for k in range(5):
+        Image.fromarray(np.full((80, 70), 40 * k, np.uint8)).save(tmp_path / f"c{k}.png")
+    (tmp_path / ".hidden.png").write_bytes(b"not read")
+    fitted = chest_items(tmp_path, n_variants=2, seed=0, held_out=False, groups=2)
+    held = chest_items(tmp_path, n_variants=2, seed=0, held_out=True, chain_share=1.0)
+    assert len(fitted) == len(held) == 5 * 3
+    assert {it.cls for it in fitted} == {"chest"} and not any(it.held_out for it in fitted)
+    assert {it.source for it in fitted} == {f"chest:{tmp_path.name}-0", f"chest:{tmp_path.name}-1"}
+    assert {it.source for it in held} == {f"chest_held_out:c{k}.png" for k in range(5)} and all(it.held_out for it in held)
+    # The same file's original has one id; its exports name the recipe, so caches never mix two recipes.
+    assert fitted[0].id == held[0].id and fitted[1].id != held[1].id and ":chain1#" in held[1].id
+    variant = fitted[1].make().pixels
+    assert variant.ndim == 2 and variant.dtype == np.uint8 and min(variant.shape) >= 64
+
+
 def test_fracatlas_and_bone_age_samples_are_in_scope_with_a_familiarity(scope_model) -> None:
     files = FRACATLAS + sorted((SAMPLES / "boneage").glob("*.png"))
     res = scope_model.check([_read(f) for f in files])
@@ -252,7 +305,8 @@ def test_the_card_records_the_command_data_and_feature_model(scope_model) -> Non
     assert card["training"]["command"].startswith("python -m boneai train-scope")
     assert card["feature_model"]["sha256"] and card["feature_model"]["name"]
     assert card["data"]["held_out_sources"] and "chest" in card["data"]
-    assert card["classifier"]["classes"][0] == "radiograph"
+    assert card["classifier"]["classes"][0] == "radiograph" and "chest" in card["classifier"]["classes"]
+    assert card["data"]["chest"] and card["data"]["chest_chain_share"] == 0.0
     assert 0.0 < card["familiarity"]["threshold"] < 0.5
 
 
