@@ -14,8 +14,17 @@ Features are computed once per image and network (``--work``/cache); a repeat th
 cross-validation. The first repeat also scores the adapted model end to end (``evaluate`` on the
 other half's files) and checks it equals the cached-feature score.
 
+A held-out region instead of another imaging chain (``--region hand --look none``): the site is that
+region's train and validation rows as they are, and the parent a classifier trained without the region
+(``--write-training-data DIR`` writes its training folder and prints the command; the benchmark checks
+from the parent's card that it never saw a site image). Only the parent's network is then used: the
+shipped ones saw every region (``--feature-models none``).
+
 Usage:
   OMP_NUM_THREADS=1 .venv/bin/python bench/site_adapt.py --data ../shared/data/fracatlas --repeats 10
+  .venv/bin/python bench/site_adapt.py --data ../shared/data/fracatlas --region hand --write-training-data /tmp/nohand
+  .venv/bin/python bench/site_adapt.py --data ../shared/data/fracatlas --region hand --look none --n-pos 66 \
+      --feature-models none --parent /tmp/parent_nohand --out bench/results/site_adapt_heldout_hand.json
 Writes bench/results/site_adapt.json.
 """
 
@@ -39,8 +48,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from boneai.batch import evaluate_folder  # noqa: E402
-from boneai.data import read_fracatlas, read_split_file  # noqa: E402
+from boneai.card import ModelCard  # noqa: E402
+from boneai.data import read_classification_dir, read_fracatlas, read_split_file  # noqa: E402
 from boneai.evaluate import roc_auc  # noqa: E402
+from boneai.inference import model_dir  # noqa: E402
 from boneai.site import (  # noqa: E402
     METHODS,
     FeatureCache,
@@ -54,13 +65,63 @@ from boneai.site import (  # noqa: E402
 from boneai.site_sim import HARSH, SiteLook, write_site  # noqa: E402
 
 
-def build_site(data: str, split: str, out: Path, n_neg: int, look: SiteLook, seed: int) -> pd.DataFrame:
+def build_site(data: str, split: str, out: Path, n_neg: int, look: SiteLook | None, seed: int,
+               region: str | None = None, n_pos: int | None = None) -> pd.DataFrame:
+    """The site's rows, re-imaged with ``look`` (``None``: the files as they are, by symlink).
+
+    Without ``region``: FracAtlas validation rows. With it: that region's train and validation rows,
+    for a parent trained without the region (``check_region_unseen``). Never the test rows: no choice,
+    not even this bench's, sees them."""
     df = read_fracatlas(data).merge(read_split_file(split)[["image_id", "split"]], on="image_id")
-    val = df[df["split"] == "val"]  # never "test": no choice, not even this bench's, sees test rows
-    rows = pd.concat([val[val["label"] == 1], val[val["label"] == 0].sample(n_neg, random_state=seed)])
+    pool = df[df["split"].isin(["train", "val"]) & (df["region"] == region)] if region else df[df["split"] == "val"]
+    pos = pool[pool["label"] == 1]
+    if n_pos is not None:
+        pos = pos.sample(n_pos, random_state=seed)
+    rows = pd.concat([pos, pool[pool["label"] == 0].sample(n_neg, random_state=seed)]).reset_index(drop=True)
     if out.exists():
         shutil.rmtree(out)
-    return write_site(rows.reset_index(drop=True), out, look, seed=seed)
+    if look is not None:
+        return write_site(rows, out, look, seed=seed)
+    out.mkdir(parents=True)
+    rows["site_path"] = [str(out / f"{i:04d}_{Path(p).name}") for i, p in enumerate(rows["path"])]
+    for src, dst in zip(rows["path"], rows["site_path"], strict=True):
+        Path(dst).symlink_to(Path(src).resolve())
+    return rows
+
+
+def write_training_data(data: str, split: str, region: str, out: Path) -> int:
+    """A FracAtlas-layout folder (symlinks) of every train and validation row outside ``region``: what a
+    parent for a held-out-region site trains on (never the test rows). Returns its image count."""
+    src = Path(data).resolve()
+    rows = read_split_file(split)
+    keep = set(rows.loc[(rows["region"] != region) & (rows["split"] != "test"), "image_id"])
+    if out.exists():
+        shutil.rmtree(out)
+    meta = pd.read_csv(src / "dataset.csv")
+    out.mkdir(parents=True)
+    meta[meta["image_id"].isin(keep)].to_csv(out / "dataset.csv", index=False)
+    n = 0
+    for folder in ("Fractured", "Non_fractured"):
+        (out / "images" / folder).mkdir(parents=True)
+        for f in sorted((src / "images" / folder).iterdir()):
+            if f.name in keep:
+                (out / "images" / folder / f.name).symlink_to(f)
+                n += 1
+    return n
+
+
+def check_region_unseen(parent: str, site: pd.DataFrame) -> str:
+    """The parent's training folder holds none of the site's images (a held-out region is only held out
+    if the parent never saw it); returns that folder."""
+    card = ModelCard.from_dir(model_dir(parent))
+    data = (card.training.config or {}).get("data") if card.training is not None else None
+    if not data:
+        raise SystemExit(f"the parent {parent}'s card does not say what it trained on")
+    seen = set(read_classification_dir(data)["image_id"])
+    overlap = seen.intersection(site["image_id"])
+    if overlap:
+        raise SystemExit(f"the parent {parent} trained on {len(overlap)} of the site's images (e.g. {sorted(overlap)[0]})")
+    return str(data)
 
 
 def half_folder(rows: pd.DataFrame, dest: Path) -> None:
@@ -79,8 +140,18 @@ def main() -> int:
     ap.add_argument("--split", default=str(REPO / "weights/splits/fracatlas.csv"))
     ap.add_argument("--parent", default="fracture")
     ap.add_argument("--n-neg", type=int, default=124, help="negatives drawn (all validation positives are used)")
-    ap.add_argument("--look", choices=["harsh", "drawn"], default="harsh",
-                    help="harsh: the fixed chain above; drawn: SiteLook.draw(--seed)")
+    ap.add_argument("--n-pos", type=int, default=None, help="positives drawn (default: all of the pool's)")
+    ap.add_argument("--look", choices=["harsh", "drawn", "none"], default="harsh",
+                    help="harsh: the fixed chain above; drawn: SiteLook.draw(--seed); none: the files as they are")
+    ap.add_argument("--region", default=None,
+                    help="a held-out region: the site is this region's train and validation rows, and the parent "
+                         "must have trained without them (checked from its card)")
+    ap.add_argument("--write-training-data", default=None, metavar="DIR",
+                    help="with --region: write the parent's training folder (every train and validation row outside "
+                         "the region, FracAtlas layout, symlinks) to DIR, print the train command and stop")
+    ap.add_argument("--feature-models", default=None,
+                    help="comma-separated networks for the probes besides the parent, or 'none' (default: adapt's, "
+                         "the other shipped classifiers; these saw every region)")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--only", default=None,
                     help="comma-separated repeat numbers to run (the others' halvings are drawn and skipped, so "
@@ -89,15 +160,28 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/boneai_site_bench")
     ap.add_argument("--out", default=str(REPO / "bench/results/site_adapt.json"))
     args = ap.parse_args()
+    if args.write_training_data:
+        if not args.region:
+            ap.error("--write-training-data needs --region")
+        n = write_training_data(args.data, args.split, args.region, Path(args.write_training_data))
+        print(f"{n} images in {args.write_training_data}; train the parent with:\n  python -m boneai train --task "
+              f"fracture --data {args.write_training_data} --model efficientnet_lite0 --out runs/parent_no_{args.region} "
+              "--epochs 12 --image-size 224 --batch-size 32 --lr 1e-3 --freeze-blocks 2")
+        return 0
     t0 = time.time()
     work = Path(args.work)
     cache = work / "cache"
-    look = HARSH if args.look == "harsh" else SiteLook.draw(args.seed)
-    site = build_site(args.data, args.split, work / "site", args.n_neg, look, args.seed)
+    look = {"harsh": HARSH, "drawn": SiteLook.draw(args.seed), "none": None}[args.look]
+    site = build_site(args.data, args.split, work / "site", args.n_neg, look, args.seed, args.region, args.n_pos)
     y = site["label"].to_numpy().astype(int)
-    print(f"site: {len(site)} images ({y.sum()} fractured) from FracAtlas validation rows, look {look}", flush=True)
+    source = (f"FracAtlas {args.region} rows of train and validation, a region the parent never trained on "
+              f"(its data: {check_region_unseen(args.parent, site)})" if args.region
+              else "FracAtlas validation rows (not train, not test)")
+    print(f"site: {len(site)} images ({y.sum()} fractured) from {source}, look {look}", flush=True)
+    feature_models = (default_feature_models(args.parent) if args.feature_models is None
+                      else [] if args.feature_models == "none" else args.feature_models.split(","))
     nets = feature_nets(args.parent, True)
-    for m in default_feature_models(args.parent):
+    for m in feature_models:
         nets += feature_nets(m, False)
     site_features(nets, site["site_path"].tolist(), FeatureCache(cache))
     if "finetune_blocks" in METHODS:  # the parent's tail inputs, so that cached_logits scores a tuned tail
@@ -118,9 +202,10 @@ def main() -> int:
         out = {"command": (f"OMP_NUM_THREADS={threads} " if threads else "") + ".venv/bin/python "
                           + " ".join(shlex.quote(a) for a in sys.argv),
                "date": datetime.now(UTC).isoformat(timespec="seconds"),
-               "site": {"source": "FracAtlas validation rows (not train, not test)", "n": int(len(y)),
-                        "n_positive": int(y.sum()), "look": {k: (list(v) if isinstance(v, tuple) else v)
-                                                             for k, v in look.__dict__.items()}},
+               "site": {"source": source, "n": int(len(y)), "n_positive": int(y.sum()),
+                        "look": None if look is None else {k: (list(v) if isinstance(v, tuple) else v)
+                                                           for k, v in look.__dict__.items()}},
+               "feature_models": feature_models,
                "parent": args.parent, "repeats": args.repeats, "repeats_done": len(rows),
                "methods": list(METHODS),
                "parent_auc": summary("parent_auc"), "plain_probe_auc": summary("plain_probe_auc"),
@@ -142,7 +227,8 @@ def main() -> int:
         b_paths = site["site_path"].iloc[b_idx].tolist()
         res = {"repeat": rep, "n_adapt": len(a_idx), "n_eval": len(b_idx), "n_eval_positive": int(y[b_idx].sum()),
                "parent_auc": roc_auc(y[b_idx], parent_all[b_idx])}
-        card = adapt(work / "half_a", work / "model", parent=args.parent, cache=cache, seed=rep)
+        card = adapt(work / "half_a", work / "model", parent=args.parent, cache=cache, seed=rep,
+                     feature_models=feature_models)
         res["method"] = card["site"]["method"]
         res["cv_auc"] = card["validation"]["auc"]
         res["candidates_cv_auc"] = {k: v["cv_auc"] for k, v in card["site"]["candidates"].items()}
