@@ -120,7 +120,8 @@ def check_region_unseen(parent: str, site: pd.DataFrame) -> str:
     seen = set(read_classification_dir(data)["image_id"])
     overlap = seen.intersection(site["image_id"])
     if overlap:
-        raise SystemExit(f"the parent {parent} trained on {len(overlap)} of the site's images (e.g. {sorted(overlap)[0]})")
+        raise SystemExit(f"the parent {parent} trained on {len(overlap)} of the site's images "
+                         f"(e.g. {sorted(overlap)[0]})")
     return str(data)
 
 
@@ -165,8 +166,9 @@ def main() -> int:
             ap.error("--write-training-data needs --region")
         n = write_training_data(args.data, args.split, args.region, Path(args.write_training_data))
         print(f"{n} images in {args.write_training_data}; train the parent with:\n  python -m boneai train --task "
-              f"fracture --data {args.write_training_data} --model efficientnet_lite0 --out runs/parent_no_{args.region} "
-              "--epochs 12 --image-size 224 --batch-size 32 --lr 1e-3 --freeze-blocks 2")
+              f"fracture --data {args.write_training_data} --model efficientnet_lite0 "
+              f"--out runs/parent_no_{args.region} --epochs 12 --image-size 224 --batch-size 32 --lr 1e-3 "
+              "--freeze-blocks 2")
         return 0
     t0 = time.time()
     work = Path(args.work)

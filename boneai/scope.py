@@ -590,8 +590,9 @@ class ScopeModel:
                 other = max((k for k in range(len(self.classes)) if k != rad), key=lambda k: p[k])
                 res.in_scope, res.source = False, "image model"
                 what = self.card["classifier"]["reasons"][self.classes[other]]
-                res.reason = (f"looks like {what}, not a region the model was trained on" if self.classes[other] == "chest"
-                              else f"looks like {what}, not a musculoskeletal radiograph")
+                res.reason = f"looks like {what}, " + ("not a region the model was trained on"
+                                                       if self.classes[other] == "chest"
+                                                       else "not a musculoskeletal radiograph")
                 res.reason += f" (image check: radiograph probability {p[rad]:.2f})"
             results.append(res)
         return results

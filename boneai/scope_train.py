@@ -834,7 +834,8 @@ def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, bonea
                                        if fm_card.get("classifier_head") else
                                        "pooled encoder features (1280), the classifier head's input"),
                           "pipeline": fm_card.get("pipeline")},
-        "classifier": {"classes": list(classes), "reasons": {k: REASONS[k] for k in classes[1:]}, "kind": "multinomial logistic regression",
+        "classifier": {"classes": list(classes), "reasons": {k: REASONS[k] for k in classes[1:]},
+                       "kind": "multinomial logistic regression",
                        "input": "sqrt(pooled features) + 5 colour statistics, standardised", "C": c,
                        "C_choice": c_table or "given", "C_rule": "cross-validation over whole negative sources of "
                        "the fitting set: most left-out images flagged among the C flagging <= 0.5 % of validation",
