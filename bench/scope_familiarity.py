@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     panels = [it.path for it in rad if it.source == "fracatlas:train"][::50]
     neg = negative_items(d["n_variants"], d["n_synthetic"], d["seed"], panels)
     if d.get("chest"):  # the fitted chest films, as train-scope built them
+        if not Path(d["chest"]).is_dir():
+            raise SystemExit(f"The scope model's chest films ({d['chest']}) are not here: run "
+                             "`python bench/chest_films.py` first.")
         neg += chest_items(d["chest"], d["n_variants"], d["seed"], held_out=False,
                            chain_share=d.get("chest_chain_share", 0.0))
     chest_held: list[Item] = []
