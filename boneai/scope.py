@@ -589,11 +589,8 @@ class ScopeModel:
             elif p[rad] < self.radiograph_threshold:
                 other = max((k for k in range(len(self.classes)) if k != rad), key=lambda k: p[k])
                 res.in_scope, res.source = False, "image model"
-                what = self.card["classifier"]["reasons"][self.classes[other]]
-                res.reason = f"looks like {what}, " + ("not a region the model was trained on"
-                                                       if self.classes[other] == "chest"
-                                                       else "not a musculoskeletal radiograph")
-                res.reason += f" (image check: radiograph probability {p[rad]:.2f})"
+                res.reason = (f"{self.card['classifier']['reasons'][self.classes[other]]} (image check: "
+                              f"radiograph probability {p[rad]:.2f})")
             results.append(res)
         return results
 

@@ -64,9 +64,11 @@ __all__ = ["CLASSES", "REASONS", "HELD_OUT", "Item", "negative_items", "radiogra
            "FeatureCache", "network_feature_cache", "fit_scope", "train_scope", "DEFAULT_FEATURE_CACHE"]
 
 CLASSES = ("radiograph", "photograph", "screenshot_document", "slice", "chest")
-#: "looks like <reason>, not a musculoskeletal radiograph" (chest: "..., not a region the model was trained on")
-REASONS = {"photograph": "a photograph", "screenshot_document": "a screenshot, a document or a graphic",
-           "slice": "a CT, MR, ultrasound or nuclear-medicine image", "chest": "a chest radiograph"}
+#: Why the image model puts a view of each class out of scope (the check adds its radiograph probability).
+REASONS = {"photograph": "looks like a photograph, not a musculoskeletal radiograph",
+           "screenshot_document": "looks like a screenshot, a document or a graphic, not a musculoskeletal radiograph",
+           "slice": "looks like a CT, MR, ultrasound or nuclear-medicine image, not a musculoskeletal radiograph",
+           "chest": "looks like a chest radiograph, not a region the model was trained on"}
 #: Classes that ``train-scope`` needs data for from its caller (the others come with the packages).
 OPTIONAL_CLASSES = frozenset({"chest"})
 #: Fitted chest films are dealt round-robin into this many sources, so that cross-validation over
@@ -391,6 +393,27 @@ PYDICOM_FILES = {
 }
 
 
+def with_variants(key: str, recipe: str, cls: str, source: str, load: Callable[[], Radiograph],
+                  vary: Callable[[np.ndarray, np.random.Generator], np.ndarray], n_variants: int,
+                  seed: int, salt: int, held_out: bool, path: str | None = None) -> list[Item]:
+    """An image (``load``, read once) and ``n_variants`` variants of it (``vary`` with a generator seeded
+    by ``seed``, the variant's number and ``salt``, a number of the image's own). Ids: ``key#0`` for the image, ``key<recipe>#k`` for variant k
+    (``recipe`` names how variants are made, so that feature caches never mix two recipes)."""
+    cache: dict[str, Radiograph] = {}
+
+    def base() -> Radiograph:
+        if "rg" not in cache:
+            cache["rg"] = load()
+        return cache["rg"]
+
+    items = [Item(f"{key}#0", cls, source, base, held_out, path)]
+    for k in range(1, n_variants + 1):
+        def make(k: int = k) -> Radiograph:
+            return _pix(vary(base().pixels, np.random.default_rng([seed, k, salt])))
+        items.append(Item(f"{key}{recipe}#{k}", cls, source, make, held_out))
+    return items
+
+
 def negative_items(n_variants: int = 24, n_synthetic: int = 160, seed: int = 0,
                    panels: Sequence[str] = ()) -> list[Item]:
     """Every negative image: package files (each with ``n_variants`` augmented copies) and synthetic ones.
@@ -400,20 +423,8 @@ def negative_items(n_variants: int = 24, n_synthetic: int = 160, seed: int = 0,
     items: list[Item] = []
 
     def add_source(name: str, cls: str, load: Callable[[], Radiograph], path: str | None = None) -> None:
-        held = name in HELD_OUT
-        cache: dict[str, Radiograph] = {}
-
-        def base() -> Radiograph:
-            if "rg" not in cache:
-                cache["rg"] = load()
-            return cache["rg"]
-
-        items.append(Item(f"{name}#0", cls, name, base, held, path))
-        for k in range(1, n_variants + 1):
-            def make(k: int = k) -> Radiograph:
-                rng = np.random.default_rng([seed, k, int(hashlib.md5(name.encode()).hexdigest()[:8], 16)])
-                return _pix(augment(base().pixels, rng))
-            items.append(Item(f"{name}#{k}", cls, name, make, held))
+        items.extend(with_variants(name, "", cls, name, load, augment, n_variants,
+                                   seed, int(hashlib.md5(name.encode()).hexdigest()[:8], 16), name in HELD_OUT, path))
 
     for name, cls, fn in _skimage_sources() + _matplotlib_sources():
         add_source(name, cls, (lambda fn=fn: _pix(_to_uint8(fn()))))
@@ -510,7 +521,7 @@ def other_chain_items(fracatlas: str | Path, split: str | Path, part: str, n: in
 CHEST_CHAIN_SHARE = 0.0
 
 
-def radiograph_variant(pixels: np.ndarray, rng: np.random.Generator, chain_share: float = 0.5) -> np.ndarray:
+def radiograph_variant(pixels: np.ndarray, rng: np.random.Generator, chain_share: float = CHEST_CHAIN_SHARE) -> np.ndarray:
     """A random export of a radiograph that stays one: a mild crop (70-100 % of the area), rescale,
     mirror, gamma, and with probability ``chain_share`` another site's imaging chain (``boneai.site_sim``)."""
     import cv2
@@ -550,19 +561,10 @@ def chest_items(folder: str | Path, n_variants: int, seed: int, held_out: bool, 
     for n, path in enumerate(files):
         digest = file_sha256(path)[:12]
         source = f"chest_held_out:{Path(path).name}" if held_out else f"chest:{Path(folder).name}-{n % groups}"
-        cache: dict[str, Radiograph] = {}
-
-        def base(p: str = str(path), cache: dict = cache) -> Radiograph:
-            if "rg" not in cache:
-                cache["rg"] = _read_quiet(p)
-            return cache["rg"]
-
-        items.append(Item(f"chest:{digest}#0", "chest", source, base, held_out, str(path)))
-        for k in range(1, n_variants + 1):
-            def make(k: int = k, base: Callable = base, digest: str = digest) -> Radiograph:
-                rng = np.random.default_rng([seed, k, int(digest[:8], 16)])
-                return _pix(radiograph_variant(base().pixels, rng, chain_share))
-            items.append(Item(f"chest:{digest}:chain{chain_share:g}#{k}", "chest", source, make, held_out))
+        items += with_variants(f"chest:{digest}", f":chain{chain_share:g}", "chest", source,
+                               lambda p=str(path): _read_quiet(p),
+                               lambda px, rng: radiograph_variant(px, rng, chain_share), n_variants,
+                               seed, int(digest[:8], 16), held_out, str(path))
     return items
 
 
@@ -659,7 +661,8 @@ COMPONENT_GRID = (4, 8, 16, 32, 64, 128, 256)
 
 def choose_c(pooled: np.ndarray, colour: np.ndarray, labels: np.ndarray, sources: np.ndarray, fit_mask: np.ndarray,
              val_mask: np.ndarray, folds: int = 6, grid: Sequence[float] = C_GRID, max_val_flagged: float = 0.005,
-             seed: int = 0, log: Callable[[str], None] = print) -> tuple[float, list[dict[str, Any]]]:
+             seed: int = 0, classes: Sequence[str] = CLASSES,
+             log: Callable[[str], None] = print) -> tuple[float, list[dict[str, Any]]]:
     """The classifier's C by cross-validation over whole negative *sources* of the fitting set.
 
     Each fold leaves out a sixth of the negative sources; the model fitted on the rest judges them
@@ -673,7 +676,7 @@ def choose_c(pooled: np.ndarray, colour: np.ndarray, labels: np.ndarray, sources
     order = np.random.default_rng(seed).permutation(len(neg_sources))
     fold_of = {neg_sources[i]: k % folds for k, i in enumerate(order)}
     colour_flag = np.array([colour_reason(c) is not None for c in colour])
-    class_of = {s_: int(labels[sources == s_][0]) for s_ in neg_sources}
+    class_of = {s_: classes[int(labels[sources == s_][0])] for s_ in neg_sources}
     table = []
     for c in grid:
         recall, val_flag, by_class = [], [], defaultdict(list)
@@ -692,7 +695,7 @@ def choose_c(pooled: np.ndarray, colour: np.ndarray, labels: np.ndarray, sources
             val_flag.append(float(flag[val_mask[test]].mean()))
         row = {"C": c, "cv_left_out_sources_flagged": float(np.mean(recall)),
                "cv_worst_source_flagged": float(np.min(recall)), "val_flagged": float(np.mean(val_flag)),
-               "cv_flagged_by_class": {int(k): float(np.mean(v)) for k, v in sorted(by_class.items())}}
+               "cv_flagged_by_class": {k: float(np.mean(v)) for k, v in by_class.items()}}
         log(f"C={c}: left-out sources flagged {row['cv_left_out_sources_flagged']:.3f} "
             f"(worst {row['cv_worst_source_flagged']:.2f}), validation flagged {row['val_flagged']:.4f}")
         table.append(row)
@@ -798,7 +801,8 @@ def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, bonea
     val_mask = sources == "fracatlas:val"
     c_table: list[dict[str, Any]] = []
     if c is None:
-        c, c_table = choose_c(clf_pooled, colour, labels, sources, fit_mask, val_mask, seed=seed, log=log)
+        c, c_table = choose_c(clf_pooled, colour, labels, sources, fit_mask, val_mask, seed=seed, classes=classes,
+                              log=log)
     k_table: list[dict[str, Any]] = []
     dev_mask = sources == "rsna:train"
     if components is None:
@@ -807,8 +811,6 @@ def train_scope(fracatlas: str | Path, split: str | Path, out: str | Path, bonea
         components, k_table = choose_components(pooled[sources == "fracatlas:train"], pooled[val_mask],
                                                 pooled[dev_mask])
     log(f"classifier C={c}, familiarity components {components}")
-    for row in c_table:  # class names for the card
-        row["cv_flagged_by_class"] = {classes[k]: v for k, v in row["cv_flagged_by_class"].items()}
     arrays, info = fit_scope(clf_pooled, colour, labels, fit_mask, pooled[sources == "fracatlas:train"],
                              pooled[val_mask], val_mask, c=c, components=components, n_classes=len(classes))
     out = Path(out)
