@@ -95,14 +95,9 @@ def png_of_dicom(data: bytes, out: Path) -> None:
     from boneai.io import read_radiograph
     from boneai.scope_train import _to_uint8
 
-    tmp = out.with_suffix(".dcm")
-    tmp.write_bytes(data)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pixels = read_radiograph(tmp).pixels
-    finally:
-        tmp.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pixels = read_radiograph(data, out.with_suffix(".dcm").name).pixels
     Image.fromarray(_to_uint8(pixels)).save(out)
 
 
