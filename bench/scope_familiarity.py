@@ -199,13 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     original = np.array([it.id.endswith("#0") and not it.source.startswith("synthetic") for it in items])
     scope["held_out_negatives"] = _share(flagged[is_neg & held])
     scope["held_out_negatives_by_class"] = {c: _share(flagged[(cls == c) & held]) for c in CLASSES[1:]}
-    reasons = np.array([r.reason or "" for r in results])
+    chest_reason = model.card["classifier"]["reasons"].get("chest")
+    called_chest = np.array([bool(chest_reason) and (r.reason or "").startswith(chest_reason) for r in results])
     chest_src = np.char.startswith(src.astype(str), "chest_held_out:")
     scope["chest_held_out"] = {
         "note": "real chest films from other packages than the fitted ones (bench/chest_films.py), pixels only; "
                 "each original with its exports",
         "flagged": _share(flagged[chest_src]),
-        "called_chest": _share(np.char.find(reasons[chest_src], "chest") >= 0),
+        "called_chest": _share(called_chest[chest_src]),
         "originals_flagged": _share(flagged[chest_src & original]),
         "exports_flagged": _share(flagged[chest_src & ~original & np.array([":chain0#" in it.id for it in items])]),
         "exports_through_other_chains_flagged": _share(
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                       and it.id.endswith("#0")],
     }
     # FracAtlas test views whose region holds part of the chest (shoulder): wrongly called chest?
-    scope["fracatlas_test_called_chest"] = _share(np.char.find(reasons[src == "fracatlas:test"], "chest") >= 0)
+    scope["fracatlas_test_called_chest"] = _share(called_chest[src == "fracatlas:test"])
     scope["held_out_negatives_by_source"] = {
         s: {**_share(flagged[src == s]), "class": str(cls[src == s][0]),
             "flagged_by_colour_rule": int(((decider == "colour") & flagged & (src == s)).sum())}
