@@ -28,10 +28,13 @@ from boneai.io import read_radiograph
 from boneai.localisation import LocaliserPredictor, _box_point_figures, truth_boxes
 from boneai.scope import check_views
 
-__all__ = ["evaluate_folder", "evaluate_localisation", "predict_files", "predict_dataframe", "expand_inputs"]
+__all__ = ["evaluate_folder", "evaluate_localisation", "predict_files", "predict_dataframe", "expand_inputs",
+           "read_files"]
 
 
-def _read_all(paths: Sequence[str]) -> tuple[list[Any], list[dict[str, str]]]:
+def read_files(paths: Sequence[str], root: str | Path | None = None) -> tuple[list[Any], list[dict[str, str]]]:
+    """Each file read (None where it cannot be), and ``{file, error}`` for those: ``file`` is the path
+    inside ``root`` when given (exports repeat names like ``IM00001``), else the file name."""
     images, errors = [], []
     for p in paths:
         try:
@@ -40,19 +43,22 @@ def _read_all(paths: Sequence[str]) -> tuple[list[Any], list[dict[str, str]]]:
                 images.append(read_radiograph(p))
         except BoneAIError as exc:
             images.append(None)
-            errors.append({"file": Path(p).name, "error": str(exc)})
+            name = Path(p).relative_to(root).as_posix() if root and Path(p).is_relative_to(root) else Path(p).name
+            errors.append({"file": name, "error": str(exc)})
     return images, errors
 
 
 def predict_dataframe(predictor: ModelPredictor, df: pd.DataFrame, batch_size: int = 32,
-                      male_column: str | None = None) -> tuple[np.ndarray, list[dict[str, str]]]:
-    """Raw outputs (logits, months or anomaly scores) for every row's ``path``; NaN where unreadable."""
+                      male_column: str | None = None,
+                      root: str | Path | None = None) -> tuple[np.ndarray, list[dict[str, str]]]:
+    """Raw outputs (logits, months or anomaly scores) for every row's ``path``; NaN where unreadable
+    (named by their path inside ``root``, see :func:`read_files`)."""
     out = np.full(len(df), np.nan)
     errors: list[dict[str, str]] = []
     paths = df["path"].tolist()
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        images, errs = _read_all(chunk)
+        images, errs = read_files(chunk, root)
         errors.extend(errs)
         idx = [i for i, im in enumerate(images) if im is not None]
         if not idx:
@@ -81,7 +87,7 @@ def evaluate_folder(task: str, data: str | Path, model: str | None = None, regio
     report: dict[str, Any] = {"task": task, "model": predictor.name, "data": str(data)}
     if task == "boneage":
         df = read_boneage(data)
-        months, errors = predict_dataframe(predictor, df, batch_size, male_column="male")
+        months, errors = predict_dataframe(predictor, df, batch_size, male_column="male", root=data)
         ok = ~np.isnan(months)
         m = ev.regression_metrics(df["boneage_months"].to_numpy()[ok], months[ok])
         report.update({"n": m["n"], "mae_months": m["mae"], "rmse_months": m["rmse"], "bias_months": m["bias"],
@@ -100,7 +106,7 @@ def evaluate_folder(task: str, data: str | Path, model: str | None = None, regio
                 raise BoneAIError(f"No images of region {region!r} in {data}.")
             df = df[df["region"] == region].reset_index(drop=True)
             report["region"] = region
-        raw, errors = predict_dataframe(predictor, df, batch_size)
+        raw, errors = predict_dataframe(predictor, df, batch_size, root=data)
         ok = ~np.isnan(raw)
         y = df["label"].to_numpy()[ok].astype(int)
         if task == "anomaly":
@@ -251,7 +257,7 @@ def evaluate_localisation(data: str | Path, model: str | None = None, method: st
     skipped: list[dict[str, str]] = []
 
     def readable(start: int, stop: int) -> tuple[list[int], list[Any]]:
-        images, errors = _read_all(df["path"].iloc[start:stop].tolist())
+        images, errors = read_files(df["path"].iloc[start:stop].tolist(), data)
         skipped.extend(errors)
         rows = [start + i for i, im in enumerate(images) if im is not None]
         read_ok[[start + i for i, im in enumerate(images) if im is None]] = False

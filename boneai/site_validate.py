@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import html
 import json
-import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -84,8 +83,8 @@ def _with_ci(value: float, ci: list[float]) -> dict[str, Any]:
 def validate_site(data: str | Path, model: str | None = None, task: str = "fracture", n_boot: int = 1000,
                   seed: int = 0, batch_size: int = 16, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The site validation report (a JSON-ready dict) of ``model`` on the labelled folder ``data``."""
+    from boneai.batch import read_files
     from boneai.inference import default_model_name, load_model
-    from boneai.io import read_radiograph
     from boneai.scope import check_views
     from boneai.site import read_site
 
@@ -103,15 +102,10 @@ def validate_site(data: str | Path, model: str | None = None, task: str = "fract
     skipped = []
     paths = df["path"].tolist()
     for start in range(0, len(paths), batch_size):
-        images, idx = [], []
-        for i in range(start, min(start + batch_size, len(paths))):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    images.append(read_radiograph(paths[i]))
-                idx.append(i)
-            except BoneAIError as exc:
-                skipped.append({"file": str(Path(paths[i]).relative_to(site.root)), "error": str(exc)})
+        read, errors = read_files(paths[start:start + batch_size], site.root)
+        skipped += errors
+        idx = [start + k for k, im in enumerate(read) if im is not None]
+        images = [im for im in read if im is not None]
         if not images:
             continue
         preds = predictor.predict_many(images)
